@@ -1,0 +1,169 @@
+"""Named axes: which names are bound where, and what each name is made of.
+
+An axis name bound by ``pmap`` or ``vmap`` resolves to a tuple of *components*, in
+row-major order:
+
+- :class:`DeviceComp`: an axis of the device mesh of the running pmap call (the devices
+  exchange data through a rendezvous);
+- :class:`VmapComp`: a ``torch.func.vmap`` level (the values carry a batch dimension).
+
+A pmap whose mapped size is ``k`` times its device count binds its name to
+``(DeviceComp, VmapComp)``: index ``d * k + v``. A tuple of names concatenates their
+components. Bindings are per thread: each device's worker has its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import torch
+from torch._C import _functorch
+
+_tls = threading.local()
+
+
+class DeviceComp(NamedTuple):
+    axis: int  # position in the mesh's axes
+    size: int
+
+
+class VmapComp(NamedTuple):
+    level: int  # functorch level of the vmap
+    size: int
+
+
+class PmapFrame:
+    """Bindings made by one pmap on one device."""
+
+    __slots__ = ("names", "mesh", "coord", "kind", "device", "nested")
+
+    def __init__(self, names: dict, mesh: Any, coord: tuple[int, ...],
+                 device: torch.device) -> None:
+        self.names = names
+        self.mesh = mesh
+        self.coord = coord
+        self.kind = "pmap"
+        self.device = device
+        self.nested = 0  # how many nested pmap calls this participant has made
+
+
+class VmapFrame:
+    __slots__ = ("names", "kind")
+
+    def __init__(self, name: Hashable, comp: VmapComp) -> None:
+        self.names = {name: (comp,)}
+        self.kind = "vmap"
+
+
+def frames() -> list:
+    f = getattr(_tls, "frames", None)
+    if f is None:
+        f = _tls.frames = []
+    return f
+
+
+class bind:
+    """Context manager pushing a frame of bindings for the current thread."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: PmapFrame | VmapFrame) -> None:
+        self.frame = frame
+
+    def __enter__(self) -> None:
+        frames().append(self.frame)
+
+    def __exit__(self, *exc: Any) -> None:
+        f = frames()
+        f.pop()
+
+
+def current_pmap_frame() -> PmapFrame | None:
+    for frame in reversed(frames()):
+        if frame.kind == "pmap":
+            return frame
+    return None
+
+
+def current_level() -> int:
+    lvl = _functorch.maybe_current_level()
+    return 0 if lvl is None else lvl
+
+
+def _bound_description() -> str:
+    seen: dict = {}
+    for frame in reversed(frames()):
+        for name, comps in frame.names.items():
+            if name not in seen:
+                size = 1
+                for c in comps:
+                    size *= c.size
+                seen[name] = f"{name!r} ({frame.kind}, size {size})"
+    if not seen:
+        return "no axis names are bound here (not inside funcdp.pmap or funcdp.vmap)"
+    return "bound axis names here: " + ", ".join(seen.values())
+
+
+def _validate_name(name: Any, call: str) -> None:
+    if name is None or isinstance(name, (list, dict, set)) or not isinstance(name, Hashable):
+        raise TypeError(
+            f"{call}: `axis_name` must be a hashable name (such as a string) or a tuple of "
+            f"names, got {name!r}."
+        )
+
+
+def resolve(axis_name: Any, call: str) -> tuple[tuple, tuple]:
+    """Resolves a name or tuple of names to ``(components, names)``.
+
+    Raises:
+        NameError: for an unbound name, listing the bound ones.
+    """
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if not names:
+        raise ValueError(f"{call}: `axis_name` is an empty tuple; name at least one axis.")
+    comps: list = []
+    stack = frames()
+    for name in names:
+        _validate_name(name, call)
+        for frame in reversed(stack):
+            found = frame.names.get(name)
+            if found is not None:
+                break
+        else:
+            raise NameError(
+                f"{call}: unbound axis name {name!r}; {_bound_description()}. Collectives "
+                f"must run inside funcdp.pmap(..., axis_name={name!r}) or "
+                f"funcdp.vmap(..., axis_name={name!r})."
+            )
+        for c in found:
+            if c in comps:
+                raise ValueError(f"{call}: axis {name!r} appears twice in `axis_name` "
+                                 f"{axis_name!r}.")
+            comps.append(c)
+    return tuple(comps), names
+
+
+def size_of(comps: tuple) -> int:
+    n = 1
+    for c in comps:
+        n *= c.size
+    return n
+
+
+def vmap_comp_at(comps: tuple, level: int) -> int | None:
+    for i, c in enumerate(comps):
+        if type(c) is VmapComp and c.level == level:
+            return i
+    return None
+
+
+def comp_index(comp: DeviceComp | VmapComp, frame: PmapFrame | None,
+               device: torch.device) -> torch.Tensor | int:
+    """This participant's index along one component (a batched arange for vmap)."""
+    if type(comp) is DeviceComp:
+        assert frame is not None
+        return frame.coord[comp.axis]
+    idx = torch.arange(comp.size, device=device)
+    return _functorch._add_batch_dim(idx, 0, comp.level)

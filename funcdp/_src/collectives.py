@@ -1,0 +1,964 @@
+"""Collectives over named axes: psum, all_gather, ppermute and the rest.
+
+Every collective resolves its axis names to components (device-mesh axes and vmap
+levels, see :mod:`funcdp._src.axes`) and runs as one :class:`_CollectiveFn`, a
+``torch.autograd.Function`` over all leaves of the pytree at once:
+
+- ``forward`` runs at the bottom of the functorch stack: it applies the *unbatched*
+  rule for vmap components whose values do not vary along them, then meets the other
+  devices in one rendezvous for all device components (one round for the whole pytree);
+- ``vmap`` handles the vmap level it is called for: a component of the collective is
+  reduced/stacked along the batch dimension; any other level just moves its batch
+  dimension out of the way (``lead``);
+- ``backward`` is the transposed collective, itself a ``_CollectiveFn``, so gradients of
+  any order and gradients under vmap work.
+
+The primitive ops are ``psum``/``pmax``/``pmin`` (optionally within groups), ``gather``
+(one new dimension per component), ``scatter`` (psum, then each participant keeps its own
+index of one dimension per component), ``ppermute``, ``all_to_all``, ``bcast`` and
+``reduce_to``. The public functions are thin wrappers; ops that cannot be split by
+component (``ppermute`` over a pmap axis *and* a vmap axis, say) are built from
+``gather`` and indexing, which are differentiable as they stand.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch._C import _functorch
+
+from funcdp._src import axes as axes_mod
+from funcdp._src import tree as tree_util
+from funcdp._src.api_util import public
+from funcdp._src.axes import DeviceComp, VmapComp
+from funcdp._src.rendezvous import Mesh
+
+# Reductions at least this large (elements, all leaves together) are computed by all
+# participants in parallel, each its own chunk; smaller ones by the last to arrive.
+_PARALLEL_MIN_NUMEL = 1 << 17
+
+
+class Spec(NamedTuple):
+    op: str
+    comps: tuple
+    done: frozenset  # positions in ``comps`` already handled by higher levels
+    params: tuple
+    lead: tuple  # per leaf: leading dimensions that are not part of the logical value
+    groups: tuple | None
+    label: str
+
+
+# ----------------------------------------------------------------------------------
+# The autograd.Function
+# ----------------------------------------------------------------------------------
+class _CollectiveFn(torch.autograd.Function):
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(spec: Spec, *leaves: torch.Tensor):  # type: ignore[override]
+        return tuple(_bottom(spec, list(leaves)))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        spec = inputs[0]
+        ctx.spec = spec
+        if spec.op in ("pmax", "pmin"):
+            ctx.save_for_backward(*inputs[1:], *output)
+
+    @staticmethod
+    def backward(ctx, *cts):
+        spec: Spec = ctx.spec
+        return (None, *_transpose(spec, list(cts), ctx))
+
+    @staticmethod
+    def vmap(info, in_dims, spec: Spec, *leaves):
+        return _vmap_rule(info, in_dims[1:], spec, list(leaves))
+
+
+def _apply(spec: Spec, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Runs a primitive, through the autograd.Function only when it has to."""
+    if _functorch.maybe_current_level() is None and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
+    ):
+        return _bottom(spec, leaves)
+    return list(_CollectiveFn.apply(spec, *leaves))
+
+
+# ----------------------------------------------------------------------------------
+# Rules for one vmap component: x is [k, lead..., logical...] (batched) or None-batched
+# ----------------------------------------------------------------------------------
+def _zeros_where(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    shape = (mask.shape[0],) + (1,) * (x.ndim - 1)
+    return torch.where(mask.view(shape), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _group_tables(groups: tuple, k: int):
+    member_of = [0] * k
+    for g, members in enumerate(groups):
+        for m in members:
+            member_of[m] = g
+    return member_of
+
+
+def _comp_rule(spec: Spec, pos: int, x: torch.Tensor, batched: bool, lead: int):
+    """Applies ``spec.op`` over component ``pos`` (a vmap comp) to one leaf.
+
+    ``x`` is ``[k, lead, logical]`` when ``batched`` else ``[lead, logical]``.
+    Returns ``(tensor, batched_out)``; a batched output has the batch dim first.
+    """
+    op = spec.op
+    k = spec.comps[pos].size
+    dev = x.device
+    if op in ("psum", "pmax", "pmin"):
+        red = {"psum": lambda t: t.sum(0), "pmax": lambda t: t.amax(0),
+               "pmin": lambda t: t.amin(0)}[op]
+        if spec.groups is not None:
+            member_of = _group_tables(spec.groups, k)
+            if batched:
+                per_group = [red(x.index_select(0, torch.tensor(g, device=dev)))
+                             for g in spec.groups]
+            else:
+                per_group = [x * len(g) if op == "psum" else x for g in spec.groups]
+            return torch.stack([per_group[member_of[j]] for j in range(k)]), True
+        if batched:
+            return red(x), False
+        return (x * k if op == "psum" else x), False
+    if op == "gather":
+        axis, present = spec.params
+        q = lead + axis + sum(1 for p in present if p < pos)
+        if batched:
+            return x.movedim(0, q), False
+        return x.unsqueeze(q).expand(*x.shape[:q], k, *x.shape[q:]).contiguous(), False
+    if op == "scatter":
+        dim, present = spec.params
+        q = lead + dim + sum(1 for p in present if p < pos)
+        total = x.sum(0) if batched else x * k
+        return total.movedim(q, 0), True
+    if op == "ppermute":
+        (pairs,) = spec.params
+        src = [-1] * k
+        for s, d in pairs:
+            src[d] = s
+        idx = torch.tensor([max(s, 0) for s in src], device=dev)
+        mask = torch.tensor([s >= 0 for s in src], device=dev)
+        xs = x if batched else x.unsqueeze(0).expand(k, *x.shape)
+        return _zeros_where(mask, xs.index_select(0, idx)), True
+    if op == "all_to_all":
+        split, concat = spec.params
+        xs = x if batched else x.unsqueeze(0).expand(k, *x.shape)
+        y = xs.movedim(1 + lead + split, 0)  # [j, i, lead, logical without split]
+        return y.movedim(1, 1 + lead + concat), True
+    if op == "bcast":
+        (source,) = spec.params
+        return (x[source] if batched else x), False
+    if op == "reduce_to":
+        (source,) = spec.params
+        total = x.sum(0) if batched else x * k
+        mask = torch.arange(k, device=dev) == source
+        return _zeros_where(mask, total.unsqueeze(0).expand(k, *total.shape)), True
+    raise AssertionError(op)
+
+
+def _after_comp(spec: Spec, pos: int, lead: list[int]) -> Spec:
+    params = spec.params
+    if spec.op == "gather":
+        params = (params[0], params[1] | {pos})
+    elif spec.op == "scatter":
+        params = (params[0], params[1] - {pos})
+    return spec._replace(done=spec.done | {pos}, params=params, lead=tuple(lead))
+
+
+def _vmap_rule(info, in_dims, spec: Spec, leaves: list):
+    level = axes_mod.current_level() + 1
+    pos = None
+    for i, c in enumerate(spec.comps):
+        if type(c) is VmapComp and c.level == level and i not in spec.done:
+            pos = i
+    lead = list(spec.lead)
+    if pos is None:
+        # A level the collective is not over: keep its batch dimension in front.
+        moved, out_dims = [], []
+        for i, (x, d) in enumerate(zip(leaves, in_dims)):
+            if d is None:
+                moved.append(x)
+                out_dims.append(None)
+            else:
+                moved.append(x.movedim(d, 0))
+                lead[i] += 1
+                out_dims.append(0)
+        return tuple(_apply(spec._replace(lead=tuple(lead)), moved)), tuple(out_dims)
+    new, out_dims = [], []
+    for i, (x, d) in enumerate(zip(leaves, in_dims)):
+        xs = x if d is None else x.movedim(d, 0)
+        y, b = _comp_rule(spec, pos, xs, d is not None, spec.lead[i])
+        new.append(y)
+        out_dims.append(0 if b else None)
+        if b:
+            lead[i] += 1
+    rest = _after_comp(spec, pos, lead)
+    if len(rest.done) < len(spec.comps):
+        new = _apply(rest, new)
+    return tuple(new), tuple(out_dims)
+
+
+# ----------------------------------------------------------------------------------
+# The bottom level: leftover (unbatched) vmap comps, then the devices
+# ----------------------------------------------------------------------------------
+def _bottom(spec: Spec, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    for pos, c in enumerate(spec.comps):
+        if type(c) is VmapComp and pos not in spec.done:
+            lead = list(spec.lead)
+            out = []
+            for i, x in enumerate(leaves):
+                y, b = _comp_rule(spec, pos, x, False, lead[i])
+                if b:
+                    lead[i] += 1
+                out.append(y)
+            leaves = out
+            spec = _after_comp(spec, pos, lead)
+    dev_pos = [p for p, c in enumerate(spec.comps) if p not in spec.done]
+    if not dev_pos:
+        return [x.detach() if x.requires_grad else x for x in leaves]
+    return _device_collective(spec, dev_pos, leaves)
+
+
+def _device_collective(spec: Spec, dev_pos: list[int], leaves: list[torch.Tensor]):
+    frame = axes_mod.current_pmap_frame()
+    assert frame is not None, "device collective outside pmap"
+    mesh: Mesh = frame.mesh
+    coord = frame.coord
+    comps = [spec.comps[p] for p in dev_pos]
+    mesh_axes = tuple(c.axis for c in comps)
+    sizes = [c.size for c in comps]
+    rank = 0
+    for c in comps:
+        rank = rank * c.size + coord[c.axis]
+    size = 1
+    for s in sizes:
+        size *= s
+    group = None
+    if spec.groups is not None:
+        for gid, members in enumerate(spec.groups):
+            if rank in members:
+                coords = [_coord_of(coord, mesh_axes, sizes, m) for m in members]
+                group = (gid, coords)
+                rank = members.index(rank)
+                size = len(members)
+                break
+    desc = (_param_desc(spec), tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+    op = spec.op
+    if size == 1:
+        result = _compute(spec, dev_pos, [leaves], 1)
+        return _take(spec, dev_pos, result, 0, coord, comps)
+    chunked = None
+    numel = sum(x.numel() for x in leaves)
+    if (op in ("psum", "pmax", "pmin") and numel >= _PARALLEL_MIN_NUMEL
+            and leaves[0].device.type == "cpu"
+            and all(x.is_contiguous() for x in leaves)):
+        compute = _alloc_like
+        chunked = _chunked_reduce(op)
+    else:
+        def compute(items):
+            return _compute(spec, dev_pos, items, size)
+    result = mesh.exchange(coord, mesh_axes, group, rank, size, spec.label, desc, leaves,
+                           compute, chunked)
+    out = _take(spec, dev_pos, result, rank, coord, comps)
+    dev = leaves[0].device if leaves else None
+    if dev is not None and dev.type == "cuda":
+        out = [t if t.device == dev else t.to(dev) for t in out]
+    return out
+
+
+def _coord_of(coord: tuple, mesh_axes: tuple, sizes: list[int], index: int) -> tuple:
+    c = list(coord)
+    for a, s in zip(reversed(mesh_axes), reversed(sizes)):
+        c[a] = index % s
+        index //= s
+    return tuple(c)
+
+
+def _param_desc(spec: Spec) -> str:
+    return spec.label
+
+
+def _alloc_like(items):
+    first = items[0]
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in first]
+
+
+def _chunked_reduce(op: str):
+    def run(items, outs, rank, size):
+        total = sum(o.numel() for o in outs)
+        lo = total * rank // size
+        hi = total * (rank + 1) // size
+        start = 0
+        for li, o in enumerate(outs):
+            n = o.numel()
+            a, b = max(lo, start), min(hi, start + n)
+            if a < b:
+                dst = o.view(-1)[a - start:b - start]
+                srcs = [it[li].reshape(-1)[a - start:b - start] for it in items]
+                _fold_into(op, dst, srcs)
+            start += n
+
+    return run
+
+
+def _fold_into(op: str, dst: torch.Tensor, srcs: list[torch.Tensor]) -> None:
+    if op == "psum":
+        torch.add(srcs[0], srcs[1], out=dst)
+        for s in srcs[2:]:
+            dst.add_(s)
+    elif op == "pmax":
+        torch.maximum(srcs[0], srcs[1], out=dst)
+        for s in srcs[2:]:
+            torch.maximum(dst, s, out=dst)
+    else:
+        torch.minimum(srcs[0], srcs[1], out=dst)
+        for s in srcs[2:]:
+            torch.minimum(dst, s, out=dst)
+
+
+def _fold(op: str, xs: list[torch.Tensor]) -> torch.Tensor:
+    if len(xs) == 1:
+        return xs[0].clone()
+    out = torch.empty_like(xs[0], memory_format=torch.contiguous_format)
+    _fold_into(op, out, xs)
+    return out
+
+
+def _device_final_positions(spec: Spec, dev_pos: list[int]) -> list[int]:
+    return dev_pos  # after all comps are stacked, comp p sits at axis + p
+
+
+def _compute(spec: Spec, dev_pos: list[int], items: list[list[torch.Tensor]], size: int):
+    """The result of a device round, computed once (per leaf, or per rank for permutes)."""
+    op = spec.op
+    nleaves = len(items[0])
+    if op in ("psum", "pmax", "pmin", "scatter", "reduce_to"):
+        red = "psum" if op in ("scatter", "reduce_to") else op
+        return [_fold(red, [it[li] for it in items]) for li in range(nleaves)]
+    if op == "gather":
+        axis, present = spec.params
+        out = []
+        for li in range(nleaves):
+            lead = spec.lead[li]
+            q = lead + axis + sum(1 for p in present if p < dev_pos[0])
+            stacked = torch.stack([it[li] for it in items], q)
+            if len(dev_pos) > 1:
+                sizes = [spec.comps[p].size for p in dev_pos]
+                stacked = stacked.unflatten(q, sizes)
+                stacked = stacked.movedim(list(range(q, q + len(dev_pos))),
+                                          [lead + axis + p for p in dev_pos])
+            out.append(stacked)
+        return out
+    if op == "ppermute":
+        (pairs,) = spec.params
+        per_rank: list[Any] = [None] * size
+        for s, d in pairs:
+            per_rank[d] = [t.clone() for t in items[s]]
+        for r in range(size):
+            if per_rank[r] is None:
+                per_rank[r] = [torch.zeros_like(t) for t in items[r]]
+        return per_rank
+    if op == "all_to_all":
+        split, concat = spec.params
+        per_rank = []
+        for r in range(size):
+            outs = []
+            for li in range(nleaves):
+                lead = spec.lead[li]
+                outs.append(torch.stack([it[li].select(lead + split, r) for it in items],
+                                        lead + concat))
+            per_rank.append(outs)
+        return per_rank
+    if op == "bcast":
+        (source,) = spec.params
+        return [t.clone() for t in items[source]]
+    raise AssertionError(op)
+
+
+def _take(spec: Spec, dev_pos: list[int], result, rank: int, coord: tuple, comps: list):
+    """This participant's part of a round's result (distinct tensor objects per device)."""
+    op = spec.op
+    if op in ("ppermute", "all_to_all"):
+        return [t.detach() for t in result[rank]]
+    if op == "scatter":
+        dim, present = spec.params
+        out = []
+        for li, t in enumerate(result):
+            lead = spec.lead[li]
+            present_now = set(present)
+            for p, c in zip(dev_pos, comps):
+                q = lead + dim + sum(1 for pp in present_now if pp < p)
+                t = t.select(q, coord[c.axis])
+                present_now.discard(p)
+            out.append(t)
+        return out
+    if op == "reduce_to":
+        (source,) = spec.params
+        if rank == source:
+            return [t.detach() for t in result]
+        return [torch.zeros_like(t) for t in result]
+    return [t.detach() for t in result]
+
+
+# ----------------------------------------------------------------------------------
+# Transposes
+# ----------------------------------------------------------------------------------
+def _transpose(spec: Spec, cts: list, ctx) -> list:
+    op = spec.op
+    cts = [c if c is not None else None for c in cts]
+    if any(c is None for c in cts):
+        cts = [c if c is not None else torch.zeros(()) for c in cts]
+    if op == "psum":
+        return _apply(spec, cts)
+    if op in ("pmax", "pmin"):
+        saved = ctx.saved_tensors
+        n = len(saved) // 2
+        xs, outs = saved[:n], saved[n:]
+        masks = [(x == o).to(c.dtype) for x, o, c in zip(xs, outs, cts)]
+        ps = spec._replace(op="psum")
+        tot = _apply(ps, cts)
+        cnt = _apply(ps, masks)
+        return [t * m / c for t, m, c in zip(tot, masks, cnt)]
+    if op == "gather":
+        axis, present = spec.params
+        todo = frozenset(range(len(spec.comps))) - spec.done
+        return _apply(spec._replace(op="scatter", params=(axis, present | todo)), cts)
+    if op == "scatter":
+        dim, present = spec.params
+        todo = frozenset(range(len(spec.comps))) - spec.done
+        return _apply(spec._replace(op="gather", params=(dim, present - todo)), cts)
+    if op == "ppermute":
+        (pairs,) = spec.params
+        inv = tuple((d, s) for s, d in pairs)
+        return _apply(spec._replace(params=(inv,)), cts)
+    if op == "all_to_all":
+        split, concat = spec.params
+        return _apply(spec._replace(params=(concat, split)), cts)
+    if op == "bcast":
+        return _apply(spec._replace(op="reduce_to"), cts)
+    if op == "reduce_to":
+        return _apply(spec._replace(op="bcast"), cts)
+    raise AssertionError(op)
+
+
+# ----------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------
+def _label(call: str, axis_name: Any, extra: str = "") -> str:
+    return f"{call}(axis_name={axis_name!r}{extra})"
+
+
+def _flatten_values(x: Any, call: str):
+    leaves, treedef = tree_util.tree_flatten(x)
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            continue
+        if isinstance(leaf, np.ndarray):
+            leaves[i] = torch.as_tensor(leaf)
+        elif isinstance(leaf, (numbers.Number, np.generic)):
+            continue
+        else:
+            path = tree_util.keystr(tree_util.leaf_paths(treedef)[i])
+            raise TypeError(
+                f"{call}: leaf x{path} is a {type(leaf).__name__}; collectives take pytrees "
+                f"of tensors and numbers."
+            )
+    return leaves, treedef
+
+
+def _check_groups(groups: Any, n: int, call: str) -> tuple | None:
+    if groups is None:
+        return None
+    try:
+        gs = tuple(tuple(int(i) if not isinstance(i, bool) else i for i in g) for g in groups)
+    except TypeError:
+        gs = None
+    if gs is None or any(isinstance(i, bool) for g in gs for i in g):
+        raise TypeError(f"{call}: `axis_index_groups` must be a list of lists of ints, got "
+                        f"{groups!r}.")
+    seen: dict[int, int] = {}
+    for g in gs:
+        if not g:
+            raise ValueError(f"{call}: `axis_index_groups` {groups!r} contains an empty group; "
+                             f"every group needs at least one axis index.")
+        for i in g:
+            if not 0 <= i < n:
+                raise ValueError(
+                    f"{call}: `axis_index_groups` {groups!r} contains index {i}, out of range "
+                    f"for axis size {n}; indices must be in range({n}).")
+            if i in seen:
+                raise ValueError(
+                    f"{call}: `axis_index_groups` {groups!r} is not a partition of range({n}): "
+                    f"index {i} appears more than once.")
+            seen[i] = 1
+    missing = [i for i in range(n) if i not in seen]
+    if missing:
+        raise ValueError(
+            f"{call}: `axis_index_groups` {groups!r} is not a partition of range({n}): "
+            f"indices {missing} are in no group; every index must be in exactly one group.")
+    return gs
+
+
+def _is_simple(comps: tuple) -> bool:
+    """Comps a non-decomposable primitive handles: all devices, or one vmap level."""
+    return all(type(c) is DeviceComp for c in comps) or len(comps) == 1
+
+
+def _spec(op: str, comps: tuple, params: tuple, nleaves: int, groups, label: str) -> Spec:
+    return Spec(op, comps, frozenset(), params, (0,) * nleaves, groups, label)
+
+
+def _run(op: str, comps: tuple, params: tuple, tensors: list, groups, label: str):
+    if not tensors:
+        return []
+    return _apply(_spec(op, comps, params, len(tensors), groups, label), tensors)
+
+
+def _reduction(op: str, x: Any, axis_name: Any, axis_index_groups: Any, call: str) -> Any:
+    comps, _ = axes_mod.resolve(axis_name, call)
+    n = axes_mod.size_of(comps)
+    groups = _check_groups(axis_index_groups, n, call)
+    leaves, treedef = _flatten_values(x, call)
+    label = _label(call, axis_name, "" if groups is None else f", axis_index_groups={groups}")
+    out: list[Any] = list(leaves)
+    idx = []
+    tensors = []
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            t = leaf
+        elif groups is None:
+            # A Python number does not vary across devices.
+            if op == "psum":
+                out[i] = (int(leaf) if isinstance(leaf, bool) else leaf) * n
+            elif op == "pmean":
+                out[i] = float(leaf) if not isinstance(leaf, complex) else leaf
+            continue
+        else:
+            t = torch.as_tensor(leaf)
+        if t.dtype == torch.bool and op in ("psum", "pmean"):
+            t = t.to(torch.int64)
+        idx.append(i)
+        tensors.append(t)
+    prim = "psum" if op == "pmean" else op
+    if groups is not None and not _is_simple(comps):
+        res = [_grouped_fallback(prim, t, comps, groups, label) for t in tensors]
+    else:
+        res = _run(prim, comps, (), tensors, groups, label)
+    for j, i in enumerate(idx):
+        r = res[j]
+        if op == "pmean":
+            if not (r.is_floating_point() or r.is_complex()):
+                r = r.to(torch.get_default_dtype())
+            if groups is None:
+                r = r / n
+            else:
+                sizes = torch.tensor([0.0] * n, dtype=r.dtype, device=r.device)
+                for g in groups:
+                    for m in g:
+                        sizes[m] = len(g)
+                r = r / sizes[axis_index_tensor(comps, r.device)]
+        out[i] = r
+    return tree_util.tree_unflatten(out, treedef)
+
+
+def _gather_flat(t: torch.Tensor, comps: tuple, label: str) -> torch.Tensor:
+    """``all_gather`` to ``[n, ...]`` over all components (row-major)."""
+    g = _run("gather", comps, (0, frozenset()), [t], None, label)[0]
+    return g.flatten(0, len(comps) - 1) if len(comps) > 1 else g
+
+
+def _grouped_fallback(op: str, x: torch.Tensor, comps: tuple, groups: tuple, label: str):
+    n = axes_mod.size_of(comps)
+    g = _gather_flat(x, comps, label)
+    i = axis_index_tensor(comps, x.device)
+    member = torch.zeros(n, n, dtype=torch.bool, device=x.device)
+    for grp in groups:
+        for a in grp:
+            for b in grp:
+                member[a, b] = True
+    row = member[i].view((n,) + (1,) * x.ndim)
+    if op == "psum":
+        return torch.where(row, g, torch.zeros((), dtype=g.dtype, device=g.device)).sum(0)
+    own = g[i]
+    masked = torch.where(row, g, own.unsqueeze(0).expand_as(g))
+    return masked.amax(0) if op == "pmax" else masked.amin(0)
+
+
+@public
+def psum(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
+    """Sums ``x`` over the devices (or vmap entries) of ``axis_name``.
+
+    Every participant receives the same, bitwise identical, sum. Python numbers and
+    values that do not vary along the axis are multiplied by the axis size, so
+    ``psum(1, "i")`` is the size of ``"i"``. Booleans are summed as integers.
+
+    Args:
+        x: a pytree of tensors and numbers.
+        axis_name: an axis name bound by ``pmap``/``vmap``, or a tuple of names (reduce
+            over all of them).
+        axis_index_groups: optional partition of the axis indices, a list of lists; each
+            participant then sums only over its own group.
+
+    Returns:
+        A pytree like ``x`` holding the sums.
+
+    Example:
+        >>> import torch, funcdp
+        >>> f = funcdp.vmap(lambda v: funcdp.psum(v, "i"), axis_name="i")
+        >>> f(torch.tensor([1.0, 2.0, 3.0]))
+        tensor([6., 6., 6.])
+    """
+    return _reduction("psum", x, axis_name, axis_index_groups, "psum")
+
+
+@public
+def pmean(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
+    """Averages ``x`` over ``axis_name`` (integers give floats): ``psum(x) / size``.
+
+    Example:
+        >>> import torch, funcdp
+        >>> funcdp.vmap(lambda v: funcdp.pmean(v, "i"), axis_name="i")(torch.arange(4))
+        tensor([1.5000, 1.5000, 1.5000, 1.5000])
+    """
+    return _reduction("pmean", x, axis_name, axis_index_groups, "pmean")
+
+
+@public
+def pmax(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
+    """Elementwise maximum over ``axis_name``.
+
+    Differentiable (beyond JAX): the cotangent flows to the participants holding the
+    maximum, split evenly between ties, like ``torch.amax``'s gradient.
+
+    Example:
+        >>> import torch, funcdp
+        >>> funcdp.vmap(lambda v: funcdp.pmax(v, "i"), axis_name="i")(torch.tensor([1, 5, 2]))
+        tensor([5, 5, 5])
+    """
+    return _reduction("pmax", x, axis_name, axis_index_groups, "pmax")
+
+
+@public
+def pmin(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
+    """Elementwise minimum over ``axis_name`` (differentiable like :func:`pmax`).
+
+    Example:
+        >>> import torch, funcdp
+        >>> funcdp.vmap(lambda v: funcdp.pmin(v, "i"), axis_name="i")(torch.tensor([4, 1, 2]))
+        tensor([1, 1, 1])
+    """
+    return _reduction("pmin", x, axis_name, axis_index_groups, "pmin")
+
+
+def _tensor_leaves(x: Any, call: str):
+    leaves, treedef = _flatten_values(x, call)
+    return [leaf if isinstance(leaf, torch.Tensor) else torch.as_tensor(leaf)
+            for leaf in leaves], treedef
+
+
+def _norm_dim(d: Any, ndim: int, call: str, arg: str, extra: int = 0) -> int:
+    if isinstance(d, bool) or not isinstance(d, int):
+        raise TypeError(f"{call}: `{arg}` must be an int, got {d!r}.")
+    rank = ndim + extra
+    if not -rank <= d < rank:
+        raise ValueError(f"{call}: `{arg}`={d} is out of range for a value of rank {ndim}"
+                         f"{' (plus the new axis)' if extra else ''}; valid: "
+                         f"{-rank}..{rank - 1}.")
+    return d % rank
+
+
+@public
+def all_gather(x: Any, axis_name: Any, *, axis: int = 0, tiled: bool = False) -> Any:
+    """Gathers ``x`` from every participant of ``axis_name``.
+
+    Untiled, the values are stacked along a new dimension ``axis`` (size = the axis
+    size); with ``tiled=True`` they are concatenated along the existing ``axis``.
+    The transpose (gradient) is :func:`psum_scatter`.
+
+    Example:
+        >>> import torch, funcdp
+        >>> funcdp.vmap(lambda v: funcdp.all_gather(v, "i"), axis_name="i")(torch.arange(3))
+        tensor([[0, 1, 2],
+                [0, 1, 2],
+                [0, 1, 2]])
+    """
+    call = "all_gather"
+    comps, _ = axes_mod.resolve(axis_name, call)
+    leaves, treedef = _tensor_leaves(x, call)
+    label = _label(call, axis_name, f", axis={axis}, tiled={tiled}")
+    out = []
+    for t in leaves:
+        if tiled:
+            if t.ndim == 0:
+                raise ValueError(f"{call}: tiled=True needs values of rank >= 1; got a scalar.")
+            a = _norm_dim(axis, t.ndim, call, "axis")
+        else:
+            a = _norm_dim(axis, t.ndim, call, "axis", extra=1)
+        g = _run("gather", comps, (a, frozenset()), [t], None, label)[0]
+        m = len(comps)
+        if tiled:
+            g = g.flatten(a, a + m)
+        elif m > 1:
+            g = g.flatten(a, a + m - 1)
+        out.append(g)
+    return tree_util.tree_unflatten(out, treedef)
+
+
+@public
+def psum_scatter(x: Any, axis_name: Any, *, scatter_dimension: int = 0,
+                 tiled: bool = False) -> Any:
+    """Sums over ``axis_name`` and gives participant ``i`` only slice ``i`` of the sum.
+
+    Untiled, ``x.shape[scatter_dimension]`` must equal the axis size and that dimension
+    is removed; tiled, it must be divisible by the axis size and participant ``i`` gets
+    the ``i``-th block. The transpose of :func:`all_gather`.
+
+    Example:
+        >>> import torch, funcdp
+        >>> f = funcdp.vmap(lambda v: funcdp.psum_scatter(v, "i"), axis_name="i")
+        >>> f(torch.ones(2, 2))
+        tensor([2., 2.])
+    """
+    call = "psum_scatter"
+    comps, _ = axes_mod.resolve(axis_name, call)
+    n = axes_mod.size_of(comps)
+    sizes = [c.size for c in comps]
+    leaves, treedef = _tensor_leaves(x, call)
+    label = _label(call, axis_name, f", scatter_dimension={scatter_dimension}, tiled={tiled}")
+    out = []
+    for t in leaves:
+        if t.ndim == 0:
+            raise ValueError(f"{call}: the value is a scalar; it needs a dimension of size "
+                             f"{n} to scatter over `{axis_name}`.")
+        d = _norm_dim(scatter_dimension, t.ndim, call, "scatter_dimension")
+        length = t.shape[d]
+        if tiled:
+            if length % n:
+                raise ValueError(
+                    f"{call}: with tiled=True, dimension {d} of the value (shape "
+                    f"{tuple(t.shape)}) has size {length}, not divisible by the axis size "
+                    f"{n}; pad it to a multiple of {n}.")
+            t = t.unflatten(d, sizes + [length // n])
+        else:
+            if length != n:
+                raise ValueError(
+                    f"{call}: dimension {d} of the value (shape {tuple(t.shape)}) has size "
+                    f"{length} but must equal the size {n} of axis {axis_name!r}; use "
+                    f"tiled=True to scatter blocks of a dimension divisible by {n}.")
+            if len(sizes) > 1:
+                t = t.unflatten(d, sizes)
+        all_pos = frozenset(range(len(comps)))
+        out.append(_run("scatter", comps, (d, all_pos), [t], None, label)[0])
+    return tree_util.tree_unflatten(out, treedef)
+
+
+def _check_perm(perm: Any, n: int, call: str) -> tuple:
+    try:
+        pairs = tuple((int(s), int(d)) for s, d in perm)
+    except (TypeError, ValueError):
+        raise TypeError(f"{call}: `perm` must be a list of (source, destination) pairs of "
+                        f"ints, got {perm!r}.") from None
+    srcs = [s for s, _ in pairs]
+    dsts = [d for _, d in pairs]
+    for s, d in pairs:
+        for v, what in ((s, "source"), (d, "destination")):
+            if not 0 <= v < n:
+                raise ValueError(f"{call}: `perm` {list(perm)!r} has {what} {v}, out of range "
+                                 f"for axis size {n}; indices must be in range({n}).")
+    for vals, what in ((srcs, "source"), (dsts, "destination")):
+        dup = sorted({v for v in vals if vals.count(v) > 1})
+        if dup:
+            raise ValueError(f"{call}: `perm` {list(perm)!r} uses {what} {dup[0]} more than "
+                             f"once; each source and each destination may appear at most once.")
+    return pairs
+
+
+@public
+def ppermute(x: Any, axis_name: Any, perm: Any) -> Any:
+    """Sends ``x`` from participant ``src`` to ``dst`` for every ``(src, dst)`` in ``perm``.
+
+    A participant that no pair sends to receives zeros. The transpose is the inverse
+    permutation.
+
+    Example:
+        >>> import torch, funcdp
+        >>> ring = [(i, (i + 1) % 3) for i in range(3)]
+        >>> funcdp.vmap(lambda v: funcdp.ppermute(v, "i", ring), axis_name="i")(torch.tensor([1, 2, 3]))
+        tensor([3, 1, 2])
+    """
+    call = "ppermute"
+    comps, _ = axes_mod.resolve(axis_name, call)
+    n = axes_mod.size_of(comps)
+    pairs = _check_perm(perm, n, call)
+    leaves, treedef = _tensor_leaves(x, call)
+    label = _label(call, axis_name, f", perm={list(pairs)}")
+    if _is_simple(comps):
+        out = _run("ppermute", comps, (pairs,), leaves, None, label)
+    else:
+        src = [-1] * n
+        for s, d in pairs:
+            src[d] = s
+        out = []
+        for t in leaves:
+            g = _gather_flat(t, comps, label)
+            i = axis_index_tensor(comps, t.device)
+            table = torch.tensor([max(s, 0) for s in src], device=t.device)
+            valid = torch.tensor([s >= 0 for s in src], device=t.device)
+            picked = g.index_select(0, table[i].reshape(1)).squeeze(0)
+            out.append(torch.where(valid[i], picked, torch.zeros((), dtype=t.dtype,
+                                                                 device=t.device)))
+    return tree_util.tree_unflatten(out, treedef)
+
+
+@public
+def pshuffle(x: Any, axis_name: Any, perm: Any) -> Any:
+    """Participant ``i`` receives ``x`` from participant ``perm[i]``.
+
+    Example:
+        >>> import torch, funcdp
+        >>> funcdp.vmap(lambda v: funcdp.pshuffle(v, "i", [2, 0, 1]), axis_name="i")(torch.tensor([1, 2, 3]))
+        tensor([3, 1, 2])
+    """
+    call = "pshuffle"
+    comps, _ = axes_mod.resolve(axis_name, call)
+    n = axes_mod.size_of(comps)
+    try:
+        p = [int(v) for v in perm]
+    except (TypeError, ValueError):
+        raise TypeError(f"{call}: `perm` must be a list of ints, got {perm!r}.") from None
+    if sorted(p) != list(range(n)):
+        raise ValueError(f"{call}: `perm` {list(perm)!r} is not a permutation of range({n}) "
+                         f"(axis size {n}); it must list every index exactly once.")
+    return ppermute(x, axis_name, [(src, dst) for dst, src in enumerate(p)])
+
+
+@public
+def all_to_all(x: Any, axis_name: Any, split_axis: int, concat_axis: int, *,
+               tiled: bool = False) -> Any:
+    """Chunk ``j`` of ``split_axis`` goes to participant ``j``.
+
+    Untiled: ``x.shape[split_axis]`` must equal the axis size; that dimension is removed
+    and the chunks received are stacked along a new dimension ``concat_axis``, so that
+    ``out_i[..., j, ...] == x_j[i]``. Tiled: ``split_axis`` must divide by the axis size
+    and the received chunks are concatenated along ``concat_axis``.
+
+    Example:
+        >>> import torch, funcdp
+        >>> x = torch.arange(4).reshape(2, 2)
+        >>> funcdp.vmap(lambda v: funcdp.all_to_all(v, "i", 0, 0), axis_name="i")(x)
+        tensor([[0, 2],
+                [1, 3]])
+    """
+    call = "all_to_all"
+    comps, _ = axes_mod.resolve(axis_name, call)
+    n = axes_mod.size_of(comps)
+    leaves, treedef = _tensor_leaves(x, call)
+    label = _label(call, axis_name, f", split_axis={split_axis}, concat_axis={concat_axis}, "
+                                    f"tiled={tiled}")
+    out = []
+    for t in leaves:
+        if t.ndim == 0:
+            raise ValueError(f"{call}: the value is a scalar; it needs a dimension to split.")
+        s = _norm_dim(split_axis, t.ndim, call, "split_axis")
+        length = t.shape[s]
+        if tiled:
+            c = _norm_dim(concat_axis, t.ndim, call, "concat_axis")
+            if length % n:
+                raise ValueError(
+                    f"{call}: with tiled=True, `split_axis` {s} of the value (shape "
+                    f"{tuple(t.shape)}) has size {length}, not divisible by the axis size {n}.")
+            t = t.unflatten(s, (n, length // n))
+            y = _all_to_all_untiled(t, comps, s, c, label)
+            out.append(y.flatten(c, c + 1))
+        else:
+            c = _norm_dim(concat_axis, t.ndim, call, "concat_axis")
+            if length != n:
+                raise ValueError(
+                    f"{call}: `split_axis` {s} of the value (shape {tuple(t.shape)}) has size "
+                    f"{length} but must equal the size {n} of axis {axis_name!r}; use "
+                    f"tiled=True to split a dimension divisible by {n}.")
+            out.append(_all_to_all_untiled(t, comps, s, c, label))
+    return tree_util.tree_unflatten(out, treedef)
+
+
+def _all_to_all_untiled(t, comps, s, c, label):
+    if _is_simple(comps):
+        return _run("all_to_all", comps, (s, c), [t], None, label)[0]
+    g = _gather_flat(t, comps, label)  # [j, ...]
+    i = axis_index_tensor(comps, t.device)
+    picked = g.index_select(1 + s, i.reshape(1)).squeeze(1 + s)
+    return picked.movedim(0, c)
+
+
+@public
+def pbroadcast(x: Any, axis_name: Any, source: int) -> Any:
+    """Every participant receives participant ``source``'s ``x``.
+
+    Beyond JAX (which has it on GPU only). The transpose sums the cotangents onto
+    ``source``.
+
+    Example:
+        >>> import torch, funcdp
+        >>> funcdp.vmap(lambda v: funcdp.pbroadcast(v, "i", 2), axis_name="i")(torch.tensor([1, 2, 3]))
+        tensor([3, 3, 3])
+    """
+    call = "pbroadcast"
+    comps, _ = axes_mod.resolve(axis_name, call)
+    n = axes_mod.size_of(comps)
+    if isinstance(source, bool) or not isinstance(source, int) or not 0 <= source < n:
+        raise ValueError(f"{call}: `source` must be an int in range({n}) (axis size {n}), "
+                         f"got {source!r}.")
+    leaves, treedef = _tensor_leaves(x, call)
+    label = _label(call, axis_name, f", source={source}")
+    if _is_simple(comps):
+        out = _run("bcast", comps, (source,), leaves, None, label)
+    else:
+        out = [_gather_flat(t, comps, label)[source] for t in leaves]
+    return tree_util.tree_unflatten(out, treedef)
+
+
+def axis_index_tensor(comps: tuple, device: torch.device) -> torch.Tensor:
+    frame = axes_mod.current_pmap_frame()
+    idx: Any = 0
+    for c in comps:
+        part = axes_mod.comp_index(c, frame, device)
+        idx = idx * c.size + part
+    if isinstance(idx, int):
+        return torch.tensor(idx, dtype=torch.int64, device=device)
+    return idx
+
+
+@public
+def axis_index(axis_name: Any) -> torch.Tensor:
+    """This participant's index along ``axis_name`` (an int64 scalar tensor).
+
+    For a tuple of names, the row-major linear index.
+
+    Example:
+        >>> import torch, funcdp
+        >>> funcdp.vmap(lambda v: funcdp.axis_index("i"), axis_name="i")(torch.zeros(3))
+        tensor([0, 1, 2])
+    """
+    comps, _ = axes_mod.resolve(axis_name, "axis_index")
+    frame = axes_mod.current_pmap_frame()
+    device = frame.device if frame is not None else torch.device("cpu")
+    return axis_index_tensor(comps, device)
+
+
+@public
+def axis_size(axis_name: Any) -> int:
+    """The size of ``axis_name`` (a Python int; for a tuple, the product).
+
+    Example:
+        >>> import torch, funcdp
+        >>> funcdp.vmap(lambda v: v + funcdp.axis_size("i"), axis_name="i")(torch.zeros(3))
+        tensor([3., 3., 3.])
+    """
+    comps, _ = axes_mod.resolve(axis_name, "axis_size")
+    return axes_mod.size_of(comps)

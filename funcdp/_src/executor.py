@@ -1,0 +1,210 @@
+"""Runs one function per device, each on that device's persistent worker.
+
+Every local device has a persistent worker thread per nesting depth (a pmap inside a
+pmap runs on the next depth's workers, so an outer call never waits on a worker it is
+itself occupying). The calling thread runs the first device's share itself, so a call on
+one device costs no thread hand-off at all.
+
+Workers run under the caller's thread-local state: grad mode, inference mode and
+autocast (enabled flag *and* dtype, for CPU and CUDA) are carried in. On CPU devices,
+which share the host's cores, each worker uses ``cores // devices`` intra-op threads
+while a call runs: oversubscribing the cores makes everyone slower.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from funcdp._src.devices import Device
+
+_tls = threading.local()
+
+
+def current_depth() -> int:
+    """How many device functions enclose the running code in this thread."""
+    return getattr(_tls, "depth", 0)
+
+
+class ThreadState:
+    """The caller's thread-local torch state, to be re-created on workers."""
+
+    __slots__ = ("grad", "inference", "autocast", "default")
+
+    def __init__(self) -> None:
+        self.grad = torch.is_grad_enabled()
+        self.inference = torch.is_inference_mode_enabled()
+        autocast = []
+        for kind in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(kind):
+                autocast.append((kind, torch.get_autocast_dtype(kind)))
+        self.autocast = tuple(autocast)
+        self.default = self.grad and not self.inference and not self.autocast
+
+    def enter(self) -> list:
+        """Applies the state in the current thread; returns what to undo."""
+        undo: list = []
+        if self.default:
+            return undo
+        if self.inference:
+            cm: Any = torch.inference_mode(True)
+            cm.__enter__()
+            undo.append(cm)
+        if not self.grad:
+            cm = torch.no_grad()
+            cm.__enter__()
+            undo.append(cm)
+        for kind, dtype in self.autocast:
+            cm = torch.autocast(kind, dtype=dtype)
+            cm.__enter__()
+            undo.append(cm)
+        return undo
+
+    @staticmethod
+    def exit(undo: list) -> None:
+        for cm in reversed(undo):
+            cm.__exit__(None, None, None)
+
+
+class _Task:
+    __slots__ = ("fn", "index", "state", "threads", "done")
+
+    def __init__(self, fn, index, state, threads, done) -> None:
+        self.fn = fn
+        self.index = index
+        self.state = state
+        self.threads = threads
+        self.done = done
+
+
+class _Worker:
+    def __init__(self, device: Device, depth: int) -> None:
+        self.device = device
+        self.depth = depth
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads = 0
+        self.thread = threading.Thread(
+            target=self._loop, name=f"funcdp-{device!r}-depth{depth}", daemon=True
+        )
+        self.thread.start()
+
+    def _loop(self) -> None:
+        _tls.depth = self.depth + 1
+        if self.device.platform == "cuda":
+            torch.cuda.set_device(self.device.torch_device)
+        while True:
+            task = self.queue.get()
+            if task is None:
+                return
+            outcome = _run_task(task, self)
+            task.done.put((task.index, outcome))
+
+
+class _Outcome:
+    __slots__ = ("value", "error")
+
+    def __init__(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value = value
+        self.error = error
+
+
+def _run_task(task: _Task, worker: _Worker | None) -> _Outcome:
+    if worker is not None and task.threads and worker.threads != task.threads:
+        torch.set_num_threads(task.threads)
+        worker.threads = task.threads
+    undo = task.state.enter()
+    try:
+        return _Outcome(task.fn(task.index))
+    except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+        return _Outcome(error=e)
+    finally:
+        ThreadState.exit(undo)
+
+
+class Executor:
+    """The pool of per-device workers of this process."""
+
+    def __init__(self) -> None:
+        self._workers: dict[tuple[Device, int], _Worker] = {}
+        self._lock = threading.Lock()
+        # Tasks of one call are queued on all its workers atomically, so two calls made
+        # at once from different threads are ordered the same way on every worker.
+        self._submit_lock = threading.Lock()
+        self._cores = max(1, torch.get_num_threads())
+
+    def _worker(self, device: Device, depth: int) -> _Worker:
+        key = (device, depth)
+        w = self._workers.get(key)
+        if w is None:
+            with self._lock:
+                w = self._workers.get(key)
+                if w is None:
+                    w = self._workers[key] = _Worker(device, depth)
+        return w
+
+    def threads_per_device(self, devices: Sequence[Device]) -> int:
+        if devices[0].platform != "cpu":
+            return 0
+        return max(1, self._cores // len(devices))
+
+    def run(self, devices: Sequence[Device], fn: Callable[[int], Any]) -> list[_Outcome]:
+        """Calls ``fn(i)`` for every device ``i``; device 0 in the calling thread.
+
+        Returns one outcome (value or exception) per device, in device order.
+        """
+        n = len(devices)
+        state = ThreadState()
+        threads = self.threads_per_device(devices)
+        depth = current_depth()
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        if n > 1:
+            workers = [self._worker(devices[i], depth) for i in range(1, n)]
+            with self._submit_lock:
+                for i, w in enumerate(workers, start=1):
+                    w.queue.put(_Task(fn, i, state, threads, done))
+        outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
+        outcomes[0] = self._run_inline(devices[0], fn, threads, depth)
+        for _ in range(n - 1):
+            i, outcome = done.get()
+            outcomes[i] = outcome
+        return outcomes
+
+    def _run_inline(self, device: Device, fn: Callable[[int], Any], threads: int,
+                    depth: int) -> _Outcome:
+        old_threads = torch.get_num_threads() if threads else 0
+        if threads and old_threads != threads:
+            torch.set_num_threads(threads)
+        _tls.depth = depth + 1
+        try:
+            if device.platform == "cuda":
+                with torch.cuda.device(device.torch_device):
+                    return _run_inline_fn(fn)
+            return _run_inline_fn(fn)
+        finally:
+            _tls.depth = depth
+            if threads and old_threads != threads:
+                torch.set_num_threads(old_threads)
+
+
+def _run_inline_fn(fn: Callable[[int], Any]) -> _Outcome:
+    try:
+        return _Outcome(fn(0))
+    except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+        return _Outcome(error=e)
+
+
+_executor: Executor | None = None
+_executor_lock = threading.Lock()
+
+
+def executor() -> Executor:
+    global _executor
+    if _executor is None:
+        with _executor_lock:
+            if _executor is None:
+                _executor = Executor()
+    return _executor

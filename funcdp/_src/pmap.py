@@ -1,0 +1,859 @@
+"""``funcdp.pmap``: run a function on every device, each on its slice of the batch.
+
+The story of one call, helper by helper:
+
+1. :meth:`Pmapped.__call__` splits off static arguments and flattens the rest.
+2. :meth:`Pmapped._plan` looks up (or builds, once per argument signature) a
+   :class:`_Plan`: each leaf's mapped axis, the mapped size, the devices, and how many
+   shards each device runs (``block``; more than one means a named vmap per device).
+3. :class:`_Call` hands each device its inputs (slices are views; sharded values from an
+   earlier call are used where they are; broadcast values are shared), runs the function
+   on every device through the executor, with the axis name bound to the mesh, and
+   assembles :class:`ShardedValue` outputs.
+4. Under autograd or a ``torch.func`` transform the call goes through
+   :class:`_PmapFn`, an ``autograd.Function`` whose backward runs each device's backward
+   on that device and whose ``vmap`` rule moves the batch inside the devices, so
+   ``grad(pmap(f))`` and ``vmap(pmap(f))`` work.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch._C import _functorch
+
+from funcdp._src import axes as axes_mod
+from funcdp._src import tree as tree_util
+from funcdp._src.api_util import fun_name, public
+from funcdp._src.config import config
+from funcdp._src.devices import Device, local_devices
+from funcdp._src.executor import executor
+from funcdp._src.rendezvous import CollectiveError, Mesh
+from funcdp._src.sharded import ShardedValue
+from funcdp._src.transform_util import (
+    argpath,
+    check_axes_spec,
+    describe_sizes,
+    flat_in_axes,
+    is_axis_leaf,
+    normalize_axis,
+)
+
+# Leaf kinds of a plan.
+_SPLIT = 0  # a tensor mapped over an axis: each device gets a view of its slice
+_SHARDED = 1  # a ShardedValue already laid out as this call needs: shards used in place
+_BCAST = 2  # not mapped: every device sees the same value
+_RESHARD = 3  # a ShardedValue laid out differently: gathered, then split
+
+
+@public
+def pmap(fun: Any = None, axis_name: Any = None, *, in_axes: Any = 0, out_axes: Any = 0,
+         static_broadcasted_argnums: int | Sequence[int] = (),
+         devices: Sequence[Device] | None = None, axis_size: int | None = None,
+         donate_argnums: int | Sequence[int] = ()) -> Any:
+    """Maps ``fun`` over devices: device ``i`` runs ``fun`` on slice ``i`` of the inputs.
+
+    Inside ``fun`` the mapped axis is removed (as in ``vmap``) and ``axis_name`` names the
+    device axis for collectives (``funcdp.pmean(grads, axis_name)``). Outputs stay on their
+    devices as :class:`ShardedValue` s until asked for.
+
+    Args:
+        fun: the function to map. Usable as ``@pmap`` and ``@pmap(axis_name="i")``.
+        axis_name: name of the mapped axis, for collectives inside ``fun``.
+        in_axes: int, None, or a pytree prefix of the positional arguments giving the
+            mapped axis of each (None: not mapped, every device sees the whole value).
+            Keyword arguments are mapped over axis 0.
+        out_axes: int, None, or a pytree prefix of the output: where the mapped axis goes
+            in each output (None: the value is the same on every device; return one copy,
+            checked unless ``funcdp.config.check_replicated`` is False).
+        static_broadcasted_argnums: positional arguments passed as Python values
+            (hashable; each distinct value gets its own cached plan).
+        devices: the devices to use (default: the first ``n`` local devices, ``n`` the
+            mapped size).
+        axis_size: the global mapped size, checked against the arguments.
+        donate_argnums: arguments the caller will not use again (accepted for
+            compatibility; funcdp never mutates inputs either way).
+
+    Returns:
+        The mapped function. With a mapped size ``n`` larger than the number of devices
+        ``D`` and divisible by it, each device runs a named vmap over ``n / D`` shards and
+        collectives reduce over both levels: results equal a pmap over ``n`` devices.
+
+    Example:
+        >>> import torch, funcdp
+        >>> n = funcdp.local_device_count()
+        >>> f = funcdp.pmap(lambda x: x - funcdp.pmean(x, "i"), axis_name="i")
+        >>> out = f(torch.arange(float(n)))
+        >>> torch.allclose(out.to_tensor(), torch.arange(float(n)) - (n - 1) / 2)
+        True
+    """
+    if fun is None:
+        return functools.partial(
+            pmap, axis_name=axis_name, in_axes=in_axes, out_axes=out_axes,
+            static_broadcasted_argnums=static_broadcasted_argnums, devices=devices,
+            axis_size=axis_size, donate_argnums=donate_argnums)
+    return Pmapped(fun, axis_name, in_axes, out_axes, static_broadcasted_argnums, devices,
+                   axis_size, donate_argnums)
+
+
+def _int_tuple(v: Any, call: str, arg: str) -> tuple[int, ...]:
+    vals = (v,) if isinstance(v, int) and not isinstance(v, bool) else v
+    try:
+        out = tuple(vals)
+    except TypeError:
+        out = None
+    if out is None or any(isinstance(i, bool) or not isinstance(i, int) for i in out):
+        raise TypeError(f"{call}: `{arg}` must be an int or a sequence of ints, got {v!r}.")
+    return out
+
+
+class Pmapped:
+    """A function mapped over devices by :func:`funcdp.pmap`."""
+
+    def __init__(self, fun, axis_name, in_axes, out_axes, static_argnums, devices, axis_size,
+                 donate_argnums) -> None:
+        name = f"pmap({fun_name(fun)})"
+        if not callable(fun):
+            hint = (" To give only the axis name, write @pmap(axis_name=...)."
+                    if isinstance(fun, str) else "")
+            raise TypeError(f"pmap: `fun` must be callable, got {type(fun).__name__}: "
+                            f"{fun!r}.{hint}")
+        if axis_name is not None:
+            axes_mod._validate_name(axis_name, name)
+            if isinstance(axis_name, tuple):
+                raise TypeError(f"{name}: `axis_name` must be a single name, got the tuple "
+                                f"{axis_name!r}.")
+        check_axes_spec(in_axes, name, "in_axes")
+        check_axes_spec(out_axes, name, "out_axes")
+        self._statics = _int_tuple(static_argnums, name,
+                                   "static_broadcasted_argnums")
+        self._donate = _int_tuple(donate_argnums, name, "donate_argnums")
+        if devices is not None:
+            devices = list(devices)
+            if not devices:
+                raise ValueError(f"{name}: `devices` is empty; pass at least one device, "
+                                 f"e.g. devices=funcdp.local_devices()[:2], or None for all.")
+            for d in devices:
+                if not isinstance(d, Device):
+                    raise TypeError(f"{name}: `devices` must hold funcdp devices (from "
+                                    f"funcdp.local_devices()), got {type(d).__name__}: {d!r}.")
+            if len(set(devices)) != len(devices):
+                raise ValueError(f"{name}: `devices` lists a device more than once: "
+                                 f"{devices!r}.")
+        if axis_size is not None and (isinstance(axis_size, bool) or
+                                      not isinstance(axis_size, int) or axis_size < 1):
+            raise ValueError(f"{name}: `axis_size` must be a positive int, got {axis_size!r}.")
+        self.__wrapped__ = fun
+        self._fun = fun
+        self._name = name
+        self._axis_name = axis_name
+        self._in_axes = tuple(in_axes) if isinstance(in_axes, list) else in_axes
+        self._out_axes = out_axes
+        self._devices = devices
+        self._axis_size = axis_size
+        self._cache: dict = {}
+        self._lock = threading.Lock()
+        functools.update_wrapper(self, fun, updated=())
+
+    def __repr__(self) -> str:
+        return f"<funcdp.pmap of {self._fun!r}>"
+
+    def __get__(self, instance: Any, owner: Any = None) -> Any:
+        # As a method: the instance is passed to every device as is (not mapped).
+        if instance is None:
+            return self
+        return functools.partial(self._call, instance)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._call(_NO_SELF, *args, **kwargs)
+
+    def _call(self, bound: Any, *args: Any, **kwargs: Any) -> Any:
+        statics, dyn_args = self._split_statics(args)
+        leaves, treedef = tree_util.tree_flatten((dyn_args, kwargs))
+        key = (treedef, statics, tuple(map(_signature, leaves)), _context())
+        try:
+            plan = self._cache.get(key)
+        except TypeError:
+            self._unhashable_static(args)
+            raise
+        if plan is None:
+            plan = self._build_plan(key, leaves, treedef, dyn_args, kwargs, len(args))
+        fun = self._fun if bound is _NO_SELF else functools.partial(self._fun, bound)
+        call = _Call(plan, fun, statics, leaves)
+        if _needs_autograd(leaves):
+            return call.run_differentiable()
+        return call.run()
+
+    # -- static arguments ------------------------------------------------------------
+    def _split_statics(self, args: tuple) -> tuple[tuple, tuple]:
+        if not self._statics:
+            return (), args
+        n = len(args)
+        idx = []
+        for i in self._statics:
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise ValueError(
+                    f"{self._name}: `static_broadcasted_argnums` names argument {i} but the "
+                    f"function was called with {n} positional arguments; pass it "
+                    f"positionally.")
+            idx.append(j)
+        statics = tuple((j, args[j]) for j in sorted(idx))
+        dyn = tuple(a for j, a in enumerate(args) if j not in idx)
+        return statics, dyn
+
+    def _unhashable_static(self, args: tuple) -> None:
+        for j, v in self._split_statics(args)[0]:
+            try:
+                hash(v)
+            except TypeError:
+                raise ValueError(
+                    f"{self._name}: static argument {j} (in `static_broadcasted_argnums`) must "
+                    f"be hashable, got {type(v).__name__}: {v!r}; pass a tuple instead of a "
+                    f"list, or make it a regular (broadcast) argument with in_axes=None."
+                ) from None
+
+    # -- plans -----------------------------------------------------------------------
+    def _build_plan(self, key, leaves, treedef, dyn_args, kwargs, nargs) -> _Plan:
+        in_axes = self._in_axes
+        if isinstance(in_axes, tuple) and self._statics:
+            if len(in_axes) != nargs:
+                raise ValueError(
+                    f"{self._name}: `in_axes` is a tuple of {len(in_axes)} entries but the "
+                    f"function was called with {nargs} positional arguments; give one entry "
+                    f"per positional argument.")
+            static_idx = {j for j, _ in key[1]}
+            in_axes = tuple(a for j, a in enumerate(in_axes) if j not in static_idx)
+        axes = flat_in_axes(in_axes, dyn_args, kwargs, treedef, self._name)
+        plan = _Plan(self, treedef, leaves, axes)
+        with self._lock:
+            self._cache[key] = plan
+        return plan
+
+
+class _NoSelf:
+    pass
+
+
+_NO_SELF = _NoSelf()
+
+
+def _signature(leaf: Any) -> Any:
+    t = type(leaf)
+    if t is torch.Tensor or isinstance(leaf, torch.Tensor):
+        return (0, leaf.shape)
+    if t is ShardedValue:
+        return (1, leaf.devices, leaf.axis, leaf.block, leaf.shape)
+    if t is np.ndarray:
+        return (2, leaf.shape)
+    return (3, t)
+
+
+def _context() -> Any:
+    """What besides the arguments decides the devices: the enclosing pmap, if any."""
+    frame = axes_mod.current_pmap_frame()
+    return None if frame is None else (frame.mesh.sizes, frame.coord)
+
+
+def _needs_autograd(leaves: list) -> bool:
+    if _functorch.maybe_current_level() is not None:
+        return True
+    if not torch.is_grad_enabled():
+        return False
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+            return True
+    return False
+
+
+class _Plan:
+    """Everything about a call that depends only on the arguments' signature."""
+
+    def __init__(self, owner: Pmapped, treedef, leaves: list, axes: list) -> None:
+        name = owner._name
+        self.owner = owner
+        self.name = name
+        self.treedef = treedef
+        paths = tree_util.leaf_paths(treedef)
+
+        def where(i: int) -> str:
+            return f"argument {argpath(tree_util.keystr(paths[i]))}"
+
+        norm_axes: list[int | None] = []
+        sizes: dict[int, int] = {}
+        for i, (leaf, ax) in enumerate(zip(leaves, axes)):
+            if ax is None:
+                norm_axes.append(None)
+                continue
+            if isinstance(leaf, np.ndarray):
+                leaf = torch.as_tensor(leaf)
+            if not isinstance(leaf, (torch.Tensor, ShardedValue)):
+                raise TypeError(
+                    f"{name}: {where(i)} is a {type(leaf).__name__} mapped over axis {ax}; "
+                    f"only tensors can be mapped. Give it in_axes=None to pass it to every "
+                    f"device, or list it in static_broadcasted_argnums.")
+            a = normalize_axis(ax, leaf.ndim, name, functools.partial(where, i))
+            norm_axes.append(a)
+            sizes[i] = leaf.shape[a]
+        if not sizes:
+            raise ValueError(
+                f"{name}: no argument is mapped (every in_axes entry is None); pmap needs at "
+                f"least one argument with a mapped axis to know how many devices to use.")
+        distinct = sorted(set(sizes.values()))
+        if len(distinct) > 1:
+            raise ValueError(
+                f"{name}: the mapped arguments disagree on the mapped size:\n"
+                + describe_sizes({argpath(tree_util.keystr(paths[i])): s
+                                  for i, s in sizes.items()})
+                + "\nEvery mapped axis must have the same size (the number of shards).")
+        n = distinct[0]
+        if owner._axis_size is not None and owner._axis_size != n:
+            raise ValueError(
+                f"{name}: `axis_size`={owner._axis_size} but the mapped arguments have size "
+                f"{n}; in a single process they must agree.")
+        self.size = n
+        self.devices, self.block = _choose_devices(owner, n)
+        self.ndev = len(self.devices)
+        self.axes = norm_axes
+        kinds = []
+        for leaf, a in zip(leaves, norm_axes):
+            if a is None:
+                kinds.append(_BCAST)
+            elif type(leaf) is ShardedValue:
+                same = (leaf.devices == tuple(self.devices) and leaf.axis == a
+                        and leaf.block == self.block)
+                kinds.append(_SHARDED if same else _RESHARD)
+            else:
+                kinds.append(_SPLIT)
+        self.kinds = kinds
+        self.out_plans: dict = {}
+        self.threads = 0
+        self.label = f"{name} over {self.ndev} device{'s' if self.ndev > 1 else ''}"
+
+    def out_axes_for(self, out_treedef) -> list:
+        axes = self.out_plans.get(out_treedef)
+        if axes is None:
+            try:
+                axes = tree_util.broadcast_prefix(self.owner._out_axes, out_treedef,
+                                                  is_axis_leaf)
+            except tree_util.PrefixError as e:
+                raise ValueError(
+                    f"{self.name}: `out_axes` {self.owner._out_axes!r} does not match the "
+                    f"structure of the output at out{tree_util.keystr(e.path)}: {e.reason}. "
+                    f"`out_axes` must be a prefix of the output.") from None
+            self.out_plans[out_treedef] = axes
+        return axes
+
+
+def _choose_devices(owner: Pmapped, n: int) -> tuple[list[Device], int]:
+    name = owner._name
+    if owner._devices is not None:
+        devs = owner._devices
+        d = len(devs)
+        if n == d:
+            return list(devs), 1
+        if n > d and n % d == 0:
+            return list(devs), n // d
+        raise ValueError(
+            f"{name}: mapped size {n} does not fit the {d} devices passed in `devices`: it "
+            f"must equal {d} or be a multiple of it (each device then runs a vmap over the "
+            f"extra shards). Pass devices=devices[:{n}] to use fewer devices.")
+    avail = _available_devices()
+    d = len(avail)
+    if n <= d:
+        return avail[:n], 1
+    if n % d == 0:
+        return avail, n // d
+    raise ValueError(
+        f"{name}: mapped size {n} is larger than the {d} available devices and not a multiple "
+        f"of {d}. Use a mapped size of at most {d}, or a multiple of {d} (each device then "
+        f"runs a vmap over the extra shards); funcdp.pad_shard_unpad pads a batch for you.")
+
+
+def _available_devices() -> list[Device]:
+    """Local devices; inside a pmap, the calling device's block of them (nested pmap)."""
+    devs = local_devices()
+    frame = axes_mod.current_pmap_frame()
+    if frame is None:
+        return devs
+    outer = frame.mesh.sizes
+    parts = 1
+    for s in outer:
+        parts *= s
+    per = max(1, len(devs) // parts)
+    flat = 0
+    for c, s in zip(frame.coord, outer):
+        flat = flat * s + c
+    start = (flat * per) % len(devs)
+    return devs[start:start + per]
+
+
+class _Participant:
+    """A device's place in the call: its mesh, coordinate and name bindings."""
+
+    __slots__ = ("mesh", "coord", "names", "device")
+
+    def __init__(self, mesh: Mesh, coord: tuple, names: dict, device: Device) -> None:
+        self.mesh = mesh
+        self.coord = coord
+        self.names = names
+        self.device = device
+
+
+def _inherited_names() -> dict:
+    """Device-axis names of the enclosing pmaps, valid in a nested call's mesh."""
+    names: dict = {}
+    for frame in axes_mod.frames():
+        if frame.kind == "pmap":
+            for k, comps in frame.names.items():
+                if all(type(c) is axes_mod.DeviceComp for c in comps):
+                    names[k] = comps
+    return names
+
+
+class _Call:
+    """One invocation of a pmapped function."""
+
+    def __init__(self, plan: _Plan, fun: Any, statics: tuple, leaves: list) -> None:
+        self.plan = plan
+        self.fun = fun
+        self.statics = statics
+        self.leaves = leaves
+        self.per_device: list | None = None
+
+    # -- inputs ------------------------------------------------------------------------
+    def _device_inputs(self, leaves: list) -> list[list]:
+        """Per-device argument leaves (views, shards in place, or shared values)."""
+        plan = self.plan
+        ndev, k = plan.ndev, plan.block
+        cols = []
+        for leaf, kind, a in zip(leaves, plan.kinds, plan.axes):
+            if kind == _SHARDED:
+                cols.append(leaf.shards)
+                continue
+            if kind == _BCAST:
+                if isinstance(leaf, ShardedValue):
+                    leaf = leaf.to_tensor()
+                cols.append(_broadcast(leaf, plan.devices))
+                continue
+            if kind == _RESHARD:
+                leaf = leaf.to_tensor()
+            elif isinstance(leaf, np.ndarray):
+                leaf = torch.as_tensor(leaf)
+            parts = leaf.unbind(a) if k == 1 else leaf.unflatten(a, (ndev, k)).unbind(a)
+            cols.append(_place(parts, plan.devices))
+        return [[col[i] for col in cols] for i in range(ndev)]
+
+    # -- running -------------------------------------------------------------------------
+    def _mesh(self) -> tuple[Mesh, tuple, dict]:
+        plan = self.plan
+        parent = axes_mod.current_pmap_frame()
+        name = plan.owner._axis_name
+        if parent is None:
+            devices = {(i,): d for i, d in enumerate(plan.devices)}
+            mesh = Mesh(plan.label, (name,), (plan.ndev,), devices)
+            return mesh, (), {}
+        # A nested pmap: one shared mesh per nested call across the outer devices.
+        seq = parent.nested
+        parent.nested += 1
+        pmesh = parent.mesh
+
+        def make() -> Mesh:
+            return Mesh(plan.label, pmesh.names + (name,), pmesh.sizes + (plan.ndev,), {})
+
+        mesh = pmesh.child(seq, make)
+        if mesh.sizes[-1] != plan.ndev:
+            raise ValueError(f"{plan.name}: nested pmap runs over {plan.ndev} devices here "
+                             f"but over {mesh.sizes[-1]} on another outer device; every outer "
+                             f"device must make the same nested calls.")
+        with mesh.cond:
+            for i, d in enumerate(plan.devices):
+                mesh.devices[parent.coord + (i,)] = d
+        return mesh, parent.coord, _inherited_names()
+
+    def _on_devices(self, work) -> list:
+        """Runs ``work(i, frame)`` on every device with the axis name bound."""
+        plan = self.plan
+        mesh, prefix, names = self._mesh()
+        name = plan.owner._axis_name
+        axis_pos = len(mesh.sizes) - 1
+
+        def per_device(i: int) -> Any:
+            coord = prefix + (i,)
+            bound = dict(names)
+            if name is not None:
+                bound[name] = (axes_mod.DeviceComp(axis_pos, plan.ndev),)
+            frame = axes_mod.PmapFrame(bound, mesh, coord, plan.devices[i].torch_device)
+            try:
+                with axes_mod.bind(frame):
+                    out = work(i, frame)
+            except BaseException as e:
+                mesh.leave(coord, e)
+                raise
+            mesh.leave(coord)
+            return out
+
+        outcomes = executor().run(plan.devices, per_device)
+        errors = [(i, o.error) for i, o in enumerate(outcomes) if o.error is not None]
+        if errors:
+            _raise_device_error(plan, errors)
+        return [o.value for o in outcomes]
+
+    def _execute(self, inputs: list[list], record: bool) -> list:
+        name = self.plan.owner._axis_name
+        if self.plan.block == 1:
+            return self._on_devices(lambda i, frame: self._body(inputs[i], record))
+        return self._on_devices(
+            lambda i, frame: self._blocked(inputs[i], record, frame, name))
+
+    def _blocked(self, flat: list, record: bool, frame, name) -> Any:
+        """Runs ``block`` shards on one device as a named vmap (more shards than devices)."""
+        plan = self.plan
+        dims = tuple(a if kind != _BCAST else None for kind, a in zip(plan.kinds, plan.axes))
+        dev_comp = frame.names[name][0] if name is not None else None
+        k = plan.block
+
+        if record:
+            flat = [_track(x) for x in flat]
+        holder: dict = {}
+
+        def tensors_only(*leaves: Any):
+            if name is not None:
+                vcomp = axes_mod.VmapComp(_functorch.maybe_current_level(), k)
+                frame.names[name] = (dev_comp, vcomp)
+            out, treedef = self._body(list(leaves), False, raw=True)
+            holder["treedef"] = treedef
+            holder["present"] = [x is not None for x in out]
+            return tuple(x for x in out if x is not None)
+
+        with torch.enable_grad() if record else _nullcontext():
+            outs = torch.func.vmap(tensors_only, in_dims=dims, out_dims=0,
+                                   randomness="different")(*flat)
+        if name is not None:
+            frame.names[name] = (dev_comp,)
+        treedef = holder["treedef"]
+        axes = plan.out_axes_for(treedef)
+        it = iter(outs)
+        outs = [next(it) if p else None for p in holder["present"]]
+        final = []
+        for t, ax in zip(outs, axes):
+            if t is None:
+                final.append(None)
+            elif ax is None:
+                final.append(_check_block_replicated(plan, t, treedef, len(final)))
+            else:
+                o = normalize_axis(ax, t.ndim - 1, plan.name,
+                                   lambda: "an output", extra=1, what="out_axes entry")
+                final.append(t.movedim(0, o))
+        return (flat if record else None), final, treedef
+
+    def _body(self, flat: list, record: bool, raw: bool = False) -> Any:
+        plan = self.plan
+        if record and not raw:
+            flat = [_track(x) for x in flat]
+        args, kwargs = tree_util.tree_unflatten(flat, plan.treedef)
+        if self.statics:
+            args = _merge_statics(args, self.statics)
+        if record and not raw:
+            with torch.enable_grad():
+                out = self.fun(*args, **kwargs)
+        else:
+            out = self.fun(*args, **kwargs)
+        leaves, treedef = tree_util.tree_flatten(out)
+        leaves = [_to_output(x, plan, i) for i, x in enumerate(leaves)]
+        if raw:
+            return leaves, treedef
+        axes = plan.out_axes_for(treedef)
+        for i, (x, ax) in enumerate(zip(leaves, axes)):
+            if ax is not None and x is not None:
+                normalize_axis(ax, x.ndim, plan.name, lambda: f"output out[{i}]", extra=1,
+                               what="out_axes entry")
+        return (flat if record else None), leaves, treedef
+
+    # -- the plain path ------------------------------------------------------------------
+    def run(self) -> Any:
+        plan = self.plan
+        results = self._execute(self._device_inputs(self.leaves), record=False)
+        treedef = _same_structure(plan, results)
+        axes = plan.out_axes_for(treedef)
+        outs = []
+        for j, ax in enumerate(axes):
+            shards = [r[1][j] for r in results]
+            if shards[0] is None:
+                outs.append(None)
+                continue
+            if any(s.requires_grad for s in shards):
+                raise RuntimeError(
+                    f"{plan.name}: output out[{j}] requires grad but no argument of the call "
+                    f"does: the function closes over tensors that require grad (an nn.Module's "
+                    f"parameters, say). Pass them as arguments (funcdp.nn.functional(module) "
+                    f"gives a pure function of its parameters) so gradients flow through pmap.")
+            if ax is None:
+                outs.append(_replicated(plan, shards, j))
+            else:
+                o = normalize_axis(ax, shards[0].ndim - (plan.block > 1), plan.name,
+                                   lambda: "an output", extra=1, what="out_axes entry")
+                outs.append(ShardedValue(shards, plan.devices, o, plan.block))
+        return tree_util.tree_unflatten(outs, treedef)
+
+    # -- the differentiable path -----------------------------------------------------------
+    def run_differentiable(self) -> Any:
+        tensor_pos = [i for i, x in enumerate(self.leaves) if isinstance(x, torch.Tensor)]
+        self.tensor_pos = tensor_pos
+        flat = _PmapFn.apply(self, *[self.leaves[i] for i in tensor_pos])
+        outs = list(self.out_template)
+        for j, t in zip(self.out_tensor_pos, flat):
+            outs[j] = t
+        return tree_util.tree_unflatten(outs, self.out_treedef)
+
+    def forward(self, tensors: Sequence[torch.Tensor]) -> tuple:
+        plan = self.plan
+        leaves = list(self.leaves)
+        for i, t in zip(self.tensor_pos, tensors):
+            leaves[i] = t
+        results = self._execute(self._device_inputs(leaves), record=True)
+        treedef = _same_structure(plan, results)
+        axes = plan.out_axes_for(treedef)
+        self.per_device = [(r[0], r[1]) for r in results]
+        self.out_treedef = treedef
+        self.out_axes = axes
+        outs: list[Any] = []
+        tensor_pos = []
+        norm: list[int | None] = []
+        for j, ax in enumerate(axes):
+            shards = [r[1][j] for r in results]
+            norm.append(None)
+            if shards[0] is None:
+                outs.append(None)
+                continue
+            tensor_pos.append(j)
+            det = [s.detach() for s in shards]
+            if ax is None:
+                outs.append(_replicated(plan, det, j))
+            else:
+                o = normalize_axis(ax, det[0].ndim - (plan.block > 1), plan.name,
+                                   lambda: "an output", extra=1, what="out_axes entry")
+                norm[j] = o
+                outs.append(torch.stack(det, o) if plan.block == 1 else torch.cat(det, o))
+        self.out_norm = norm
+        self.out_template = outs
+        self.out_tensor_pos = tensor_pos
+        return tuple(outs[j] for j in tensor_pos)
+
+    def backward(self, cts: Sequence[torch.Tensor], needs: Sequence[bool]) -> list:
+        plan = self.plan
+        lvl = _functorch.maybe_current_level()
+        if not ((lvl is None and not torch.is_grad_enabled()) or lvl == 1):
+            raise NotImplementedError(
+                f"{plan.name}: higher-order gradients through pmap (grad of grad, or "
+                f"create_graph=True, or vmap over grad of pmap) are not supported yet; take "
+                f"the higher-order derivative inside the pmapped function instead.")
+        assert self.per_device is not None
+        ndev, k = plan.ndev, plan.block
+        ct_by_out = dict(zip(self.out_tensor_pos, cts))
+        want = [i for i, p in enumerate(self.tensor_pos) if needs[i]]
+
+        def device_cts(i: int) -> list:
+            out = []
+            for j in self.out_tensor_pos:
+                ct = ct_by_out[j]
+                o = self.out_norm[j]
+                if o is None:
+                    out.append(ct if i == 0 else torch.zeros_like(ct))
+                    continue
+                out.append(ct.select(o, i) if k == 1 else ct.narrow(o, i * k, k))
+            return out
+
+        per_ct = [device_cts(i) for i in range(ndev)]
+        saved = self.per_device
+        wanted_leaves = [self.tensor_pos[i] for i in want]
+
+        def grad_device(i: int, frame: Any) -> Any:
+            ins, outs = saved[i]
+            pairs = [(outs[j], c) for j, c in zip(self.out_tensor_pos, per_ct[i])
+                     if outs[j] is not None and outs[j].requires_grad]
+            targets = [ins[p] for p in wanted_leaves]
+            if not pairs or not targets:
+                return [None] * len(targets)
+            with torch.enable_grad():
+                return list(torch.autograd.grad([p[0] for p in pairs], targets,
+                                                [p[1] for p in pairs], allow_unused=True))
+
+        # Each device's backward runs on its own worker, with the axis bound again so
+        # that the collectives' transposes meet the other devices.
+        results = self._on_devices(grad_device)
+        grads: list[Any] = [None] * len(self.tensor_pos)
+        for w, leaf_i in zip(want, wanted_leaves):
+            per = [r[w] for r in results]
+            kind = plan.kinds[leaf_i]
+            a = plan.axes[leaf_i]
+            x = self.leaves[leaf_i]
+            if kind == _BCAST:
+                acc = None
+                for g in per:
+                    if g is not None:
+                        g = g if g.device == x.device else g.to(x.device)
+                        acc = g if acc is None else acc + g
+                grads[w] = acc
+            else:
+                parts = []
+                for i, g in enumerate(per):
+                    if g is None:
+                        ref = saved[i][0][leaf_i]
+                        g = torch.zeros_like(ref)
+                    parts.append(g if g.device == x.device else g.to(x.device))
+                grads[w] = torch.stack(parts, a) if k == 1 else torch.cat(parts, a)
+        return grads
+
+    def vmap_rule(self, info, in_dims, tensors) -> Any:
+        raise NotImplementedError(
+            f"{self.plan.name}: vmap over pmap is not supported yet; use pmap over vmap.")
+
+
+class _PmapFn(torch.autograd.Function):
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(call: _Call, *tensors: torch.Tensor):  # type: ignore[override]
+        return call.forward(tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.call = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *cts):
+        return (None, *ctx.call.backward(cts, ctx.needs_input_grad[1:]))
+
+    @staticmethod
+    def vmap(info, in_dims, call: _Call, *tensors):
+        return call.vmap_rule(info, in_dims[1:], tensors)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _track(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
+        return x.detach().requires_grad_()
+    return x
+
+
+def _merge_statics(args: tuple, statics: tuple) -> tuple:
+    out = list(args)
+    for j, v in statics:
+        out.insert(j, v)
+    return tuple(out)
+
+
+def _broadcast(x: Any, devices: list[Device]) -> list:
+    if not isinstance(x, torch.Tensor) or devices[0].platform == "cpu" and x.device.type == "cpu":
+        return [x] * len(devices)
+    return [x if x.device == d.torch_device else x.to(d.torch_device, non_blocking=True)
+            for d in devices]
+
+
+def _place(parts: Sequence[torch.Tensor], devices: list[Device]) -> Sequence[torch.Tensor]:
+    if devices[0].platform == "cpu" and parts[0].device.type == "cpu":
+        return parts
+    return [p if p.device == d.torch_device else p.to(d.torch_device, non_blocking=True)
+            for p, d in zip(parts, devices)]
+
+
+def _to_output(x: Any, plan: _Plan, i: int) -> Any:
+    if isinstance(x, torch.Tensor) or x is None:
+        return x
+    if isinstance(x, (bool, int, float, complex, np.ndarray, np.generic)):
+        return torch.as_tensor(x)
+    raise TypeError(f"{plan.name}: output leaf {i} is a {type(x).__name__}; pmapped functions "
+                    f"must return pytrees of tensors (or numbers).")
+
+
+def _same_structure(plan: _Plan, results: list) -> Any:
+    treedef = results[0][2]
+    for i, r in enumerate(results[1:], start=1):
+        if r[2] != treedef:
+            raise ValueError(
+                f"{plan.name}: devices returned differently structured outputs: device 0 "
+                f"returned {treedef} but device {i} returned {r[2]}. Every device must return "
+                f"the same pytree structure.")
+    return treedef
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device)
+
+
+def _replicated(plan: _Plan, shards: list, j: int) -> torch.Tensor:
+    first = shards[0]
+    if config.check_replicated:
+        for i, s in enumerate(shards[1:], start=1):
+            if s is first or _same_storage(first, s):
+                continue
+            if s.shape != first.shape or s.dtype != first.dtype:
+                raise ValueError(_not_replicated_msg(plan, j, 0, i, f"shape {tuple(first.shape)}"
+                                                     f" vs {tuple(s.shape)}"))
+            other = s if s.device == first.device else s.to(first.device)
+            if not torch.equal(first, other):
+                raise ValueError(_not_replicated_msg(plan, j, 0, i, _diff(first, other)))
+    return first
+
+
+def _check_block_replicated(plan: _Plan, t: torch.Tensor, treedef, j: int) -> torch.Tensor:
+    first = t[0]
+    if config.check_replicated and t.shape[0] > 1 and t.stride(0) != 0:
+        for v in range(1, t.shape[0]):
+            if not torch.equal(first, t[v]):
+                raise ValueError(_not_replicated_msg(plan, j, 0, v, _diff(first, t[v]),
+                                                     unit="shard"))
+    return first
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> str:
+    if a.is_floating_point() or a.is_complex():
+        d = (a - b).abs().max().item()
+        return f"max abs difference {d:g}"
+    return "values differ"
+
+
+def _not_replicated_msg(plan: _Plan, j: int, a: int, b: int, detail: str,
+                        unit: str = "device") -> str:
+    return (f"{plan.name}: out_axes=None for output {j}, but its value differs across devices "
+            f"({unit} {a} vs {unit} {b}: {detail}). Make it the same everywhere (for example "
+            f"funcdp.pmean(x, axis_name) or psum) or give it an integer out_axes to get one "
+            f"value per device. funcdp.config.check_replicated=False skips this check.")
+
+
+def _raise_device_error(plan: _Plan, errors: list) -> None:
+    primary = None
+    for i, e in errors:
+        if not isinstance(e, CollectiveError):
+            primary = (i, e)
+            break
+    if primary is None:
+        i, e = errors[0]
+        raise e
+    i, e = primary
+    if isinstance(e, (KeyboardInterrupt, SystemExit)):
+        raise e
+    dev = plan.devices[i]
+    others = [j for j, _ in errors if j != i and not isinstance(_, CollectiveError)]
+    also = f" (devices {others} raised too)" if others else ""
+    msg = (f"Caught {type(e).__name__} on device {i} ({dev!r}) in {plan.name}{also}: {e}\n"
+           f"(the device's own traceback is shown above, as the cause)")
+    try:
+        new = type(e)(msg)
+    except Exception:  # noqa: BLE001 - exception types with unusual constructors
+        new = RuntimeError(msg)
+    raise new from e

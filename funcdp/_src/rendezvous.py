@@ -1,0 +1,288 @@
+"""Where devices meet: the mesh of a pmap call and its collective rounds.
+
+Every pmap call creates a :class:`Mesh`: its axes (one per nested pmap level) and one
+*participant* per device (a coordinate in the mesh). A collective over some mesh axes
+is a *round* among the participants that agree on every other axis. Each participant
+posts its payload; the last to arrive computes the result once (so every participant
+receives bitwise the same value) and releases the others. Large reductions are computed
+in parallel: each participant reduces its own chunk into the shared output.
+
+Nothing hangs. The mesh knows what every participant is doing (running, waiting in a
+collective, finished, raised). A round that can never complete because a member
+finished or raised, or a mesh where every live participant waits (they reached
+different collectives), fails at once with a :class:`CollectiveError` naming what each
+device reached; a round that waits longer than ``funcdp.config.collective_timeout``
+fails the same way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from funcdp._src.config import config
+
+
+class CollectiveError(RuntimeError):
+    """Devices of a pmap call did not meet in a collective (or gave it mismatched inputs)."""
+
+
+CollectiveError.__module__ = "funcdp"
+
+_RUNNING = "running"
+_FINISHED = "finished"
+
+
+class _Round:
+    __slots__ = ("size", "members", "items", "descs", "arrived", "ready", "error", "result",
+                 "phase", "chunks_done", "label")
+
+    def __init__(self, size: int, members: list[tuple], label: str) -> None:
+        self.size = size
+        self.members = members
+        self.items: list[Any] = [None] * size
+        self.descs: list[Any] = [None] * size
+        self.arrived = 0
+        self.ready = False
+        self.error: BaseException | None = None
+        self.result: Any = None
+        self.phase = 0
+        self.chunks_done = 0
+        self.label = label
+
+
+class Mesh:
+    """The participants of one pmap call (or of a nested pmap level) and their rounds."""
+
+    def __init__(self, label: str, names: tuple, sizes: tuple[int, ...],
+                 devices: dict[tuple, Any]) -> None:
+        self.label = label
+        self.names = names
+        self.sizes = sizes
+        self.devices = devices  # coord -> Device, for messages
+        self.cond = threading.Condition(threading.Lock())
+        self.states: dict[tuple, Any] = {c: _RUNNING for c in devices}
+        self.total = len(devices)
+        self.rounds: dict[tuple, _Round] = {}
+        self.failure: CollectiveError | None = None
+        self.children: dict[Any, Mesh] = {}
+
+    # -- participants ----------------------------------------------------------------
+    def leave(self, coord: tuple, error: BaseException | None = None) -> None:
+        """Marks a participant as finished (or raised) and fails rounds that need it."""
+        with self.cond:
+            self.states[coord] = _FINISHED if error is None else ("raised", error)
+            if self.rounds:
+                self._check_stuck()
+
+    def _describe(self, coord: tuple) -> str:
+        state = self.states.get(coord, _RUNNING)
+        dev = self.devices.get(coord)
+        where = f"device {_fmt_coord(coord)}" + (f" ({dev!r})" if dev is not None else "")
+        if state == _RUNNING:
+            what = "is still running the function (not in a collective)"
+        elif state == _FINISHED:
+            what = "finished the function"
+        elif state[0] == "raised":
+            what = f"raised {type(state[1]).__name__}: {state[1]}"
+        else:
+            what = f"is waiting in {state[1]}"
+        return f"  - {where} {what}"
+
+    def _report(self, headline: str, hint: str) -> CollectiveError:
+        lines = [f"{self.label}: {headline}"]
+        lines += [self._describe(c) for c in sorted(self.devices)]
+        lines.append(hint)
+        return CollectiveError("\n".join(lines))
+
+    def _check_stuck(self) -> None:
+        """Fails rounds that cannot complete. Caller holds the lock."""
+        failed = False
+        for key, rnd in list(self.rounds.items()):
+            if rnd.ready or rnd.error is not None:
+                continue
+            gone = [m for m in rnd.members
+                    if self.states.get(m, _RUNNING) == _FINISHED
+                    or (isinstance(self.states.get(m), tuple)
+                        and self.states[m][0] == "raised")]
+            if gone:
+                raised = any(isinstance(self.states.get(m), tuple)
+                             and self.states[m][0] == "raised" for m in gone)
+                if raised:
+                    err = self._report(
+                        f"{rnd.label} was abandoned because a device raised an exception.",
+                        "The device's own exception is the cause; fix it first.")
+                else:
+                    err = self._report(
+                        f"devices wait in {rnd.label} for a device that already finished "
+                        f"the function.",
+                        "Every device must call the same collectives in the same order; "
+                        "look for Python control flow that depends on the device's data "
+                        "or on axis_index.")
+                rnd.error = err
+                del self.rounds[key]
+                failed = True
+        if self.rounds and not failed:
+            waiting = sum(1 for s in self.states.values()
+                          if isinstance(s, tuple) and s[0] == "waiting")
+            running = self.total - waiting - sum(
+                1 for s in self.states.values()
+                if s == _FINISHED or (isinstance(s, tuple) and s[0] == "raised"))
+            if running == 0 and waiting:
+                err = self._report(
+                    "the devices reached different collectives and none can proceed.",
+                    "Every device must call the same collectives, over the same axes and "
+                    "groups, in the same order.")
+                self.failure = err
+                for rnd in self.rounds.values():
+                    rnd.error = err
+                self.rounds.clear()
+                failed = True
+        if failed:
+            self.cond.notify_all()
+
+    # -- rounds ----------------------------------------------------------------------
+    def exchange(
+        self,
+        coord: tuple,
+        axes: tuple[int, ...],
+        group: tuple[int, Sequence[tuple]] | None,
+        rank: int,
+        size: int,
+        label: str,
+        desc: Any,
+        payload: Any,
+        compute: Callable[[list[Any]], Any],
+        chunked: Callable[[list[Any], Any, int, int], None] | None = None,
+    ) -> Any:
+        """One participant's part in a collective round.
+
+        Args:
+            coord: the participant's coordinate.
+            axes: mesh axes the collective spans.
+            group: ``(group_id, member coords)`` for ``axis_index_groups``, else None.
+            rank: this participant's index within the round.
+            size: number of participants in the round.
+            label: the collective as the user wrote it, for messages.
+            desc: what must agree across participants (shapes, dtypes, parameters).
+            payload: this participant's contribution.
+            compute: ``compute(payloads) -> result``, run once by the last arrival; or,
+                with ``chunked``, ``compute(payloads)`` allocates the result and
+                ``chunked(payloads, result, rank, size)`` fills one participant's chunk.
+
+        Returns:
+            The shared result.
+        """
+        other = tuple(c for a, c in enumerate(coord) if a not in axes)
+        key = (axes, len(coord), other, group[0] if group else None)
+        with self.cond:
+            if self.failure is not None:
+                raise self.failure
+            rnd = self.rounds.get(key)
+            if rnd is None:
+                members = list(group[1]) if group else _members(coord, axes, self.sizes)
+                rnd = self.rounds[key] = _Round(size, members, label)
+            rnd.items[rank] = payload
+            rnd.descs[rank] = desc
+            rnd.arrived += 1
+            last = rnd.arrived == size
+            if last:
+                del self.rounds[key]
+            else:
+                self._wait(coord, rnd, label, lambda: rnd.phase >= 1)
+        if last:
+            self._complete(rnd, compute, chunked is not None)
+            if rnd.error is not None:
+                raise rnd.error
+        if chunked is None:
+            return rnd.result
+        # Every participant reduces its own chunk, then waits for the others' chunks.
+        chunked(rnd.items, rnd.result, rank, size)
+        with self.cond:
+            rnd.chunks_done += 1
+            if rnd.chunks_done == size:
+                rnd.phase = 2
+                self.cond.notify_all()
+            else:
+                self._wait(coord, rnd, label, lambda: rnd.phase >= 2)
+        return rnd.result
+
+    def _complete(self, rnd: _Round, compute: Callable, chunked: bool) -> None:
+        first = rnd.descs[0]
+        if any(d != first for d in rnd.descs):
+            lines = [f"{self.label}: the devices called a collective with different "
+                     f"arguments:"]
+            for r, d in enumerate(rnd.descs):
+                lines.append(f"  - participant {r} of {rnd.label}: {_fmt_desc(d)}")
+            lines.append("Every device must pass values of the same shape and dtype, with the "
+                         "same parameters, to each collective.")
+            rnd.error = CollectiveError("\n".join(lines))
+        else:
+            try:
+                rnd.result = compute(rnd.items)
+            except BaseException as e:  # noqa: BLE001 - delivered to every participant
+                rnd.error = e
+        with self.cond:
+            rnd.phase = 1
+            if rnd.error is None and not chunked:
+                rnd.phase = 2
+            self.cond.notify_all()
+
+    def _wait(self, coord: tuple, rnd: _Round, label: str, done: Callable[[], bool]) -> None:
+        """Waits (lock held) until ``done()``; raises the round's error or a timeout."""
+        self.states[coord] = ("waiting", label)
+        self._check_stuck()
+        deadline = time.monotonic() + config.collective_timeout
+        try:
+            while not done() and rnd.error is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    err = self._report(
+                        f"timed out after {config.collective_timeout:g} s waiting in "
+                        f"{label}.",
+                        "A device is slow or stuck outside collectives; raise "
+                        "funcdp.config.collective_timeout if it is just slow.")
+                    rnd.error = err
+                    for k, r in list(self.rounds.items()):
+                        if r is rnd:
+                            del self.rounds[k]
+                    self.cond.notify_all()
+                    break
+                self.cond.wait(remaining)
+        finally:
+            self.states[coord] = _RUNNING
+        if rnd.error is not None:
+            raise rnd.error
+
+    # -- nesting ---------------------------------------------------------------------
+    def child(self, key: Any, make: Callable[[], Mesh]) -> Mesh:
+        with self.cond:
+            m = self.children.get(key)
+            if m is None:
+                m = self.children[key] = make()
+            return m
+
+
+def _members(coord: tuple, axes: tuple[int, ...], sizes: tuple[int, ...]) -> list[tuple]:
+    ranges = [range(sizes[a]) for a in axes]
+    out = []
+    for combo in itertools.product(*ranges):
+        c = list(coord)
+        for a, v in zip(axes, combo):
+            c[a] = v
+        out.append(tuple(c))
+    return out
+
+
+def _fmt_coord(coord: tuple) -> str:
+    return str(coord[0]) if len(coord) == 1 else str(coord)
+
+
+def _fmt_desc(desc: Any) -> str:
+    if isinstance(desc, tuple) and len(desc) == 2:
+        params, shapes = desc
+        return f"{params}, values {shapes}"
+    return repr(desc)

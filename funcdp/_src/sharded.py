@@ -1,0 +1,374 @@
+"""Sharded values: pmap outputs that stay on their devices.
+
+A :class:`ShardedValue` is the logical tensor ``stack(shards, axis)`` whose slices live
+on different devices. Nothing is gathered until the value is asked for: ``x[i]`` (with
+``axis=0``) returns device ``i``'s shard without copying, and passing ``x`` back into a
+pmap over the same devices hands each device its own shard again. Converting to a tensor
+(``x.to_tensor()``, ``np.asarray(x)``, ``float(x)``, printing, or any torch function)
+gathers once and caches the result.
+
+With more shards than devices (``n = devices * k``), each device holds a *block* of
+``k`` consecutive slices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from funcdp._src import tree as tree_util
+from funcdp._src.api_util import public
+from funcdp._src.devices import Device, local_devices
+
+
+class ShardedValue:
+    """A value whose slices along ``axis`` live on different devices.
+
+    Attributes:
+        shards: one tensor per device: the device's slice (or block of ``block``
+            consecutive slices, still carrying the mapped axis, when ``block > 1``).
+        devices: the device of each shard.
+        axis: the position of the mapped axis in the logical value.
+        block: slices per device (1 unless the mapped size exceeds the device count).
+
+    Example:
+        >>> import torch, funcdp
+        >>> out = funcdp.pmap(lambda v: v * 2)(torch.ones(funcdp.local_device_count(), 3))
+        >>> out.shape[1], out[0]
+        (3, tensor([2., 2., 2.]))
+    """
+
+    __slots__ = ("_shards", "_devices", "_axis", "_block", "_value", "_shard_shape",
+                 "__weakref__")
+
+    def __init__(self, shards: Sequence[torch.Tensor], devices: Sequence[Device], axis: int,
+                 block: int = 1) -> None:
+        self._shards = tuple(shards)
+        self._devices = tuple(devices)
+        self._axis = axis
+        self._block = block
+        self._value: torch.Tensor | None = None
+        self._shard_shape = self._shards[0].shape
+
+    # -- structure -----------------------------------------------------------
+    @property
+    def shards(self) -> tuple[torch.Tensor, ...]:
+        return self._shards
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        return self._devices
+
+    @property
+    def axis(self) -> int:
+        return self._axis
+
+    @property
+    def block(self) -> int:
+        return self._block
+
+    @property
+    def shape(self) -> torch.Size:
+        s = list(self._shard_shape)
+        if self._block == 1:
+            s.insert(self._axis, len(self._shards))
+        else:
+            s[self._axis] *= len(self._shards)
+        return torch.Size(s)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._shards[0].dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self._shard_shape) + (1 if self._block == 1 else 0)
+
+    def dim(self) -> int:
+        return self.ndim
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def device(self) -> torch.device:
+        """The torch device of the first shard (where :meth:`to_tensor` gathers by default)."""
+        return self._shards[0].device
+
+    @property
+    def requires_grad(self) -> bool:
+        return False
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    # -- per-device access ---------------------------------------------------
+    def shard(self, i: int) -> torch.Tensor:
+        """Logical slice ``i`` along the mapped axis, without gathering."""
+        n = self.shape[self._axis]
+        if not -n <= i < n:
+            raise IndexError(f"ShardedValue.shard: index {i} out of range for mapped size {n}")
+        i %= n
+        if self._block == 1:
+            return self._shards[i]
+        return self._shards[i // self._block].select(self._axis, i % self._block)
+
+    def block_view(self, i: int) -> torch.Tensor:
+        """Device ``i``'s shard with the mapped axis kept (size ``block``)."""
+        s = self._shards[i]
+        return s.unsqueeze(self._axis) if self._block == 1 else s
+
+    def __getitem__(self, idx: Any) -> Any:
+        if self._axis == 0 and isinstance(idx, int):
+            return self.shard(idx)
+        if (self._axis == 0 and isinstance(idx, slice) and idx.step in (None, 1)
+                and self._value is None):
+            n = len(self)
+            start, stop, _ = idx.indices(n)
+            if stop <= start:
+                return self.to_tensor()[idx]
+            parts = [self.shard(i) for i in range(start, stop)]
+            return torch.stack(parts) if parts else self.to_tensor()[idx]
+        return self.to_tensor()[idx]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    # -- conversion ------------------------------------------------------------
+    def to_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Gathers the whole value into one ``torch.Tensor`` on ``device``.
+
+        Args:
+            device: where to put the result; default: the first shard's device.
+
+        Returns:
+            A tensor of shape :attr:`shape` (cached: asking again is free).
+        """
+        if self._value is None:
+            target = self._shards[0].device
+            parts = [s if s.device == target else s.to(target) for s in self._shards]
+            if self._block == 1:
+                value = torch.stack(parts, self._axis)
+            else:
+                value = torch.cat(parts, self._axis)
+            self._value = value
+        value = self._value
+        if device is not None and torch.device(device) != value.device:
+            return value.to(device)
+        return value
+
+    def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``x.to(...)`` gathers then behaves as ``torch.Tensor.to``."""
+        return self.to_tensor().to(*args, **kwargs)
+
+    def numpy(self) -> np.ndarray:
+        return self.to_tensor().detach().cpu().numpy()
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = self.numpy()
+        return arr if dtype is None else arr.astype(dtype)
+
+    def tolist(self) -> Any:
+        return self.to_tensor().tolist()
+
+    def item(self) -> Any:
+        return self.to_tensor().item()
+
+    def __float__(self) -> float:
+        return float(self.to_tensor())
+
+    def __int__(self) -> int:
+        return int(self.to_tensor())
+
+    def __bool__(self) -> bool:
+        return bool(self.to_tensor())
+
+    def __index__(self) -> int:
+        return self.to_tensor().__index__()
+
+    def __repr__(self) -> str:
+        body = repr(self.to_tensor())
+        return (f"ShardedValue({body}, axis={self._axis}, "
+                f"devices={list(self._devices)})")
+
+    def __str__(self) -> str:
+        return str(self.to_tensor())
+
+    def __getattr__(self, name: str) -> Any:
+        # Anything else a tensor has (x.sum(), x.argmax(1), ...) works on the gathered value.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.to_tensor(), name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        args, kwargs = tree_util.tree_map(
+            lambda v: v.to_tensor() if isinstance(v, ShardedValue) else v, (args, kwargs)
+        )
+        return func(*args, **kwargs)
+
+    def __reduce__(self):
+        # Pickling (torch.save) stores the gathered tensor: devices are not portable.
+        return (torch.as_tensor, (self.to_tensor().detach().cpu(),))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _binary(name: str):
+    def op(self, other):
+        other = other.to_tensor() if isinstance(other, ShardedValue) else other
+        return getattr(self.to_tensor(), name)(other)
+
+    op.__name__ = name
+    return op
+
+
+for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+              "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__",
+              "__rmod__", "__pow__", "__rpow__", "__matmul__", "__rmatmul__", "__and__",
+              "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__eq__", "__ne__",
+              "__lt__", "__le__", "__gt__", "__ge__"):
+    setattr(ShardedValue, _name, _binary(_name))
+for _name in ("__neg__", "__pos__", "__abs__", "__invert__"):
+    setattr(ShardedValue, _name, (lambda n: lambda self: getattr(self.to_tensor(), n)())(_name))
+ShardedValue.__module__ = "funcdp"
+
+
+def _devices_or_local(devices: Sequence[Device] | None, call: str) -> list[Device]:
+    if devices is None:
+        return local_devices()
+    devices = list(devices)
+    if not devices:
+        raise ValueError(f"{call}: `devices` is empty; pass at least one device, e.g. "
+                         f"devices=funcdp.local_devices().")
+    for d in devices:
+        if not isinstance(d, Device):
+            raise TypeError(f"{call}: `devices` must hold funcdp devices (from "
+                            f"funcdp.local_devices()), got {type(d).__name__}: {d!r}.")
+    return devices
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, ShardedValue):
+        return x.to_tensor()
+    return torch.as_tensor(x)
+
+
+@public
+def replicate(tree: Any, devices: Sequence[Device] | None = None) -> Any:
+    """Puts one copy of every leaf of ``tree`` on each device.
+
+    The result's leaves are :class:`ShardedValue` s of shape ``[len(devices), ...]``,
+    ready to pass to a pmap with ``in_axes=0`` (the JAX/Flax way to hold replicated
+    parameters). On virtual CPU devices the replicas share one storage: nothing is copied.
+
+    Args:
+        tree: a pytree of tensors (or numbers / arrays).
+        devices: target devices; default: all local devices.
+
+    Returns:
+        A pytree of the same structure with replicated leaves.
+
+    Example:
+        >>> import torch, funcdp
+        >>> params = funcdp.replicate({"w": torch.ones(3)})
+        >>> tuple(params["w"].shape) == (funcdp.local_device_count(), 3)
+        True
+    """
+    devs = _devices_or_local(devices, "funcdp.replicate")
+
+    def rep(leaf: Any) -> ShardedValue:
+        t = _as_tensor(leaf)
+        shards = [t if t.device == d.torch_device else t.to(d.torch_device) for d in devs]
+        return ShardedValue(shards, devs, 0)
+
+    return tree_util.tree_map(rep, tree)
+
+
+@public
+def unreplicate(tree: Any) -> Any:
+    """Takes one copy back from a replicated pytree (no gather): the first slice.
+
+    Example:
+        >>> import torch, funcdp
+        >>> funcdp.unreplicate(funcdp.replicate(torch.tensor([1.0, 2.0])))
+        tensor([1., 2.])
+    """
+
+    def first(leaf: Any) -> Any:
+        if isinstance(leaf, ShardedValue):
+            return leaf.shard(0) if leaf.axis == 0 else leaf.to_tensor().select(0, 0)
+        if isinstance(leaf, torch.Tensor):
+            return leaf[0]
+        return leaf
+
+    return tree_util.tree_map(first, tree)
+
+
+@public
+def shard(tree: Any, num_devices: int | None = None) -> Any:
+    """Reshapes each leaf of a global batch ``[B, ...]`` to ``[n, B // n, ...]``.
+
+    ``n`` is the number of local devices unless ``num_devices`` says otherwise. The
+    result is a view (no copy) ready for ``pmap``.
+
+    Raises:
+        ValueError: if ``B`` is not divisible by ``n`` (the message names the leaf).
+
+    Example:
+        >>> import torch, funcdp
+        >>> funcdp.shard(torch.zeros(8, 3), num_devices=4).shape
+        torch.Size([4, 2, 3])
+    """
+    n = num_devices if num_devices is not None else len(local_devices())
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"funcdp.shard: `num_devices` must be a positive int, got {n!r}.")
+    leaves, spec = tree_util.tree_flatten(tree)
+    paths = tree_util.leaf_paths(spec)
+    out = []
+    for path, leaf in zip(paths, leaves):
+        t = _as_tensor(leaf)
+        where = f"tree{tree_util.keystr(path)}"
+        if t.ndim == 0:
+            raise ValueError(f"funcdp.shard: {where} is a scalar; every leaf needs a leading "
+                             f"batch dimension to split over {n} devices.")
+        if t.shape[0] % n:
+            raise ValueError(
+                f"funcdp.shard: {where} has leading (batch) dimension {t.shape[0]}, which is "
+                f"not divisible by the {n} devices; pad the batch to a multiple of {n} "
+                f"(funcdp.pad_shard_unpad does this for you) or drop the last "
+                f"{t.shape[0] % n} examples."
+            )
+        out.append(t.reshape(n, t.shape[0] // n, *t.shape[1:]))
+    return tree_util.tree_unflatten(out, spec)
+
+
+@public
+def unshard(tree: Any) -> Any:
+    """Inverse of :func:`shard`: ``[n, b, ...]`` to ``[n * b, ...]`` (gathers sharded leaves).
+
+    Example:
+        >>> import torch, funcdp
+        >>> funcdp.unshard(torch.zeros(4, 2, 3)).shape
+        torch.Size([8, 3])
+    """
+    leaves, spec = tree_util.tree_flatten(tree)
+    paths = tree_util.leaf_paths(spec)
+    out = []
+    for path, leaf in zip(paths, leaves):
+        t = _as_tensor(leaf)
+        if t.ndim < 2:
+            raise ValueError(f"funcdp.unshard: tree{tree_util.keystr(path)} has shape "
+                             f"{tuple(t.shape)}; expected [devices, batch, ...].")
+        out.append(t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]))
+    return tree_util.tree_unflatten(out, spec)

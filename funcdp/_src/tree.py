@@ -1,0 +1,119 @@
+"""Pytree helpers: one place that knows which pytree library funcdp uses.
+
+funcdp uses ``torch.utils._pytree``, the library ``torch.func`` itself uses, so any
+container ``torch.func`` understands (tuples, lists, dicts, namedtuples, registered
+dataclasses) works in funcdp too. Unlike JAX, ``None`` is a *leaf* here.
+
+Besides thin re-exports this module provides the two things the transforms need on
+top: matching a *prefix* tree (``in_axes``/``out_axes``) against a full tree with
+readable error paths, and formatting key paths for error messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.utils._pytree as _pt
+
+PyTree = Any
+TreeSpec = _pt.TreeSpec
+
+tree_flatten = _pt.tree_flatten
+tree_unflatten = _pt.tree_unflatten
+tree_leaves = _pt.tree_leaves
+tree_map = _pt.tree_map
+tree_structure = _pt.tree_structure
+tree_flatten_with_path = _pt.tree_flatten_with_path
+
+
+def is_leaf_spec(spec: TreeSpec) -> bool:
+    return spec.is_leaf()
+
+
+def keystr(path: Sequence[Any]) -> str:
+    """Formats a key path as Python indexing: ``[0]['w']``, ``.weight``."""
+    out = []
+    for key in path:
+        if isinstance(key, _pt.SequenceKey):
+            out.append(f"[{key.idx}]")
+        elif isinstance(key, _pt.MappingKey):
+            out.append(f"[{key.key!r}]")
+        elif isinstance(key, _pt.GetAttrKey):
+            out.append(f".{key.name}")
+        else:
+            out.append(f"[{key!r}]")
+    return "".join(out)
+
+
+class PrefixError(ValueError):
+    """A prefix tree does not match the tree it is a prefix of.
+
+    ``path`` is the key path where they disagree, ``reason`` says how.
+    """
+
+    def __init__(self, path: tuple, reason: str):
+        super().__init__(f"at {keystr(path) or 'the root'}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _describe_node(spec: TreeSpec) -> str:
+    if spec.is_leaf():
+        return "a leaf"
+    typ = spec.type
+    name = getattr(typ, "__name__", str(typ))
+    if isinstance(spec.context, (list, tuple)) and spec.context and typ is not tuple:
+        return f"a {name} with keys {list(spec.context)!r}"
+    return f"a {name} of {spec.num_children} children"
+
+
+def broadcast_prefix(
+    prefix: PyTree,
+    full_spec: TreeSpec,
+    is_prefix_leaf: Callable[[Any], bool],
+) -> list[Any]:
+    """Expands a prefix tree to one value per leaf of ``full_spec``.
+
+    A leaf of ``prefix`` (as decided by ``is_prefix_leaf``) stands for the whole
+    subtree at its position. Raises :class:`PrefixError` naming the first path where
+    the prefix's structure disagrees with the full tree.
+    """
+    out: list[Any] = []
+
+    def walk(pre: Any, spec: TreeSpec, path: tuple) -> None:
+        if is_prefix_leaf(pre):
+            out.extend([pre] * spec.num_leaves)
+            return
+        pre_children, pre_spec = _pt.tree_flatten(pre, is_leaf=lambda x: x is not pre)
+        if spec.is_leaf():
+            raise PrefixError(
+                path,
+                f"the prefix has {_describe_node(pre_spec)} where the value is a leaf",
+            )
+        if pre_spec.type is not spec.type or pre_spec.context != spec.context or len(
+            pre_children
+        ) != spec.num_children:
+            raise PrefixError(
+                path,
+                f"the prefix has {_describe_node(pre_spec)} where the value has "
+                f"{_describe_node(spec)}",
+            )
+        keys = _child_keys(spec)
+        for child, child_spec, key in zip(pre_children, spec.children(), keys):
+            walk(child, child_spec, path + (key,))
+
+    walk(prefix, full_spec, ())
+    return out
+
+
+def _child_keys(spec: TreeSpec) -> list[Any]:
+    node = _pt.tree_unflatten([0] * spec.num_leaves, spec)
+    pairs, _ = _pt.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    return [path[0] for path, _ in pairs]
+
+
+def leaf_paths(spec: TreeSpec) -> list[tuple]:
+    """Key paths of every leaf of ``spec``, in flattening order."""
+    dummy = _pt.tree_unflatten([0] * spec.num_leaves, spec)
+    return [path for path, _ in _pt.tree_flatten_with_path(dummy)[0]]

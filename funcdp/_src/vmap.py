@@ -1,0 +1,132 @@
+"""``funcdp.vmap``: ``torch.func.vmap`` with a named axis.
+
+Inside ``funcdp.vmap(f, axis_name="i")`` every collective works over ``"i"``: a
+``psum(x, "i")`` sums over the batch, ``axis_index("i")`` is the example's index, and
+the results equal those of ``funcdp.pmap(f, axis_name="i")`` on as many devices.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch._C import _functorch
+
+from funcdp._src import axes as axes_mod
+from funcdp._src import tree as tree_util
+from funcdp._src.api_util import fun_name, public
+from funcdp._src.transform_util import (
+    argpath,
+    check_axes_spec,
+    describe_sizes,
+    flat_in_axes,
+    normalize_axis,
+)
+
+_RANDOMNESS = ("error", "different", "same")
+
+
+@public
+def vmap(fun: Any = None, in_axes: Any = 0, out_axes: Any = 0, axis_name: Any = None,
+         axis_size: int | None = None, randomness: str = "error") -> Any:
+    """Vectorizes ``fun`` over a batch axis, like ``torch.func.vmap``, with a named axis.
+
+    Args:
+        fun: the function to vectorize.
+        in_axes: int, None, or a pytree prefix of the positional arguments (as for
+            :func:`funcdp.pmap`); keyword arguments are mapped over axis 0, as in JAX.
+        out_axes: int, None, or a pytree prefix of the output.
+        axis_name: a name for the batch axis, usable in collectives inside ``fun``.
+        axis_size: the batch size when no argument is mapped (or to check it).
+        randomness: ``'error'``, ``'different'`` or ``'same'``, as in ``torch.func.vmap``.
+
+    Returns:
+        The vectorized function.
+
+    Example:
+        >>> import torch, funcdp
+        >>> center = funcdp.vmap(lambda v: v - funcdp.pmean(v, "b"), axis_name="b")
+        >>> center(torch.tensor([1.0, 2.0, 6.0]))
+        tensor([-2., -1.,  3.])
+    """
+    if fun is None:
+        return functools.partial(vmap, in_axes=in_axes, out_axes=out_axes, axis_name=axis_name,
+                                 axis_size=axis_size, randomness=randomness)
+    name = f"vmap({fun_name(fun)})"
+    if not callable(fun):
+        raise TypeError(f"vmap: `fun` must be callable, got {type(fun).__name__}: {fun!r}.")
+    check_axes_spec(in_axes, name, "in_axes")
+    check_axes_spec(out_axes, name, "out_axes")
+    if randomness not in _RANDOMNESS:
+        raise ValueError(f"{name}: `randomness` must be one of {_RANDOMNESS}, got "
+                         f"{randomness!r}.")
+    if axis_name is not None:
+        axes_mod._validate_name(axis_name, name)
+        if isinstance(axis_name, tuple):
+            raise TypeError(f"{name}: `axis_name` must be a single name, got the tuple "
+                            f"{axis_name!r}.")
+    if axis_size is not None and (isinstance(axis_size, bool) or not isinstance(axis_size, int)
+                                  or axis_size < 1):
+        raise ValueError(f"{name}: `axis_size` must be a positive int, got {axis_size!r}.")
+
+    @functools.wraps(fun)
+    def batched(*args: Any, **kwargs: Any) -> Any:
+        tree = (args, kwargs)
+        leaves, treedef = tree_util.tree_flatten(tree)
+        axes = flat_in_axes(in_axes, args, kwargs, treedef, name)
+        sizes = {}
+        dims = []
+        device = None
+        for path_i, (leaf, ax) in enumerate(zip(leaves, axes)):
+            if ax is None:
+                dims.append(None)
+                continue
+            if not isinstance(leaf, torch.Tensor):
+                where = tree_util.keystr(tree_util.leaf_paths(treedef)[path_i])
+                raise TypeError(
+                    f"{name}: argument {argpath(where)} is a {type(leaf).__name__} mapped "
+                    f"over axis {ax}; only tensors can be mapped (use in_axes=None for it).")
+            a = normalize_axis(ax, leaf.ndim, name, lambda: argpath(
+                tree_util.keystr(tree_util.leaf_paths(treedef)[path_i])))
+            dims.append(a)
+            sizes[path_i] = leaf.shape[a]
+            device = device or leaf.device
+        distinct = set(sizes.values())
+        if len(distinct) > 1:
+            paths = tree_util.leaf_paths(treedef)
+            raise ValueError(f"{name}: mapped arguments have different sizes along their "
+                             f"mapped axes:\n" + describe_sizes(
+                                 {argpath(tree_util.keystr(paths[i])): s
+                                  for i, s in sizes.items()}))
+        size = distinct.pop() if distinct else None
+        if axis_size is not None:
+            if size is not None and size != axis_size:
+                raise ValueError(f"{name}: `axis_size`={axis_size} but the mapped arguments have "
+                                 f"size {size}.")
+            size = axis_size
+        if size is None:
+            raise ValueError(f"{name}: no argument is mapped (every in_axes entry is None); map "
+                             f"at least one argument or pass `axis_size`.")
+        dummy = not sizes
+        if dummy:
+            leaves = leaves + [torch.empty(size, 0)]
+            dims = dims + [0]
+
+        def flat_fun(*flat: Any) -> Any:
+            if dummy:
+                flat = flat[:-1]
+            a, k = tree_util.tree_unflatten(list(flat), treedef)
+            if axis_name is None:
+                return fun(*a, **k)
+            level = _functorch.maybe_current_level()
+            comp = axes_mod.VmapComp(level, size)
+            with axes_mod.bind(axes_mod.VmapFrame(axis_name, comp)):
+                return fun(*a, **k)
+
+        return torch.func.vmap(flat_fun, in_dims=tuple(dims), out_dims=out_axes,
+                               randomness=randomness)(*leaves)
+
+    batched.__wrapped__ = fun  # type: ignore[attr-defined]
+    return batched
+
