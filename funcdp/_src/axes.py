@@ -159,11 +159,43 @@ def vmap_comp_at(comps: tuple, level: int) -> int | None:
     return None
 
 
+def _indices() -> dict:
+    d = getattr(_tls, "vindex", None)
+    if d is None:
+        d = _tls.vindex = {}
+    return d
+
+
+class vmap_level:
+    """Entered first thing inside a vmap body: records the level's batched ``arange``.
+
+    The index must be made while the level is the innermost one; a batched tensor
+    created later, under a grad transform nested inside, would not be a valid value there.
+    """
+
+    __slots__ = ("level", "size", "device")
+
+    def __init__(self, size: int, device: torch.device | None) -> None:
+        self.level = _functorch.maybe_current_level()
+        self.size = size
+        self.device = device
+
+    def comp(self) -> VmapComp:
+        return VmapComp(self.level, self.size)
+
+    def __enter__(self) -> VmapComp:
+        idx = torch.arange(self.size, device=self.device)
+        _indices()[self.level] = _functorch._add_batch_dim(idx, 0, self.level)
+        return self.comp()
+
+    def __exit__(self, *exc: Any) -> None:
+        _indices().pop(self.level, None)
+
+
 def comp_index(comp: DeviceComp | VmapComp, frame: PmapFrame | None,
                device: torch.device) -> torch.Tensor | int:
     """This participant's index along one component (a batched arange for vmap)."""
     if type(comp) is DeviceComp:
         assert frame is not None
         return frame.coord[comp.axis]
-    idx = torch.arange(comp.size, device=device)
-    return _functorch._add_batch_dim(idx, 0, comp.level)
+    return _indices()[comp.level]

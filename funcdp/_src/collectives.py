@@ -562,9 +562,14 @@ def _reduction(op: str, x: Any, axis_name: Any, axis_index_groups: Any, call: st
                 for g in groups:
                     for m in g:
                         sizes[m] = len(g)
-                r = r / sizes[axis_index_tensor(comps, r.device)]
+                r = r / _pick(sizes, axis_index_tensor(comps, r.device))
         out[i] = r
     return tree_util.tree_unflatten(out, treedef)
+
+
+def _pick(t: torch.Tensor, idx: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``t.select(dim, idx)`` for a (possibly batched) int64 scalar tensor ``idx``."""
+    return t.index_select(dim, idx.reshape(1)).squeeze(dim)
 
 
 def _gather_flat(t: torch.Tensor, comps: tuple, label: str) -> torch.Tensor:
@@ -582,11 +587,16 @@ def _grouped_fallback(op: str, x: torch.Tensor, comps: tuple, groups: tuple, lab
         for a in grp:
             for b in grp:
                 member[a, b] = True
-    row = member[i].view((n,) + (1,) * x.ndim)
+    row = _pick(member, i).view((n,) + (1,) * x.ndim)
     if op == "psum":
         return torch.where(row, g, torch.zeros((), dtype=g.dtype, device=g.device)).sum(0)
-    own = g[i]
-    masked = torch.where(row, g, own.unsqueeze(0).expand_as(g))
+    # Non-members get the identity of the reduction, so they never win (nor tie).
+    info = torch.finfo(g.dtype) if g.is_floating_point() else torch.iinfo(g.dtype)
+    if op == "pmax":
+        fill = -float("inf") if g.is_floating_point() else info.min
+    else:
+        fill = float("inf") if g.is_floating_point() else info.max
+    masked = torch.where(row, g, torch.full((), fill, dtype=g.dtype, device=g.device))
     return masked.amax(0) if op == "pmax" else masked.amin(0)
 
 
@@ -810,9 +820,9 @@ def ppermute(x: Any, axis_name: Any, perm: Any) -> Any:
             i = axis_index_tensor(comps, t.device)
             table = torch.tensor([max(s, 0) for s in src], device=t.device)
             valid = torch.tensor([s >= 0 for s in src], device=t.device)
-            picked = g.index_select(0, table[i].reshape(1)).squeeze(0)
-            out.append(torch.where(valid[i], picked, torch.zeros((), dtype=t.dtype,
-                                                                 device=t.device)))
+            picked = _pick(g, _pick(table, i))
+            out.append(torch.where(_pick(valid, i), picked,
+                                   torch.zeros((), dtype=t.dtype, device=t.device)))
     return tree_util.tree_unflatten(out, treedef)
 
 
@@ -892,7 +902,7 @@ def _all_to_all_untiled(t, comps, s, c, label):
         return _run("all_to_all", comps, (s, c), [t], None, label)[0]
     g = _gather_flat(t, comps, label)  # [j, ...]
     i = axis_index_tensor(comps, t.device)
-    picked = g.index_select(1 + s, i.reshape(1)).squeeze(1 + s)
+    picked = _pick(g, i, 1 + s)
     return picked.movedim(0, c)
 
 

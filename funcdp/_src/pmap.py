@@ -18,6 +18,7 @@ The story of one call, helper by helper:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Sequence
@@ -506,10 +507,16 @@ class _Call:
 
     def _execute(self, inputs: list[list], record: bool) -> list:
         name = self.plan.owner._axis_name
-        if self.plan.block == 1:
-            return self._on_devices(lambda i, frame: self._body(inputs[i], record))
-        return self._on_devices(
-            lambda i, frame: self._blocked(inputs[i], record, frame, name))
+        blocked = self.plan.block > 1
+
+        def work(i: int, frame: Any) -> Any:
+            # Recording (for a backward pass later) needs grad mode on whatever the caller's.
+            with torch.enable_grad() if record else contextlib.nullcontext():
+                if blocked:
+                    return self._blocked(inputs[i], record, frame, name)
+                return self._body(inputs[i], record)
+
+        return self._on_devices(work)
 
     def _blocked(self, flat: list, record: bool, frame, name) -> Any:
         """Runs ``block`` shards on one device as a named vmap (more shards than devices)."""
@@ -523,17 +530,16 @@ class _Call:
         holder: dict = {}
 
         def tensors_only(*leaves: Any):
-            if name is not None:
-                vcomp = axes_mod.VmapComp(_functorch.maybe_current_level(), k)
-                frame.names[name] = (dev_comp, vcomp)
-            out, treedef = self._body(list(leaves), False, raw=True)
+            with axes_mod.vmap_level(k, frame.device) as vcomp:
+                if name is not None:
+                    frame.names[name] = (dev_comp, vcomp)
+                out, treedef = self._body(list(leaves), False, raw=True)
             holder["treedef"] = treedef
             holder["present"] = [x is not None for x in out]
             return tuple(x for x in out if x is not None)
 
-        with torch.enable_grad() if record else _nullcontext():
-            outs = torch.func.vmap(tensors_only, in_dims=dims, out_dims=0,
-                                   randomness="different")(*flat)
+        outs = torch.func.vmap(tensors_only, in_dims=dims, out_dims=0,
+                               randomness="different")(*flat)
         if name is not None:
             frame.names[name] = (dev_comp,)
         treedef = holder["treedef"]
@@ -559,11 +565,7 @@ class _Call:
         args, kwargs = tree_util.tree_unflatten(flat, plan.treedef)
         if self.statics:
             args = _merge_statics(args, self.statics)
-        if record and not raw:
-            with torch.enable_grad():
-                out = self.fun(*args, **kwargs)
-        else:
-            out = self.fun(*args, **kwargs)
+        out = self.fun(*args, **kwargs)
         leaves, treedef = tree_util.tree_flatten(out)
         leaves = [_to_output(x, plan, i) for i, x in enumerate(leaves)]
         if raw:
@@ -681,8 +683,11 @@ class _Call:
             if not pairs or not targets:
                 return [None] * len(targets)
             with torch.enable_grad():
+                # The graph lives as long as the caller's graph does (which may run
+                # backward more than once); it is freed with it.
                 return list(torch.autograd.grad([p[0] for p in pairs], targets,
-                                                [p[1] for p in pairs], allow_unused=True))
+                                                [p[1] for p in pairs], allow_unused=True,
+                                                retain_graph=True))
 
         # Each device's backward runs on its own worker, with the axis bound again so
         # that the collectives' transposes meet the other devices.
@@ -733,14 +738,6 @@ class _PmapFn(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, call: _Call, *tensors):
         return call.vmap_rule(info, in_dims[1:], tensors)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _track(x: Any) -> Any:
@@ -842,8 +839,8 @@ def _raise_device_error(plan: _Plan, errors: list) -> None:
             primary = (i, e)
             break
     if primary is None:
-        i, e = errors[0]
-        raise e
+        firsts = [e for _, e in errors if not e.secondary] or [errors[0][1]]
+        raise firsts[0]
     i, e = primary
     if isinstance(e, (KeyboardInterrupt, SystemExit)):
         raise e

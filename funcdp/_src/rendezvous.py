@@ -27,7 +27,13 @@ from funcdp._src.config import config
 
 
 class CollectiveError(RuntimeError):
-    """Devices of a pmap call did not meet in a collective (or gave it mismatched inputs)."""
+    """Devices of a pmap call did not meet in a collective (or gave it mismatched inputs).
+
+    ``secondary`` is True for the error of a device that gave up only because another
+    device failed first; pmap reports the first failure instead.
+    """
+
+    secondary = False
 
 
 CollectiveError.__module__ = "funcdp"
@@ -38,7 +44,7 @@ _FINISHED = "finished"
 
 class _Round:
     __slots__ = ("size", "members", "items", "descs", "arrived", "ready", "error", "result",
-                 "phase", "chunks_done", "label")
+                 "phase", "chunks_done", "label", "waiters")
 
     def __init__(self, size: int, members: list[tuple], label: str) -> None:
         self.size = size
@@ -52,6 +58,7 @@ class _Round:
         self.phase = 0
         self.chunks_done = 0
         self.label = label
+        self.waiters: list[tuple] = []
 
 
 class Mesh:
@@ -87,7 +94,12 @@ class Mesh:
         elif state == _FINISHED:
             what = "finished the function"
         elif state[0] == "raised":
-            what = f"raised {type(state[1]).__name__}: {state[1]}"
+            err = state[1]
+            if isinstance(err, CollectiveError):
+                what = "failed in a collective (see the error above)"
+            else:
+                first = str(err).splitlines()[0] if str(err) else ""
+                what = f"raised {type(err).__name__}: {first}"
         else:
             what = f"is waiting in {state[1]}"
         return f"  - {where} {what}"
@@ -115,6 +127,7 @@ class Mesh:
                     err = self._report(
                         f"{rnd.label} was abandoned because a device raised an exception.",
                         "The device's own exception is the cause; fix it first.")
+                    err.secondary = True
                 else:
                     err = self._report(
                         f"devices wait in {rnd.label} for a device that already finished "
@@ -124,6 +137,7 @@ class Mesh:
                         "or on axis_index.")
                 rnd.error = err
                 del self.rounds[key]
+                rnd.waiters.clear()
                 failed = True
         if self.rounds and not failed:
             waiting = sum(1 for s in self.states.values()
@@ -177,7 +191,7 @@ class Mesh:
             The shared result.
         """
         other = tuple(c for a, c in enumerate(coord) if a not in axes)
-        key = (axes, len(coord), other, group[0] if group else None)
+        key = (axes, len(coord), other, tuple(group[1]) if group else None)
         with self.cond:
             if self.failure is not None:
                 raise self.failure
@@ -205,7 +219,7 @@ class Mesh:
             rnd.chunks_done += 1
             if rnd.chunks_done == size:
                 rnd.phase = 2
-                self.cond.notify_all()
+                self._release(rnd)
             else:
                 self._wait(coord, rnd, label, lambda: rnd.phase >= 2)
         return rnd.result
@@ -229,11 +243,12 @@ class Mesh:
             rnd.phase = 1
             if rnd.error is None and not chunked:
                 rnd.phase = 2
-            self.cond.notify_all()
+            self._release(rnd)
 
     def _wait(self, coord: tuple, rnd: _Round, label: str, done: Callable[[], bool]) -> None:
         """Waits (lock held) until ``done()``; raises the round's error or a timeout."""
         self.states[coord] = ("waiting", label)
+        rnd.waiters.append(coord)
         self._check_stuck()
         deadline = time.monotonic() + config.collective_timeout
         try:
@@ -256,6 +271,17 @@ class Mesh:
             self.states[coord] = _RUNNING
         if rnd.error is not None:
             raise rnd.error
+
+    def _release(self, rnd: _Round) -> None:
+        """Marks a round's waiters as running again (lock held) and wakes them.
+
+        Done by whoever completes the round, so that a participant that has been released
+        but not yet scheduled never counts as blocked in deadlock detection.
+        """
+        for c in rnd.waiters:
+            self.states[c] = _RUNNING
+        rnd.waiters.clear()
+        self.cond.notify_all()
 
     # -- nesting ---------------------------------------------------------------------
     def child(self, key: Any, make: Callable[[], Mesh]) -> Mesh:

@@ -11,7 +11,6 @@ import functools
 from typing import Any
 
 import torch
-from torch._C import _functorch
 
 from funcdp._src import axes as axes_mod
 from funcdp._src import tree as tree_util
@@ -119,9 +118,8 @@ def vmap(fun: Any = None, in_axes: Any = 0, out_axes: Any = 0, axis_name: Any = 
             a, k = tree_util.tree_unflatten(list(flat), treedef)
             if axis_name is None:
                 return fun(*a, **k)
-            level = _functorch.maybe_current_level()
-            comp = axes_mod.VmapComp(level, size)
-            with axes_mod.bind(axes_mod.VmapFrame(axis_name, comp)):
+            with axes_mod.vmap_level(size, device) as comp, \
+                    axes_mod.bind(axes_mod.VmapFrame(axis_name, comp)):
                 return fun(*a, **k)
 
         return torch.func.vmap(flat_fun, in_dims=tuple(dims), out_dims=out_axes,

@@ -1,0 +1,481 @@
+"""Every collective against a plain torch reference on the stacked values, with gradients.
+
+For a collective ``c`` the reference ``ref(X)`` maps the stacked per-device values
+``X = [x_0, ..., x_{n-1}]`` to the stacked per-device results. Each test checks, for
+random shapes, dtypes and device layouts (including more shards than devices):
+
+- ``pmap(c)(X) == ref(X)`` and ``vmap(c, axis_name=...)(X) == ref(X)``;
+- ``pmap(grad(...))``: each device's gradient of ``(c(x_i) * w_i).sum()`` equals the
+  gradient of ``sum_i (ref(X)_i * W_i).sum()`` with respect to ``x_i`` (the pmap
+  convention: every device's output is a separate output);
+- ``grad(pmap(...))`` gives the same.
+"""
+
+from __future__ import annotations
+
+import time
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from helpers import assert_trees_close
+from hypothesis import given
+from strategies import device_layout
+from torch.func import grad
+
+import funcdp
+
+AX = "i"
+
+
+def _rand(shape, dtype, gen):
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    if not dtype.is_floating_point:
+        return torch.randint(-5, 6, shape, generator=gen, dtype=dtype)
+    # Small integers in float: sums are exact, so ties and orders are reproducible.
+    return torch.randint(-8, 9, shape, generator=gen).to(dtype) / 4
+
+
+@st.composite
+def case(draw, rank_min=0, dtypes=(torch.float32, torch.float64)):
+    n, devs = draw(device_layout())
+    rank = draw(st.integers(rank_min, 3))
+    shape = tuple(draw(st.integers(1, 3)) for _ in range(rank))
+    dtype = draw(st.sampled_from(dtypes))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**30)))
+    x = _rand((n,) + shape, dtype, gen)
+    return n, devs, x, gen
+
+
+# ----------------------------------------------------------------- the harness
+def check(c, ref, x, devs, *, grads=True):
+    """Forward under pmap and named vmap; gradients in both orders (float inputs)."""
+    n = x.shape[0]
+    expected = ref(x)
+    out = funcdp.pmap(c, axis_name=AX, devices=devs)(x)
+    assert_trees_close(out, expected)
+    vout = funcdp.vmap(c, axis_name=AX)(x)
+    assert_trees_close(vout, expected)
+    if not grads or not x.is_floating_point():
+        return
+    xd = x.double()
+    w = torch.randn(expected.shape, dtype=torch.float64)
+    xr = xd.clone().requires_grad_()
+    r = (ref(xr) * w).sum()
+    want = torch.autograd.grad(r, xr)[0] if r.requires_grad else torch.zeros_like(xd)
+
+    def local(v, wi):
+        return grad(lambda v: (c(v) * wi).sum())(v)
+
+    got = funcdp.pmap(local, axis_name=AX, devices=devs)(xd, w)
+    assert_trees_close(got, want)
+    got_v = funcdp.vmap(local, axis_name=AX)(xd, w)
+    assert_trees_close(got_v, want)
+    pf = funcdp.pmap(c, axis_name=AX, devices=devs)
+    got_outer = grad(lambda xx: (pf(xx) * w).sum())(xd)
+    assert_trees_close(got_outer, want)
+    del n
+
+
+# ----------------------------------------------------------------- reductions
+@given(case(dtypes=(torch.float32, torch.float64, torch.int64)))
+def test_psum(cs):
+    n, devs, x, _ = cs
+    check(lambda v: funcdp.psum(v, AX), lambda X: X.sum(0).expand_as(X), x, devs)
+
+
+@given(case(dtypes=(torch.float32, torch.float64, torch.int64, torch.bool)))
+def test_pmean(cs):
+    n, devs, x, _ = cs
+
+    def ref(X):
+        m = X.to(torch.get_default_dtype()) if not X.is_floating_point() else X
+        return m.mean(0).expand_as(m)
+
+    check(lambda v: funcdp.pmean(v, AX), ref, x, devs)
+
+
+@given(case(dtypes=(torch.float32, torch.float64, torch.int64)))
+def test_pmax_with_ties(cs):
+    n, devs, x, _ = cs
+    check(lambda v: funcdp.pmax(v, AX), lambda X: X.amax(0).expand_as(X), x, devs)
+
+
+@given(case(dtypes=(torch.float32, torch.float64, torch.int64)))
+def test_pmin_with_ties(cs):
+    n, devs, x, _ = cs
+    check(lambda v: funcdp.pmin(v, AX), lambda X: X.amin(0).expand_as(X), x, devs)
+
+
+def test_psum_of_bool_counts():
+    x = torch.tensor([True, False, True, True])
+    out = funcdp.pmap(lambda v: funcdp.psum(v, AX), axis_name=AX)(x)
+    assert out.dtype == torch.int64
+    assert out.to_tensor().tolist() == [3, 3, 3, 3]
+
+
+@given(case(), st.data())
+def test_reductions_within_axis_index_groups(cs, data):
+    n, devs, x, _ = cs
+    perm = data.draw(st.permutations(range(n)))
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, n - 1)), max_size=3)))
+    groups = [list(perm[a:b]) for a, b in zip([0] + cuts, cuts + [n]) if a < b]
+    group_of = {m: g for g in groups for m in g}
+
+    def ref_with(red):
+        def ref(X):
+            return torch.stack([red(X[group_of[i]]) for i in range(n)])
+        return ref
+
+    check(lambda v: funcdp.psum(v, AX, axis_index_groups=groups),
+          ref_with(lambda t: t.sum(0)), x, devs)
+    check(lambda v: funcdp.pmax(v, AX, axis_index_groups=groups),
+          ref_with(lambda t: t.amax(0)), x, devs)
+    check(lambda v: funcdp.pmean(v, AX, axis_index_groups=groups),
+          ref_with(lambda t: t.mean(0)), x, devs)
+
+
+def test_python_numbers_and_unmapped_values():
+    n = 4
+
+    def f(v):
+        return (funcdp.psum(1, AX), funcdp.psum(True, AX), funcdp.pmean(3, AX),
+                funcdp.pmax(2.5, AX), funcdp.axis_size(AX))
+
+    out = funcdp.pmap(f, axis_name=AX, out_axes=None)(torch.zeros(n))
+    assert out == (n, n, 3.0, 2.5, n)
+    # A value that does not vary along a vmap axis is multiplied by the axis size.
+    w = torch.tensor([1.0, 2.0])
+    got = funcdp.vmap(lambda v, w: funcdp.psum(w, "j"), in_axes=(0, None), axis_name="j")(
+        torch.zeros(3), w)
+    assert_trees_close(got, (3 * w).expand(3, 2))
+
+
+def test_reduction_results_are_bitwise_identical_and_shared():
+    torch.manual_seed(3)
+    x = torch.randn(8, 1000)
+    out = funcdp.pmap(lambda v: funcdp.psum(v * 1.1, AX), axis_name=AX)(x)
+    first = out.shards[0]
+    for s in out.shards[1:]:
+        assert torch.equal(s, first)
+        assert s.data_ptr() == first.data_ptr()
+    # Large reductions are computed in parallel chunks: still one identical result.
+    big = torch.randn(4, 300_000)
+    out = funcdp.pmap(lambda v: funcdp.psum(v, AX), axis_name=AX)(big)
+    torch.testing.assert_close(out.shards[2], big.sum(0), rtol=1e-5, atol=1e-5)
+    assert len({s.data_ptr() for s in out.shards}) == 1
+
+
+def test_pytree_reduction_is_one_round():
+    from funcdp._src import rendezvous
+
+    rounds = []
+    orig = rendezvous.Mesh.exchange
+
+    def counting(self, *a, **k):
+        rounds.append(1)
+        return orig(self, *a, **k)
+
+    tree = {"a": torch.ones(4, 3), "b": [torch.ones(4, 2, 2), torch.ones(4)],
+            "c": torch.ones(4, dtype=torch.float64)}
+    rendezvous.Mesh.exchange = counting
+    try:
+        out = funcdp.pmap(lambda t: funcdp.pmean(t, AX), axis_name=AX)(tree)
+    finally:
+        rendezvous.Mesh.exchange = orig
+    assert len(rounds) == 4  # one round per device, for the whole tree
+    assert_trees_close(out, tree)
+
+
+# ----------------------------------------------------------------- gathers
+@given(case(dtypes=(torch.float32, torch.float64, torch.int64, torch.bool)), st.data())
+def test_all_gather(cs, data):
+    n, devs, x, _ = cs
+    r = x.ndim - 1
+    axis = data.draw(st.integers(-(r + 1), r))
+    a = axis % (r + 1)
+    check(lambda v: funcdp.all_gather(v, AX, axis=axis),
+          lambda X: torch.stack(list(X), a).unsqueeze(0).expand(n, *torch.stack(list(X), a).shape),
+          x, devs)
+
+
+@given(case(rank_min=1), st.data())
+def test_all_gather_tiled(cs, data):
+    n, devs, x, _ = cs
+    r = x.ndim - 1
+    axis = data.draw(st.integers(-r, r - 1))
+    a = axis % r
+
+    def ref(X):
+        cat = torch.cat(list(X), a)
+        return cat.unsqueeze(0).expand(n, *cat.shape)
+
+    check(lambda v: funcdp.all_gather(v, AX, axis=axis, tiled=True), ref, x, devs)
+
+
+@given(st.data())
+def test_psum_scatter(data):
+    n, devs = data.draw(device_layout())
+    rank = data.draw(st.integers(1, 3))
+    d = data.draw(st.integers(0, rank - 1))
+    shape = [data.draw(st.integers(1, 3)) for _ in range(rank)]
+    shape[d] = n
+    x = _rand((n, *shape), data.draw(st.sampled_from([torch.float32, torch.float64])),
+              torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    check(lambda v: funcdp.psum_scatter(v, AX, scatter_dimension=d),
+          lambda X: X.sum(0).movedim(d, 0), x, devs)
+
+
+@given(st.data())
+def test_psum_scatter_tiled(data):
+    n, devs = data.draw(device_layout())
+    rank = data.draw(st.integers(1, 3))
+    d = data.draw(st.integers(0, rank - 1))
+    m = data.draw(st.integers(1, 2))
+    shape = [data.draw(st.integers(1, 3)) for _ in range(rank)]
+    shape[d] = n * m
+    x = _rand((n, *shape), torch.float64, torch.Generator().manual_seed(0))
+    check(lambda v: funcdp.psum_scatter(v, AX, scatter_dimension=d, tiled=True),
+          lambda X: torch.stack(X.sum(0).chunk(n, d)), x, devs)
+
+
+# ----------------------------------------------------------------- permutations
+@given(case(dtypes=(torch.float32, torch.float64, torch.int64, torch.bool)), st.data())
+def test_ppermute(cs, data):
+    n, devs, x, _ = cs
+    srcs = data.draw(st.permutations(range(n)))
+    dsts = data.draw(st.permutations(range(n)))
+    k = data.draw(st.integers(0, n))
+    perm = list(zip(srcs[:k], dsts[:k]))
+
+    def ref(X):
+        out = torch.zeros_like(X)
+        for s, d in perm:
+            out[d] = X[s]
+        return out
+
+    check(lambda v: funcdp.ppermute(v, AX, perm), ref, x, devs)
+
+
+@given(case())
+def test_ppermute_ring_equals_roll(cs):
+    n, devs, x, _ = cs
+    ring = [(i, (i + 1) % n) for i in range(n)]
+    check(lambda v: funcdp.ppermute(v, AX, ring), lambda X: torch.roll(X, 1, 0), x, devs)
+
+
+@given(case(), st.data())
+def test_pshuffle(cs, data):
+    n, devs, x, _ = cs
+    perm = data.draw(st.permutations(range(n)))
+    check(lambda v: funcdp.pshuffle(v, AX, perm), lambda X: X[list(perm)], x, devs)
+
+
+@given(st.data())
+def test_all_to_all(data):
+    n, devs = data.draw(device_layout())
+    rank = data.draw(st.integers(1, 3))
+    s = data.draw(st.integers(0, rank - 1))
+    c = data.draw(st.integers(0, rank - 1))
+    shape = [data.draw(st.integers(1, 3)) for _ in range(rank)]
+    shape[s] = n
+    x = _rand((n, *shape), data.draw(st.sampled_from([torch.float64, torch.int64])),
+              torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+
+    def ref(X):
+        # out_i[..., j (at c), ...] = x_j[i] (x_j's split axis s removed)
+        return torch.stack([torch.stack([X[j].select(s, i) for j in range(n)], c)
+                            for i in range(n)])
+
+    check(lambda v: funcdp.all_to_all(v, AX, s, c), ref, x, devs)
+
+
+@given(st.data())
+def test_all_to_all_tiled(data):
+    n, devs = data.draw(device_layout())
+    rank = data.draw(st.integers(1, 3))
+    s = data.draw(st.integers(0, rank - 1))
+    c = data.draw(st.integers(0, rank - 1))
+    shape = [data.draw(st.integers(1, 3)) for _ in range(rank)]
+    shape[s] = n * data.draw(st.integers(1, 2))
+    x = _rand((n, *shape), torch.float64, torch.Generator().manual_seed(1))
+
+    def ref(X):
+        return torch.stack([torch.cat([X[j].chunk(n, s)[i] for j in range(n)], c)
+                            for i in range(n)])
+
+    check(lambda v: funcdp.all_to_all(v, AX, s, c, tiled=True), ref, x, devs)
+
+
+@given(case(dtypes=(torch.float32, torch.float64, torch.int64, torch.bool)), st.data())
+def test_pbroadcast(cs, data):
+    n, devs, x, _ = cs
+    src = data.draw(st.integers(0, n - 1))
+    check(lambda v: funcdp.pbroadcast(v, AX, src), lambda X: X[src].expand_as(X), x, devs)
+
+
+@given(device_layout())
+def test_axis_index_and_size(layout):
+    n, devs = layout
+    out = funcdp.pmap(lambda v: (funcdp.axis_index(AX), funcdp.axis_size(AX)),
+                      axis_name=AX, devices=devs, out_axes=(0, None))(torch.zeros(n))
+    assert out[0].dtype == torch.int64
+    assert out[0].to_tensor().tolist() == list(range(n))
+    assert out[1] == n
+
+
+def test_second_order_gradient_through_psum():
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+
+    def f(v):
+        return grad(grad(lambda u: funcdp.psum(u, AX) ** 3 / 3))(v)
+
+    # Each device's output is a separate output (psum transposes to psum): with
+    # S = psum(u), the first grad is psum(S^2) = n S^2 and the second n * n * 2S.
+    n, s = 4, 10.0
+    out = funcdp.pmap(f, axis_name=AX)(x).to_tensor()
+    assert_trees_close(out, torch.full((4,), n * n * 2 * s, dtype=torch.float64))
+    # The same through an explicit reference: the Hessian of sum_i f_i(stack(x)).
+    ref = torch.func.hessian(lambda X: (X.sum() ** 3 / 3) * n)(x).sum(1)
+    assert_trees_close(out, ref)
+
+
+def test_backward_through_collective_with_plain_autograd():
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    out = funcdp.pmap(lambda v: funcdp.all_gather(v, AX).pow(2).sum(), axis_name=AX)(x)
+    out.sum().backward()
+    # Every device's output uses every x_j, so d/dx_j = n * 2 x_j.
+    assert_trees_close(x.grad, 4 * 2 * x.detach())
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("psum", lambda v: funcdp.psum(v, AX)),
+    ("pmax", lambda v: funcdp.pmax(v, AX)),
+    ("all_gather", lambda v: funcdp.all_gather(v, AX, axis=1)),
+    ("psum_scatter", lambda v: funcdp.psum_scatter(v, AX, scatter_dimension=1, tiled=True)),
+    ("ppermute", lambda v: funcdp.ppermute(v, AX, [(0, 2), (2, 1), (1, 0)])),
+    ("all_to_all", lambda v: funcdp.all_to_all(v, AX, 1, 0, tiled=True)),
+    ("pbroadcast", lambda v: funcdp.pbroadcast(v, AX, 1)),
+])
+def test_gradcheck_float64(name, fn):
+    torch.manual_seed(5)
+    x = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    pf = funcdp.pmap(fn, axis_name=AX)
+    assert torch.autograd.gradcheck(lambda t: pf(t), (x,))
+
+
+# ----------------------------------------------------------------- errors
+def test_error_unbound_axis_name_outside_and_inside():
+    with pytest.raises(NameError, match=r"psum: unbound axis name 'i'; no axis names are bound"):
+        funcdp.psum(torch.ones(2), "i")
+    with pytest.raises(NameError, match=r"unbound axis name 'j'; bound axis names here: 'i' "
+                                        r"\(pmap, size 4\)"):
+        funcdp.pmap(lambda v: funcdp.psum(v, "j"), axis_name="i")(torch.ones(4))
+
+
+@pytest.mark.parametrize("perm, msg", [
+    ([(0, 1), (0, 2)], "uses source 0 more than once"),
+    ([(0, 1), (2, 1)], "uses destination 1 more than once"),
+    ([(0, 4)], "destination 4, out of range for axis size 4"),
+    ([(0,)], "list of \\(source, destination\\) pairs"),
+])
+def test_error_bad_ppermute_perm(perm, msg):
+    with pytest.raises((ValueError, TypeError), match=msg):
+        funcdp.pmap(lambda v: funcdp.ppermute(v, AX, perm), axis_name=AX)(torch.ones(4))
+
+
+def test_error_bad_pshuffle_perm():
+    with pytest.raises(ValueError, match=r"is not a permutation of range\(4\)"):
+        funcdp.pmap(lambda v: funcdp.pshuffle(v, AX, [0, 0, 1, 2]), axis_name=AX)(torch.ones(4))
+
+
+def test_error_shapes_not_divisible():
+    with pytest.raises(ValueError, match=r"has size 3 but must equal the size 4 of axis 'i'"):
+        funcdp.pmap(lambda v: funcdp.psum_scatter(v, AX), axis_name=AX)(torch.ones(4, 3))
+    with pytest.raises(ValueError, match=r"size 6, not divisible by the axis size 4"):
+        funcdp.pmap(lambda v: funcdp.psum_scatter(v, AX, tiled=True), axis_name=AX)(
+            torch.ones(4, 6))
+    with pytest.raises(ValueError, match=r"`split_axis` 0 of the value \(shape \(3,\)\) has size 3"):
+        funcdp.pmap(lambda v: funcdp.all_to_all(v, AX, 0, 0), axis_name=AX)(torch.ones(4, 3))
+    with pytest.raises(ValueError, match=r"not divisible by the axis size 4"):
+        funcdp.pmap(lambda v: funcdp.all_to_all(v, AX, 0, 0, tiled=True), axis_name=AX)(
+            torch.ones(4, 6))
+
+
+@pytest.mark.parametrize("groups, msg", [
+    ([[0, 1], [1, 2, 3]], "index 1 appears more than once"),
+    ([[0, 1], [2]], r"indices \[3\] are in no group"),
+    ([[0, 1, 2, 3, 4]], "index 4, out of range for axis size 4"),
+    ([[0, 1], []], "empty group"),
+])
+def test_error_axis_index_groups_not_a_partition(groups, msg):
+    with pytest.raises(ValueError, match=msg):
+        funcdp.pmap(lambda v: funcdp.psum(v, AX, axis_index_groups=groups), axis_name=AX)(
+            torch.ones(4))
+
+
+def test_error_devices_reach_different_collectives():
+    def f(v):
+        if int(funcdp.axis_index(AX)) == 1:
+            return funcdp.all_gather(v, AX).sum()
+        return funcdp.psum(v, AX)
+
+    with pytest.raises(funcdp.CollectiveError) as info:
+        funcdp.pmap(f, axis_name=AX)(torch.ones(4))
+    msg = str(info.value)
+    assert "different arguments" in msg
+    assert "psum(axis_name='i')" in msg and "all_gather(axis_name='i'" in msg
+
+
+def test_error_device_finishes_while_others_wait_is_fast():
+    def f(v):
+        if int(funcdp.axis_index(AX)) == 3:
+            return v
+        return funcdp.psum(v, AX)
+
+    start = time.monotonic()
+    with funcdp.config.override(collective_timeout=60):
+        with pytest.raises(funcdp.CollectiveError) as info:
+            funcdp.pmap(f, axis_name=AX)(torch.ones(4))
+    assert time.monotonic() - start < 10
+    msg = str(info.value)
+    assert "already finished" in msg
+    assert "device 3 (CpuDevice(id=3)) finished the function" in msg
+    assert "device 0 (CpuDevice(id=0)) is waiting in psum(axis_name='i')" in msg
+
+
+def test_error_deadlock_between_different_groups_is_detected():
+    def f(v):
+        i = int(funcdp.axis_index(AX))
+        # Device 0 waits for 1, 1 for 2, 2 for 3 and 3 for 0: nobody can complete.
+        groups = [[0, 1], [2, 3]] if i % 2 == 0 else [[0, 3], [1, 2]]
+        return funcdp.psum(v, AX, axis_index_groups=groups)
+
+    start = time.monotonic()
+    with funcdp.config.override(collective_timeout=60):
+        with pytest.raises(funcdp.CollectiveError, match="none can proceed"):
+            funcdp.pmap(f, axis_name=AX)(torch.ones(4))
+    assert time.monotonic() - start < 10
+
+
+def test_error_timeout_when_a_device_is_stuck_outside_collectives():
+    def f(v):
+        if int(funcdp.axis_index(AX)) == 0:
+            time.sleep(1.5)
+        return funcdp.psum(v, AX)
+
+    with funcdp.config.override(collective_timeout=0.3):
+        with pytest.raises(funcdp.CollectiveError, match="timed out after 0.3 s"):
+            funcdp.pmap(f, axis_name=AX)(torch.ones(2))
+    out = funcdp.pmap(lambda v: funcdp.psum(v, AX), axis_name=AX)(torch.ones(2))
+    assert out.to_tensor().tolist() == [2.0, 2.0]
+
+
+def test_error_mismatched_shapes_across_devices():
+    def f(v):
+        i = int(funcdp.axis_index(AX))
+        return funcdp.psum(v[: 1 + (i == 1)], AX)
+
+    with pytest.raises(funcdp.CollectiveError, match=r"values \(\(\(1,\), 'torch.float32'\),\)"):
+        funcdp.pmap(f, axis_name=AX)(torch.ones(2, 2))
