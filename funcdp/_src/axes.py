@@ -87,6 +87,16 @@ def current_pmap_frame() -> PmapFrame | None:
     return None
 
 
+def vmap_name_at(level: int) -> Any:
+    """The axis name bound to the vmap at ``level`` in this thread, or None."""
+    for frame in reversed(frames()):
+        if frame.kind == "vmap":
+            for name, comps in frame.names.items():
+                if comps[0].level == level:
+                    return name
+    return None
+
+
 def current_level() -> int:
     lvl = _functorch.maybe_current_level()
     return 0 if lvl is None else lvl

@@ -67,11 +67,30 @@ class _CollectiveFn(torch.autograd.Function):
         ctx.spec = spec
         if spec.op in ("pmax", "pmin"):
             ctx.save_for_backward(*inputs[1:], *output)
+            ctx.save_for_forward(*inputs[1:], *output)
 
     @staticmethod
     def backward(ctx, *cts):
         spec: Spec = ctx.spec
         return (None, *_transpose(spec, list(cts), ctx))
+
+    @staticmethod
+    def jvp(ctx, _spec_tangent, *tangents):
+        # Every primitive is linear in its input, except pmax/pmin, whose tangent is the
+        # tangent of the winning participants (averaged over ties).
+        spec: Spec = ctx.spec
+        saved = ctx.saved_tensors if spec.op in ("pmax", "pmin") else ()
+        n = len(tangents)
+        ts = [t if t is not None else torch.zeros_like(x)
+              for t, x in zip(tangents, saved[:n] or [None] * n)] if saved else list(tangents)
+        if spec.op in ("pmax", "pmin"):
+            xs, outs = saved[:n], saved[n:]
+            masks = [(x == o).to(t.dtype) for x, o, t in zip(xs, outs, ts)]
+            ps = spec._replace(op="psum")
+            num = _apply(ps, [t * m for t, m in zip(ts, masks)])
+            cnt = _apply(ps, masks)
+            return tuple(a / c for a, c in zip(num, cnt))
+        return tuple(_apply(spec, ts))
 
     @staticmethod
     def vmap(info, in_dims, spec: Spec, *leaves):

@@ -21,14 +21,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch._C import _functorch
+from torch._functorch import pyfunctorch
 
 from funcdp._src import axes as axes_mod
+from funcdp._src import random as random_mod
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import fun_name, public
 from funcdp._src.config import config
@@ -333,7 +336,7 @@ class _Plan:
                 kinds.append(_SPLIT)
         self.kinds = kinds
         self.out_plans: dict = {}
-        self.threads = 0
+        self.random: bool | None = None
         self.label = f"{name} over {self.ndev} device{'s' if self.ndev > 1 else ''}"
 
     def out_axes_for(self, out_treedef) -> list:
@@ -506,17 +509,45 @@ class _Call:
         return [o.value for o in outcomes]
 
     def _execute(self, inputs: list[list], record: bool) -> list:
-        name = self.plan.owner._axis_name
-        blocked = self.plan.block > 1
+        plan = self.plan
+        name = plan.owner._axis_name
+        blocked = plan.block > 1
+        random = plan.random  # None until the first call tells whether f draws
+        modes: list[Any] = [None] * plan.ndev
+        # Only a top-level call can tell whether f drew from the global generator: nested
+        # calls run while other devices' threads legitimately draw too.
+        check = random is False and axes_mod.current_pmap_frame() is None
+        if check:
+            before = torch.default_generator.get_state()
+        elif random is not False:
+            base = random_mod.draw_base()
+
+        def run(i: int, frame: Any) -> Any:
+            if blocked:
+                return self._blocked(inputs[i], record, frame, name)
+            return self._body(inputs[i], record)
 
         def work(i: int, frame: Any) -> Any:
             # Recording (for a backward pass later) needs grad mode on whatever the caller's.
             with torch.enable_grad() if record else contextlib.nullcontext():
-                if blocked:
-                    return self._blocked(inputs[i], record, frame, name)
-                return self._body(inputs[i], record)
+                if random is False:
+                    return run(i, frame)
+                gen = random_mod.make_generator(plan.devices[i].torch_device,
+                                                random_mod.device_seed(base, i))
+                modes[i] = mode = random_mod.DeviceRandomness(gen)
+                with mode:
+                    return run(i, frame)
 
-        return self._on_devices(work)
+        results = self._on_devices(work)
+        if random is None:
+            plan.random = any(m.used for m in modes)
+        elif check and not torch.equal(before, torch.default_generator.get_state()):
+            plan.random = True
+            warnings.warn(
+                f"{plan.name} drew random numbers from torch's global generator although its "
+                f"first call did not; those draws were not reproducible per device. Later "
+                f"calls give each device its own generator.", RuntimeWarning, stacklevel=4)
+        return results
 
     def _blocked(self, flat: list, record: bool, frame, name) -> Any:
         """Runs ``block`` shards on one device as a named vmap (more shards than devices)."""
@@ -647,14 +678,106 @@ class _Call:
         self.out_tensor_pos = tensor_pos
         return tuple(outs[j] for j in tensor_pos)
 
-    def backward(self, cts: Sequence[torch.Tensor], needs: Sequence[bool]) -> list:
+    def backward(self, cts: Sequence[torch.Tensor], needs: Sequence[bool],
+                 inputs: Sequence[torch.Tensor]) -> list:
+        if _saved_graphs_suffice(cts):
+            return self._backward_saved(cts, needs)
+        return self._backward_recompute(cts, needs, inputs)
+
+    def _backward_recompute(self, cts, needs, inputs) -> list:
+        """The VJP as a pmap of ``torch.func.vjp``: differentiable and batchable.
+
+        Used when the gradient must itself be differentiated (``create_graph=True``,
+        ``torch.func.vjp`` under another transform, grad of grad) or batched (vmap of
+        grad); costs one more forward pass than the saved-graph path.
+        """
         plan = self.plan
-        lvl = _functorch.maybe_current_level()
-        if not ((lvl is None and not torch.is_grad_enabled()) or lvl == 1):
-            raise NotImplementedError(
-                f"{plan.name}: higher-order gradients through pmap (grad of grad, or "
-                f"create_graph=True, or vmap over grad of pmap) are not supported yet; take "
-                f"the higher-order derivative inside the pmapped function instead.")
+        nleaves = len(self.leaves)
+        leaves = list(self.leaves)
+        for pos, t in zip(self.tensor_pos, inputs):
+            leaves[pos] = t
+        want = [p for i, p in enumerate(self.tensor_pos) if needs[i]]
+        if not want:
+            return [None] * len(self.tensor_pos)
+        n = plan.size
+        ct_leaves, ct_axes = [], []
+        for j, ct in zip(self.out_tensor_pos, cts):
+            o = self.out_norm[j]
+            if o is None:  # the value returned was device 0's
+                ct = torch.stack([ct] + [torch.zeros_like(ct)] * (n - 1))
+                o = 0
+            ct_leaves.append(ct)
+            ct_axes.append(o)
+        treedef, statics, fun = plan.treedef, self.statics, self.fun
+        out_pos = self.out_tensor_pos
+
+        def vjp_flat(*flat: Any) -> tuple:
+            prim, cotangents = list(flat[:nleaves]), flat[nleaves:]
+
+            def of_wanted(*wanted: Any) -> tuple:
+                full = list(prim)
+                for p, w in zip(want, wanted):
+                    full[p] = w
+                args, kwargs = tree_util.tree_unflatten(full, treedef)
+                if statics:
+                    args = _merge_statics(args, statics)
+                outs = tree_util.tree_leaves(fun(*args, **kwargs))
+                return tuple(_to_output(outs[j], plan, j) for j in out_pos)
+
+            _, pull = torch.func.vjp(of_wanted, *[prim[p] for p in want])
+            return pull(tuple(cotangents))
+
+        grad_axes = tuple(plan.axes[p] if plan.kinds[p] != _BCAST else 0 for p in want)
+        back = pmap(vjp_flat, plan.owner._axis_name, in_axes=tuple(plan.axes) + tuple(ct_axes),
+                    out_axes=grad_axes, devices=plan.devices)
+        res = back(*leaves, *ct_leaves)
+        by_leaf = {}
+        for p, r in zip(want, res):
+            r = r.to_tensor() if isinstance(r, ShardedValue) else r
+            by_leaf[p] = r.sum(0) if plan.kinds[p] == _BCAST else r
+        return [by_leaf.get(p) if needs[i] else None for i, p in enumerate(self.tensor_pos)]
+
+    def jvp(self, inputs: Sequence[torch.Tensor], tangents: Sequence[Any]) -> tuple:
+        """Forward-mode derivative: a pmap of ``torch.func.jvp`` (one more forward pass)."""
+        plan = self.plan
+        nleaves = len(self.leaves)
+        leaves = list(self.leaves)
+        for pos, t in zip(self.tensor_pos, inputs):
+            leaves[pos] = t
+        live = [(p, t) for p, t in zip(self.tensor_pos, tangents) if t is not None]
+        live_pos = [p for p, _ in live]
+        treedef, statics, fun = plan.treedef, self.statics, self.fun
+        out_pos = self.out_tensor_pos
+
+        def jvp_flat(*flat: Any) -> tuple:
+            prim, tans = list(flat[:nleaves]), flat[nleaves:]
+
+            def of_live(*vals: Any) -> tuple:
+                full = list(prim)
+                for p, v in zip(live_pos, vals):
+                    full[p] = v
+                args, kwargs = tree_util.tree_unflatten(full, treedef)
+                if statics:
+                    args = _merge_statics(args, statics)
+                outs = tree_util.tree_leaves(fun(*args, **kwargs))
+                return tuple(_to_output(outs[j], plan, j) for j in out_pos)
+
+            # Primals and tangents may be expanded views (stride 0), which forward AD
+            # cannot hold.
+            tans = tuple(t.contiguous() for t in tans)
+            prims = tuple(prim[p].contiguous() for p in live_pos)
+            _, out_t = torch.func.jvp(of_live, prims, tans)
+            return out_t
+
+        tan_axes = tuple(plan.axes[p] for p in live_pos)
+        out_axes = tuple(self.out_norm[j] for j in out_pos)
+        fwd = pmap(jvp_flat, plan.owner._axis_name, in_axes=tuple(plan.axes) + tan_axes,
+                   out_axes=out_axes, devices=plan.devices)
+        res = fwd(*leaves, *[t for _, t in live])
+        return tuple(r.to_tensor() if isinstance(r, ShardedValue) else r for r in res)
+
+    def _backward_saved(self, cts: Sequence[torch.Tensor], needs: Sequence[bool]) -> list:
+        plan = self.plan
         assert self.per_device is not None
         ndev, k = plan.ndev, plan.block
         ct_by_out = dict(zip(self.out_tensor_pos, cts))
@@ -716,8 +839,55 @@ class _Call:
         return grads
 
     def vmap_rule(self, info, in_dims, tensors) -> Any:
-        raise NotImplementedError(
-            f"{self.plan.name}: vmap over pmap is not supported yet; use pmap over vmap.")
+        """``vmap(pmap(f))`` runs as ``pmap(vmap(f))``: the batch moves inside the devices.
+
+        The outer vmap's axis name (if it has one) is bound inside every device, so
+        collectives over it work there too.
+        """
+        from funcdp._src.vmap import vmap as named_vmap
+
+        plan = self.plan
+        level = axes_mod.current_level() + 1
+        name = axes_mod.vmap_name_at(level)
+        leaves = list(self.leaves)
+        bdims: list[int | None] = [None] * len(leaves)
+        for pos, t, d in zip(self.tensor_pos, tensors, in_dims):
+            leaves[pos] = t
+            bdims[pos] = d
+        pmap_axes: list[int | None] = []
+        inner_dims: list[int | None] = []
+        for a, d in zip(plan.axes, bdims):
+            if a is None or d is None:
+                pmap_axes.append(a)
+                inner_dims.append(d)
+                continue
+            phys = a if a < d else a + 1  # the pmap axis, counting the batch dimension
+            pmap_axes.append(phys)
+            inner_dims.append(d if d < phys else d - 1)
+        treedef, statics, fun = plan.treedef, self.statics, self.fun
+
+        def flat_fun(*flat: Any) -> Any:
+            args, kwargs = tree_util.tree_unflatten(list(flat), treedef)
+            if statics:
+                args = _merge_statics(args, statics)
+            return fun(*args, **kwargs)
+
+        def shift(o: Any) -> Any:
+            return o + 1 if isinstance(o, int) and o >= 0 else o
+
+        out_axes = tree_util.tree_map(shift, plan.owner._out_axes)
+        inner = named_vmap(flat_fun, in_axes=tuple(inner_dims), out_axes=0, axis_name=name,
+                           axis_size=info.batch_size, randomness=info.randomness)
+        outer = pmap(inner, plan.owner._axis_name, in_axes=tuple(pmap_axes),
+                     out_axes=out_axes, devices=plan.devices)
+        result = outer(*leaves)
+        out_leaves, out_treedef = tree_util.tree_flatten(result)
+        out_leaves = [x.to_tensor() if isinstance(x, ShardedValue) else x for x in out_leaves]
+        self.out_treedef = out_treedef
+        self.out_template = out_leaves
+        self.out_tensor_pos = [j for j, x in enumerate(out_leaves) if x is not None]
+        outs = tuple(out_leaves[j] for j in self.out_tensor_pos)
+        return outs, (0,) * len(outs)
 
 
 class _PmapFn(torch.autograd.Function):
@@ -730,14 +900,35 @@ class _PmapFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.call = inputs[0]
+        # Kept for the recompute path only; not save_for_backward, so that the saved-graph
+        # path does not check version counters it does not need.
+        ctx.inputs = inputs[1:]
 
     @staticmethod
     def backward(ctx, *cts):
-        return (None, *ctx.call.backward(cts, ctx.needs_input_grad[1:]))
+        return (None, *ctx.call.backward(cts, ctx.needs_input_grad[1:], ctx.inputs))
+
+    @staticmethod
+    def jvp(ctx, _call_tangent, *tangents):
+        return ctx.call.jvp(ctx.inputs, tangents)
 
     @staticmethod
     def vmap(info, in_dims, call: _Call, *tensors):
         return call.vmap_rule(info, in_dims[1:], tensors)
+
+
+def _saved_graphs_suffice(cts: Sequence[torch.Tensor]) -> bool:
+    """Whether the per-device graphs recorded in forward can give the gradient.
+
+    They give plain, first-order gradients: right for ``.backward()`` and for a single
+    ``torch.func.grad``; not when the gradient must be differentiable (grad mode on in
+    plain autograd means ``create_graph=True``) or when other transforms are active.
+    """
+    if any(_functorch.is_functorch_wrapped_tensor(c) for c in cts):
+        return False
+    if _functorch.maybe_current_level() is None:
+        return not torch.is_grad_enabled()
+    return len(pyfunctorch.retrieve_all_functorch_interpreters()) == 1
 
 
 def _track(x: Any) -> Any:
@@ -770,6 +961,8 @@ def _place(parts: Sequence[torch.Tensor], devices: list[Device]) -> Sequence[tor
 def _to_output(x: Any, plan: _Plan, i: int) -> Any:
     if isinstance(x, torch.Tensor) or x is None:
         return x
+    if isinstance(x, ShardedValue):  # the output of a nested pmap
+        return x.to_tensor()
     if isinstance(x, (bool, int, float, complex, np.ndarray, np.generic)):
         return torch.as_tensor(x)
     raise TypeError(f"{plan.name}: output leaf {i} is a {type(x).__name__}; pmapped functions "

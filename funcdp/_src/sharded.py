@@ -175,6 +175,13 @@ class ShardedValue:
         arr = self.numpy()
         return arr if dtype is None else arr.astype(dtype)
 
+    def __dlpack__(self, *args: Any, **kwargs: Any) -> Any:
+        # Lets torch.as_tensor / torch.tensor / np.from_dlpack take a ShardedValue.
+        return self.to_tensor().detach().__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self) -> Any:
+        return self.to_tensor().__dlpack_device__()
+
     def tolist(self) -> Any:
         return self.to_tensor().tolist()
 
@@ -215,9 +222,10 @@ class ShardedValue:
         )
         return func(*args, **kwargs)
 
-    def __reduce__(self):
-        # Pickling (torch.save) stores the gathered tensor: devices are not portable.
-        return (torch.as_tensor, (self.to_tensor().detach().cpu(),))
+    def __reduce_ex__(self, protocol: Any):
+        # Pickling (torch.save) stores the gathered tensor: devices are not portable, and a
+        # plain tensor loads anywhere, with weights_only=True too.
+        return self.to_tensor().detach().__reduce_ex__(protocol)
 
     __hash__ = None  # type: ignore[assignment]
 

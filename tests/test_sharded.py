@@ -1,0 +1,107 @@
+"""ShardedValue, replicate/unreplicate, shard/unshard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_trees_close
+
+import funcdp
+
+
+def make(n=4, axis=0):
+    x = torch.arange(float(n * 3)).reshape(n, 3)
+    return funcdp.pmap(lambda v: v * 1, out_axes=axis)(x), x
+
+
+def test_structure_and_cheap_shard_access():
+    out, x = make()
+    assert isinstance(out, funcdp.ShardedValue)
+    assert out.shape == (4, 3) and out.ndim == 2 and out.dtype == torch.float32
+    assert len(out) == 4 and out.axis == 0 and out.block == 1
+    assert out.devices == tuple(funcdp.local_devices()[:4])
+    assert out[2] is out.shards[2]
+    assert_trees_close(out[1:3], x[1:3])
+    assert_trees_close(list(out), list(x))
+
+
+def test_conversions():
+    out, x = make()
+    assert np.array_equal(np.asarray(out), x.numpy())
+    assert_trees_close(out.to_tensor(), x)
+    assert out.to_tensor() is out.to_tensor()  # gathered once
+    assert out.tolist() == x.tolist()
+    assert_trees_close(out.to("cpu", torch.float64), x.double())
+    scalar = funcdp.pmap(lambda v: v.sum(), out_axes=0)(torch.ones(1, 2))
+    assert float(scalar) == 2.0 and int(scalar) == 2
+    assert "ShardedValue(tensor(" in repr(out) and "CpuDevice(id=0)" in repr(out)
+
+
+def test_behaves_like_a_tensor_in_torch_code():
+    out, x = make()
+    assert_trees_close(out + 1, x + 1)
+    assert_trees_close(2 * out, 2 * x)
+    assert_trees_close(torch.mean(out), x.mean())
+    assert_trees_close(out.sum(1), x.sum(1))
+    assert_trees_close(-out, -x)
+    assert bool((out == x).all())
+
+
+def test_other_out_axis_and_blocks():
+    out, x = make(axis=1)
+    assert out.shape == (3, 4) and out.axis == 1
+    assert_trees_close(out, x.T)
+    assert_trees_close(out.shard(2), x[2])
+    blk = funcdp.pmap(lambda v: v * 1, devices=funcdp.local_devices()[:2])(x)
+    assert blk.block == 2 and blk.shape == (4, 3)
+    assert_trees_close(blk[3], x[3])
+    assert_trees_close(blk, x)
+
+
+def test_pickles_as_the_gathered_tensor():
+    import io
+
+    out, x = make()
+    buf = io.BytesIO()
+    torch.save({"v": out}, buf)
+    buf.seek(0)
+    assert_trees_close(torch.load(buf)["v"], x)
+
+
+def test_replicate_and_unreplicate():
+    tree = {"w": torch.randn(3, 2), "b": [torch.zeros(2)], "n": 3}
+    rep = funcdp.replicate(tree)
+    assert rep["w"].shape == (8, 3, 2)
+    assert all(s.data_ptr() == tree["w"].data_ptr() for s in rep["w"].shards)
+    back = funcdp.unreplicate(rep)
+    assert back["w"] is tree["w"]
+    assert_trees_close(back["n"], torch.tensor(3))
+    rep2 = funcdp.replicate(tree, devices=funcdp.local_devices()[:2])
+    assert rep2["b"][0].shape == (2, 2)
+    assert_trees_close(funcdp.unreplicate(torch.ones(4, 2)), torch.ones(2))
+
+
+def test_shard_and_unshard():
+    x = {"a": torch.arange(16.0).reshape(8, 2), "b": torch.arange(8)}
+    s = funcdp.shard(x)
+    assert s["a"].shape == (8, 1, 2) and s["b"].shape == (8, 1)
+    s4 = funcdp.shard(x, num_devices=4)
+    assert s4["a"].shape == (4, 2, 2)
+    assert_trees_close(funcdp.unshard(s4), x)
+    out = funcdp.pmap(lambda v: v + 1)(funcdp.shard(torch.arange(8.0), num_devices=4))
+    assert_trees_close(funcdp.unshard(out), torch.arange(8.0) + 1)
+
+
+def test_shard_errors():
+    with pytest.raises(ValueError, match=r"tree\['a'\] has leading \(batch\) dimension 10, "
+                                         r"which is not divisible by the 4 devices"):
+        funcdp.shard({"a": torch.ones(10)}, num_devices=4)
+    with pytest.raises(ValueError, match="is a scalar"):
+        funcdp.shard(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="`num_devices` must be a positive int"):
+        funcdp.shard(torch.ones(4), num_devices=0)
+    with pytest.raises(ValueError, match=r"expected \[devices, batch, \.\.\.\]"):
+        funcdp.unshard(torch.ones(4))
+    with pytest.raises(ValueError, match="`devices` is empty"):
+        funcdp.replicate(torch.ones(2), devices=[])

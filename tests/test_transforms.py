@@ -1,0 +1,232 @@
+"""Composition: pmap, named vmap, grad, vjp, nested pmap and more shards than devices agree."""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_trees_close
+from hypothesis import given
+from torch.func import grad, vjp
+
+import funcdp
+
+
+def g(v):
+    """Collectives over two named axes, 'i' (outer) and 'j' (inner)."""
+    return (v * funcdp.psum(v, "j") + funcdp.pmax(v, "i")
+            - funcdp.all_gather(v, ("i", "j")).mean(0)
+            + funcdp.axis_index(("i", "j")).to(v.dtype)
+            + funcdp.ppermute(v, ("i", "j"), _ring(funcdp.axis_size(("i", "j")))))
+
+
+def _ring(n):
+    return [(k, (k + 1) % n) for k in range(n)]
+
+
+def g_ref(X):
+    n1, n2 = X.shape[:2]
+    flat = X.reshape(n1 * n2, *X.shape[2:])
+    idx = torch.arange(n1 * n2, dtype=X.dtype).reshape(n1, n2, *([1] * (X.ndim - 2)))
+    rolled = torch.roll(flat, 1, 0).reshape(X.shape)
+    return (X * X.sum(1, keepdim=True) + X.amax(0, keepdim=True) - flat.mean(0) + idx
+            + rolled)
+
+
+def compositions(n1, n2):
+    devs = funcdp.local_devices()
+    inner_p = funcdp.pmap(g, axis_name="j")
+    return {
+        "nested pmap": funcdp.pmap(lambda v: inner_p(v), axis_name="i"),
+        "pmap(vmap)": funcdp.pmap(funcdp.vmap(g, axis_name="j"), axis_name="i"),
+        "vmap(pmap)": funcdp.vmap(funcdp.pmap(g, axis_name="j"), axis_name="i"),
+        "vmap(vmap)": funcdp.vmap(funcdp.vmap(g, axis_name="j"), axis_name="i"),
+        "pmap(vmap) on one device": funcdp.pmap(funcdp.vmap(g, axis_name="j"), axis_name="i",
+                                               devices=devs[:1]),
+        "vmap(pmap) over fewer devices": funcdp.vmap(
+            funcdp.pmap(g, axis_name="j", devices=devs[:1]), axis_name="i"),
+    }
+
+
+@st.composite
+def grid(draw):
+    n1 = draw(st.integers(1, 2))
+    n2 = draw(st.sampled_from([1, 2, 4]))
+    rest = tuple(draw(st.integers(1, 2)) for _ in range(draw(st.integers(0, 2))))
+    x = torch.randint(-6, 7, (n1, n2) + rest, generator=torch.Generator().manual_seed(
+        draw(st.integers(0, 1000)))).double() / 2
+    return x
+
+
+@given(grid())
+def test_all_compositions_agree_with_the_loop_reference(x):
+    expected = g_ref(x)
+    for name, fn in compositions(*x.shape[:2]).items():
+        assert_trees_close(torch.as_tensor(fn(x)), expected), name
+
+
+@given(grid())
+def test_gradients_agree_for_every_composition_order(x):
+    w = torch.randn(x.shape, dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    want = torch.autograd.grad((g_ref(xr) * w).sum(), xr)[0]
+    for name, fn in compositions(*x.shape[:2]).items():
+        got = grad(lambda t, fn=fn: (torch.as_tensor(fn(t)) * w).sum())(x)
+        assert_trees_close(got, want), name
+
+
+def test_vjp_and_backward_through_pmap():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(3, dtype=torch.float64)
+    f = funcdp.pmap(lambda x, w: torch.sin(x * w) + funcdp.pmean(x, "i"), axis_name="i",
+                    in_axes=(0, None))
+
+    def ref(x, w):
+        return torch.sin(x * w) + x.mean(0)
+
+    ct = torch.randn(4, 3, dtype=torch.float64)
+    out, pull = vjp(f, x, w)
+    gx, gw = pull(ct)
+    rout, rpull = vjp(ref, x, w)
+    rgx, rgw = rpull(ct)
+    assert_trees_close(out, rout)
+    assert_trees_close((gx, gw), (rgx, rgw))
+    # An unmapped input receives the sum of its per-device gradients.
+    xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (f(xx, ww) * ct).sum().backward()
+    assert_trees_close((xx.grad, ww.grad), (rgx, rgw))
+
+
+def test_pmap_outputs_under_autograd_behave_as_tensors():
+    w = torch.randn(3, dtype=torch.float64)
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+    f = funcdp.pmap(lambda x, w: (x @ w).pow(2).mean(), in_axes=(0, None))
+    got = grad(lambda w: f(x, w).sum())(w)
+    want = grad(lambda w: (x @ w).pow(2).mean(1).sum())(w)
+    assert_trees_close(got, want)
+    out = f(x, w.clone().requires_grad_())
+    assert isinstance(out, torch.Tensor) and out.requires_grad
+    assert out[1].shape == ()
+
+
+def test_per_example_gradients_with_clipping_dp_sgd_pattern():
+    torch.manual_seed(2)
+    w = torch.randn(4, dtype=torch.float64)
+    x = torch.randn(4, 6, 4, dtype=torch.float64)
+    y = torch.randn(4, 6, dtype=torch.float64)
+    clip = 0.5
+
+    def loss(w, xi, yi):
+        return (torch.tanh(xi @ w) - yi) ** 2
+
+    def clipped_mean(w, x, y):
+        per = torch.func.vmap(grad(loss), in_dims=(None, 0, 0))(w, x, y)
+        norms = per.norm(dim=1, keepdim=True)
+        return (per * torch.clamp(clip / norms, max=1.0)).mean(0)
+
+    step = funcdp.pmap(lambda w, x, y: funcdp.pmean(clipped_mean(w, x, y), "i"),
+                       axis_name="i", in_axes=(None, 0, 0), out_axes=None)
+    got = step(w, x, y)
+    want = clipped_mean(w, x.reshape(24, 4), y.reshape(24))
+    assert_trees_close(got, want)
+
+
+def test_mixed_named_axes_pmap_axis_and_vmap_axis():
+    x = torch.arange(24.0).reshape(4, 3, 2)
+    f = funcdp.pmap(funcdp.vmap(lambda v: funcdp.psum(v, ("i", "j")), axis_name="j"),
+                    axis_name="i")
+    assert_trees_close(f(x), x.sum((0, 1)).expand(4, 3, 2))
+
+
+def test_dropout_differs_across_devices_and_is_reproducible():
+    f = funcdp.pmap(lambda x: F.dropout(x, 0.5))
+    x = torch.ones(4, 64)
+    torch.manual_seed(7)
+    a = f(x).to_tensor()
+    torch.manual_seed(7)
+    b = f(x).to_tensor()
+    assert torch.equal(a, b)
+    assert len({tuple(row.tolist()) for row in a}) == 4
+    assert set(a.unique().tolist()) <= {0.0, 2.0}
+    c = f(x).to_tensor()
+    assert not torch.equal(a, c)
+
+
+def test_every_random_function_is_per_device():
+    def draws(x):
+        return (torch.rand(3), torch.randn(3), torch.randint(0, 100, (3,)),
+                torch.empty(3).uniform_(), torch.bernoulli(torch.full((3,), 0.5)),
+                F.dropout2d(torch.ones(1, 4, 2, 2), 0.5), torch.nn.Dropout(0.5)(torch.ones(3)))
+
+    f = funcdp.pmap(draws)
+    torch.manual_seed(1)
+    first = f(torch.zeros(2))
+    torch.manual_seed(1)
+    second = f(torch.zeros(2))
+    for a, b in zip(first, second):
+        assert torch.equal(a.to_tensor(), b.to_tensor())
+    for a in first[:5]:
+        t = a.to_tensor()
+        assert not torch.equal(t[0], t[1])
+    # dropout2d drops whole channels
+    ch = first[5].to_tensor()
+    assert torch.all((ch == ch[..., :1, :1]))
+
+
+def test_randomness_in_named_vmap():
+    with pytest.raises(RuntimeError, match="randomness"):
+        funcdp.vmap(lambda x: F.dropout(x, 0.5))(torch.ones(3, 4))
+    out = funcdp.vmap(lambda x: torch.rand(()), randomness="different")(torch.ones(5))
+    assert len(set(out.tolist())) == 5
+    out = funcdp.vmap(lambda x: torch.rand(()), randomness="same")(torch.ones(5))
+    assert len(set(out.tolist())) == 1
+    with pytest.raises(ValueError, match="`randomness` must be one of"):
+        funcdp.vmap(lambda x: x, randomness="sometimes")
+
+
+def test_named_vmap_errors():
+    with pytest.raises(ValueError, match=r"different sizes along their mapped axes:\n"
+                                         r"  - args\[0\]: size 2\n  - args\[1\]: size 3"):
+        funcdp.vmap(lambda a, b: a)(torch.ones(2), torch.ones(3))
+    with pytest.raises(ValueError, match="no argument is mapped"):
+        funcdp.vmap(lambda a: a, in_axes=None)(torch.ones(2))
+    out = funcdp.vmap(lambda a: a + funcdp.axis_index("k"), in_axes=None, axis_size=3,
+                      axis_name="k")(torch.zeros(()))
+    assert out.tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(TypeError, match="single name"):
+        funcdp.vmap(lambda a: a, axis_name=("a", "b"))
+
+
+def test_higher_order_gradients_through_pmap():
+    torch.manual_seed(4)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    f = funcdp.pmap(lambda x: torch.sin(x) * funcdp.psum(x, "i"), axis_name="i")
+
+    def ref(x):
+        return torch.sin(x) * x.sum(0)
+
+    # grad of grad
+    got = grad(lambda t: grad(lambda u: f(u).sum())(t).pow(2).sum())(x)
+    want = grad(lambda t: grad(lambda u: ref(u).sum())(t).pow(2).sum())(x)
+    assert_trees_close(got, want)
+    # create_graph=True in plain autograd
+    xr = x.clone().requires_grad_()
+    (g1,) = torch.autograd.grad(f(xr).sum(), xr, create_graph=True)
+    (g2,) = torch.autograd.grad(g1.pow(2).sum(), xr)
+    assert_trees_close(g2, want)
+    # vmap over grad of pmap (a batch of cotangents)
+    cts = torch.randn(5, 4, 3, dtype=torch.float64)
+    got = torch.func.vmap(lambda c: vjp(f, x)[1](c)[0])(cts)
+    want = torch.func.vmap(lambda c: vjp(ref, x)[1](c)[0])(cts)
+    assert_trees_close(got, want)
+
+
+def test_jacobians_through_pmap():
+    x = torch.randn(2, 3, dtype=torch.float64)
+    f = funcdp.pmap(lambda v: v * funcdp.pmean(v, "i"), axis_name="i")
+    ref = lambda v: v * v.mean(0)  # noqa: E731
+    assert_trees_close(torch.func.jacrev(f)(x), torch.func.jacrev(ref)(x))
+    assert_trees_close(torch.func.hessian(lambda v: f(v).sum())(x),
+                       torch.func.hessian(lambda v: ref(v).sum())(x))
