@@ -5,6 +5,10 @@ every device, each on its slice of the batch, and collectives such as
 :func:`funcdp.pmean` make the communication explicit.
 """
 
+from funcdp import nn as nn
+from funcdp import optim as optim
+from funcdp._src.checkpoint import load_checkpoint as load_checkpoint
+from funcdp._src.checkpoint import save_checkpoint as save_checkpoint
 from funcdp._src.collectives import all_gather as all_gather
 from funcdp._src.collectives import all_to_all as all_to_all
 from funcdp._src.collectives import axis_index as axis_index
@@ -32,6 +36,7 @@ from funcdp._src.sharded import replicate as replicate
 from funcdp._src.sharded import shard as shard
 from funcdp._src.sharded import unreplicate as unreplicate
 from funcdp._src.sharded import unshard as unshard
+from funcdp._src.train import value_and_grad as value_and_grad
 from funcdp._src.vmap import vmap as vmap
 
 __version__ = "0.1.0"
@@ -48,6 +53,7 @@ __all__ = [
     "device_count",
     "devices",
     "local_device_count",
+    "load_checkpoint",
     "local_devices",
     "pbroadcast",
     "pmap",
@@ -61,8 +67,10 @@ __all__ = [
     "psum",
     "psum_scatter",
     "replicate",
+    "save_checkpoint",
     "shard",
     "unreplicate",
     "unshard",
+    "value_and_grad",
     "vmap",
 ]

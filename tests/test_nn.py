@@ -1,0 +1,200 @@
+"""Modules as pure functions, sync BatchNorm, the train-step helper and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import assert_trees_close
+from torch import nn
+from torch.func import grad
+
+import funcdp
+from funcdp import optim
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 5 * 5, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                         nn.Linear(8, 3)).double()
+
+
+def test_apply_is_pure_and_matches_the_module():
+    m = bn_model()
+    fm = funcdp.nn.functional(m)
+    x = torch.randn(6, 2, 5, 5, dtype=torch.float64)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    out, new_buffers = fm.apply(fm.params, fm.buffers, x, train=True)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    ref = bn_model()
+    assert_trees_close(out, ref.train()(x))
+    assert_trees_close(new_buffers, dict(ref.named_buffers()))
+    out_eval, same = fm.apply(fm.params, fm.buffers, x, train=False)
+    assert_trees_close(out_eval, bn_model().eval()(x))
+    assert_trees_close(same, fm.buffers)
+
+
+def test_apply_is_thread_safe_under_pmap():
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).double()
+    fm = funcdp.nn.functional(m)
+    params = [{k: v + 0.01 * i for k, v in fm.params.items()} for i in range(8)]
+    stacked = {k: torch.stack([p[k] for p in params]) for k in fm.params}
+    x = torch.randn(8, 64, 16, dtype=torch.float64)
+    for _ in range(3):
+        out = funcdp.pmap(lambda p, x: fm.apply(p, {}, x)[0])(stacked, x)
+        for i in range(8):
+            assert_trees_close(out[i], torch.func.functional_call(m, params[i], (x[i],)))
+
+
+def test_sync_batchnorm_data_parallel_matches_full_batch_training():
+    """Outputs, gradients and running statistics over 4 devices equal one device."""
+    torch.manual_seed(2)
+    x = torch.randn(4, 6, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 3, (4, 6))
+    opt = optim.sgd(0.1, momentum=0.9)
+
+    synced = funcdp.nn.functional(bn_model(), sync_batchnorm="batch")
+    plain = funcdp.nn.functional(bn_model())
+
+    def loss(fm, p, b, x, y):
+        out, nb = fm.apply(p, b, x, train=True)
+        return nn.functional.cross_entropy(out, y), (out, nb)
+
+    @funcdp.pmap(axis_name="batch", in_axes=(None, None, None, 0, 0),
+                 out_axes=(None, None, None, None, 0))
+    def step(p, b, s, x, y):
+        (l, (out, nb)), g = funcdp.value_and_grad(
+            lambda p: loss(synced, p, b, x, y), "batch", has_aux=True)(p)
+        u, s = opt.update(g, s, p)
+        return optim.apply_updates(p, u), nb, s, l, out
+
+    p, b, s = synced.params, synced.buffers, opt.init(synced.params)
+    rp, rb, rs = plain.params, plain.buffers, opt.init(plain.params)
+    for _ in range(3):
+        p, b, s, l, out = step(p, b, s, x, y)
+        g, (rl, (rout, rb)) = torch.func.grad_and_value(
+            lambda q: loss(plain, q, rb, x.reshape(24, 2, 5, 5), y.reshape(24)),
+            has_aux=True)(rp)
+        u, rs = opt.update(g, rs, rp)
+        rp = optim.apply_updates(rp, u)
+        assert_trees_close(out.to_tensor().reshape(24, 3), rout)
+        assert_trees_close(l, rl)
+        assert_trees_close(p, rp, rtol=1e-10, atol=1e-12)
+        assert_trees_close(b, rb, rtol=1e-10, atol=1e-12)
+
+
+def test_sync_batchnorm_over_blocks_and_vmap():
+    torch.manual_seed(3)
+    bn = funcdp.nn.SyncBatchNorm(3, axis_name="i").double()
+    ref = nn.BatchNorm1d(3).double()
+    x = torch.randn(8, 5, 3, dtype=torch.float64)
+    fm = funcdp.nn.functional(bn)
+    out = funcdp.pmap(lambda x: fm.apply(fm.params, fm.buffers, x, train=True),
+                      axis_name="i", devices=funcdp.local_devices()[:2],
+                      out_axes=(0, None))(x)
+    assert_trees_close(out[0].to_tensor().reshape(40, 3), ref.train()(x.reshape(40, 3)))
+    assert_trees_close(out[1], dict(ref.named_buffers()))
+
+
+def test_value_and_grad_averages_and_the_trap_does_not():
+    torch.manual_seed(4)
+    w = torch.randn(3, dtype=torch.float64)
+    x = torch.randn(4, 5, 3, dtype=torch.float64)
+
+    def loss(w, x):
+        return torch.sin(x @ w).sum() / 5
+
+    good = funcdp.pmap(lambda w, x: funcdp.value_and_grad(loss, "i")(w, x),
+                       axis_name="i", in_axes=(None, 0), out_axes=None)(w, x)
+    full = torch.func.grad_and_value(lambda w: loss(w, x.reshape(20, 3)) / 4)(w)
+    assert_trees_close(good, (full[1], full[0]))
+    trap = funcdp.pmap(lambda w, x: grad(lambda w: funcdp.pmean(loss(w, x), "i"))(w),
+                       axis_name="i", in_axes=(None, 0))(w, x)
+    for i in range(4):
+        assert_trees_close(trap[i], grad(loss)(w, x[i]))
+
+
+def test_state_dict_round_trip_and_module_prefix():
+    m = bn_model()
+    fm = funcdp.nn.functional(m)
+    sd = fm.state_dict(funcdp.replicate(fm.params), fm.buffers)
+    fresh = bn_model()
+    fresh.load_state_dict(sd)
+    dp_style = {f"module.{k}": v for k, v in m.state_dict().items()}
+    p, b = fm.load_state_dict(dp_style)
+    assert_trees_close(p, fm.params)
+    assert_trees_close(b, fm.buffers)
+    with pytest.raises(KeyError, match="missing keys"):
+        fm.load_state_dict({"0.weight": torch.zeros(1)})
+
+
+def test_checkpoint_round_trip_across_device_counts(tmp_path):
+    torch.manual_seed(5)
+    fm = funcdp.nn.functional(nn.Linear(4, 2).double())
+    opt = optim.adam(1e-2)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    y = torch.randn(8, 2, dtype=torch.float64)
+
+    def make_step(devs):
+        @funcdp.pmap(axis_name="d", in_axes=(0, 0, None, None), out_axes=(None, None),
+                     devices=devs)
+        def step(p, s, x, y):
+            def loss(p):
+                return ((fm.apply(p, {}, x)[0] - y) ** 2).mean()
+            _, g = funcdp.value_and_grad(loss, "d")(p)
+            u, s = opt.update(g, s, p)
+            return optim.apply_updates(p, u), s
+        return step
+
+    devs4 = funcdp.local_devices()[:4]
+    p = funcdp.replicate(fm.params, devs4)
+    s = funcdp.replicate(opt.init(fm.params), devs4)
+    p, s = make_step(devs4)(p, s, x, y)
+    path = tmp_path / "state.pt"
+    funcdp.save_checkpoint(path, {"params": funcdp.replicate(p, devs4),
+                                  "opt": funcdp.replicate(s, devs4), "step": 1})
+    ref_p, ref_s = make_step(devs4)(funcdp.replicate(p, devs4), funcdp.replicate(s, devs4),
+                                    x, y)
+    for n in (2, 1):
+        devs = funcdp.local_devices()[:n]
+        state = funcdp.load_checkpoint(path, replicate_to=devs)
+        assert state["step"] == 1 and state["params"]["weight"].shape[0] == n
+        p2, s2 = make_step(devs)(state["params"], state["opt"], x, y)
+        assert_trees_close((p2, s2), (ref_p, ref_s), exact=True)
+    plain = funcdp.load_checkpoint(path)
+    module = nn.Linear(4, 2).double()
+    module.load_state_dict(fm.state_dict(plain["params"], {}))
+    assert_trees_close(dict(module.named_parameters()), p)
+
+
+def test_checkpoint_loads_in_a_process_with_another_device_count(tmp_path):
+    path = tmp_path / "c.pt"
+    funcdp.save_checkpoint(path, {"w": funcdp.replicate(torch.arange(3.0)),
+                                  "s": funcdp.pmap(lambda v: v * 2)(torch.arange(8.0))})
+    code = (f"import funcdp; s = funcdp.load_checkpoint({str(path)!r}, "
+            f"replicate_to=funcdp.local_devices()); print(s['w'].shape, s['s'].tolist())")
+    env = {**os.environ, "FUNCDP_NUM_CPU_DEVICES": "2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["torch.Size([2,", "3])", "[0.0,", "2.0,", "4.0,", "6.0,",
+                                  "8.0,", "10.0,", "12.0,", "14.0]"]
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(TypeError, match="cannot save a leaf of type object"):
+        funcdp.save_checkpoint(tmp_path / "x.pt", {"a": object()})
+    torch.save({"a": 1}, tmp_path / "y.pt")
+    with pytest.raises(ValueError, match="is not a funcdp checkpoint"):
+        funcdp.load_checkpoint(tmp_path / "y.pt")
+
+
+def test_functional_errors():
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        funcdp.nn.functional(lambda x: x)
