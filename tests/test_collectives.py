@@ -442,7 +442,8 @@ def test_error_device_finishes_while_others_wait_is_fast():
     msg = str(info.value)
     assert "already finished" in msg
     assert "device 3 (CpuDevice(id=3)) finished the function" in msg
-    assert "device 0 (CpuDevice(id=0)) is waiting in psum(axis_name='i')" in msg
+    # Which of the others have reached the psum when the error fires depends on timing.
+    assert "is waiting in psum(axis_name='i')" in msg
 
 
 def test_error_deadlock_between_different_groups_is_detected():

@@ -24,6 +24,7 @@ component (``ppermute`` over a pmap axis *and* a vmap axis, say) are built from
 from __future__ import annotations
 
 import numbers
+import threading
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -142,9 +143,11 @@ def _comp_rule(spec: Spec, pos: int, x: torch.Tensor, batched: bool, lead: int):
             else:
                 per_group = [x * len(g) if op == "psum" else x for g in spec.groups]
             return torch.stack([per_group[member_of[j]] for j in range(k)]), True
-        if batched:
-            return red(x), False
-        return (x * k if op == "psum" else x), False
+        out = red(x) if batched else (x * k if op == "psum" else x)
+        scale = _scale_of(spec)
+        if scale is not None and len(spec.done) + 1 == len(spec.comps):
+            out = out * scale  # the last component of a pmean
+        return out, False
     if op == "gather":
         axis, present = spec.params
         q = lead + axis + sum(1 for p in present if p < pos)
@@ -277,8 +280,8 @@ def _device_collective(spec: Spec, dev_pos: list[int], leaves: list[torch.Tensor
     if (op in ("psum", "pmax", "pmin") and numel >= _PARALLEL_MIN_NUMEL
             and leaves[0].device.type == "cpu"
             and all(x.is_contiguous() for x in leaves)):
-        compute = _alloc_like
-        chunked = _chunked_reduce(op)
+        compute = _reduction_outputs_of_first
+        chunked = _chunked_reduce(op, _scale_of(spec))
     else:
         def compute(items):
             return _compute(spec, dev_pos, items, size)
@@ -303,12 +306,69 @@ def _param_desc(spec: Spec) -> str:
     return spec.label
 
 
-def _alloc_like(items):
-    first = items[0]
-    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in first]
+class _BufferPool:
+    """Reuses the CPU output buffers of reductions once nothing refers to them any more.
+
+    A fresh multi-megabyte buffer per collective costs page faults on every call (the
+    allocator returns large blocks to the OS and maps them again), which on a gradient
+    all-reduce can cost more than the reduction itself. A pooled buffer is handed out
+    again only when its storage has no other user (no live result, view or autograd
+    reference), so reuse is never visible.
+    """
+
+    _PER_KEY = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._enabled = hasattr(torch._C, "_storage_Use_Count")
+
+    def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        if not self._enabled or numel < _POOL_MIN_NUMEL:
+            return torch.empty(numel, dtype=dtype)
+        key = (numel, dtype)
+        with self._lock:
+            bufs = self._free.setdefault(key, [])
+            for buf in bufs:
+                # The pool's tensor and the temporary storage object: nobody else.
+                if torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2:
+                    return buf
+            buf = torch.empty(numel, dtype=dtype)
+            if len(bufs) < self._PER_KEY:
+                bufs.append(buf)
+            return buf
 
 
-def _chunked_reduce(op: str):
+_pool = _BufferPool()
+_POOL_MIN_NUMEL = 1 << 14
+
+
+def _reduction_outputs(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Contiguous outputs shaped like ``leaves``: views of one flat buffer per dtype."""
+    if leaves[0].device.type != "cpu":
+        return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in leaves]
+    by_dtype: dict[torch.dtype, int] = {}
+    for x in leaves:
+        by_dtype[x.dtype] = by_dtype.get(x.dtype, 0) + x.numel()
+    flat = {dt: _pool.get(n, dt) for dt, n in by_dtype.items()}
+    offset = dict.fromkeys(by_dtype, 0)
+    outs = []
+    for x in leaves:
+        o = offset[x.dtype]
+        outs.append(flat[x.dtype][o:o + x.numel()].view(x.shape))
+        offset[x.dtype] = o + x.numel()
+    return outs
+
+
+def _reduction_outputs_of_first(items: list) -> list[torch.Tensor]:
+    return _reduction_outputs(items[0])
+
+
+def _scale_of(spec: Spec) -> float | None:
+    return spec.params[0] if spec.op == "psum" and spec.params else None
+
+
+def _chunked_reduce(op: str, scale: float | None):
     def run(items, outs, rank, size):
         total = sum(o.numel() for o in outs)
         lo = total * rank // size
@@ -320,14 +380,18 @@ def _chunked_reduce(op: str):
             if a < b:
                 dst = o.view(-1)[a - start:b - start]
                 srcs = [it[li].reshape(-1)[a - start:b - start] for it in items]
-                _fold_into(op, dst, srcs)
+                _fold_into(op, dst, srcs, scale)
             start += n
 
     return run
 
 
-def _fold_into(op: str, dst: torch.Tensor, srcs: list[torch.Tensor]) -> None:
-    if op == "psum":
+def _fold_into(op: str, dst: torch.Tensor, srcs: list[torch.Tensor],
+               scale: float | None = None) -> None:
+    """``dst = reduce(srcs)`` in one fixed order, so every participant's result agrees."""
+    if len(srcs) == 1:
+        dst.copy_(srcs[0])
+    elif op == "psum":
         torch.add(srcs[0], srcs[1], out=dst)
         for s in srcs[2:]:
             dst.add_(s)
@@ -339,18 +403,8 @@ def _fold_into(op: str, dst: torch.Tensor, srcs: list[torch.Tensor]) -> None:
         torch.minimum(srcs[0], srcs[1], out=dst)
         for s in srcs[2:]:
             torch.minimum(dst, s, out=dst)
-
-
-def _fold(op: str, xs: list[torch.Tensor]) -> torch.Tensor:
-    if len(xs) == 1:
-        return xs[0].clone()
-    out = torch.empty_like(xs[0], memory_format=torch.contiguous_format)
-    _fold_into(op, out, xs)
-    return out
-
-
-def _device_final_positions(spec: Spec, dev_pos: list[int]) -> list[int]:
-    return dev_pos  # after all comps are stacked, comp p sits at axis + p
+    if scale is not None:
+        dst.mul_(scale)
 
 
 def _compute(spec: Spec, dev_pos: list[int], items: list[list[torch.Tensor]], size: int):
@@ -359,7 +413,11 @@ def _compute(spec: Spec, dev_pos: list[int], items: list[list[torch.Tensor]], si
     nleaves = len(items[0])
     if op in ("psum", "pmax", "pmin", "scatter", "reduce_to"):
         red = "psum" if op in ("scatter", "reduce_to") else op
-        return [_fold(red, [it[li] for it in items]) for li in range(nleaves)]
+        outs = _reduction_outputs(items[0])
+        scale = _scale_of(spec)
+        for li in range(nleaves):
+            _fold_into(red, outs[li], [it[li] for it in items], scale)
+        return outs
     if op == "gather":
         axis, present = spec.params
         out = []
@@ -565,13 +623,18 @@ def _reduction(op: str, x: Any, axis_name: Any, axis_index_groups: Any, call: st
         idx.append(i)
         tensors.append(t)
     prim = "psum" if op == "pmean" else op
+    # A floating-point pmean without groups divides inside the collective, so that every
+    # device receives the one shared result (no per-device division, no extra buffers).
+    fused = op == "pmean" and groups is None and all(
+        t.is_floating_point() or t.is_complex() for t in tensors)
+    params = (1.0 / n,) if fused else ()
     if groups is not None and not _is_simple(comps):
         res = [_grouped_fallback(prim, t, comps, groups, label) for t in tensors]
     else:
-        res = _run(prim, comps, (), tensors, groups, label)
+        res = _run(prim, comps, params, tensors, groups, label)
     for j, i in enumerate(idx):
         r = res[j]
-        if op == "pmean":
+        if op == "pmean" and not fused:
             if not (r.is_floating_point() or r.is_complex()):
                 r = r.to(torch.get_default_dtype())
             if groups is None:

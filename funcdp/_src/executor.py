@@ -13,9 +13,10 @@ while a call runs: oversubscribing the cores makes everyone slower.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -175,19 +176,35 @@ class Executor:
 
     def _run_inline(self, device: Device, fn: Callable[[int], Any], threads: int,
                     depth: int) -> _Outcome:
-        old_threads = torch.get_num_threads() if threads else 0
-        if threads and old_threads != threads:
+        with self.thread_budget(threads):
+            _tls.depth = depth + 1
+            try:
+                if device.platform == "cuda":
+                    with torch.cuda.device(device.torch_device):
+                        return _run_inline_fn(fn)
+                return _run_inline_fn(fn)
+            finally:
+                _tls.depth = depth
+
+    @contextlib.contextmanager
+    def thread_budget(self, threads: int) -> Iterator[None]:
+        """Limits the calling thread's intra-op threads while devices share the cores.
+
+        pmap holds this for the whole call, result checks included: a parallel region
+        in the calling thread wakes a team of OpenMP threads that keep spinning on a core
+        for a while after it ends, stealing it from the other devices' workers.
+        """
+        if not threads:
+            yield
+            return
+        old = torch.get_num_threads()
+        if old != threads:
             torch.set_num_threads(threads)
-        _tls.depth = depth + 1
         try:
-            if device.platform == "cuda":
-                with torch.cuda.device(device.torch_device):
-                    return _run_inline_fn(fn)
-            return _run_inline_fn(fn)
+            yield
         finally:
-            _tls.depth = depth
-            if threads and old_threads != threads:
-                torch.set_num_threads(old_threads)
+            if old != threads:
+                torch.set_num_threads(old)
 
 
 def _run_inline_fn(fn: Callable[[int], Any]) -> _Outcome:

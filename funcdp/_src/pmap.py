@@ -610,6 +610,11 @@ class _Call:
 
     # -- the plain path ------------------------------------------------------------------
     def run(self) -> Any:
+        ex = executor()
+        with ex.thread_budget(ex.threads_per_device(self.plan.devices)):
+            return self._run()
+
+    def _run(self) -> Any:
         plan = self.plan
         results = self._execute(self._device_inputs(self.leaves), record=False)
         treedef = _same_structure(plan, results)
