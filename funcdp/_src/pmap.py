@@ -337,6 +337,7 @@ class _Plan:
         self.kinds = kinds
         self.out_plans: dict = {}
         self.random: bool | None = None
+        self.random_checks = 16
         self.label = f"{name} over {self.ndev} device{'s' if self.ndev > 1 else ''}"
 
     def out_axes_for(self, out_treedef) -> list:
@@ -515,11 +516,15 @@ class _Call:
         random = plan.random  # None until the first call tells whether f draws
         modes: list[Any] = [None] * plan.ndev
         # Only a top-level call can tell whether f drew from the global generator: nested
-        # calls run while other devices' threads legitimately draw too.
-        check = random is False and axes_mod.current_pmap_frame() is None
+        # calls run while other devices' threads legitimately draw too. The check costs a
+        # few microseconds, so it runs on the first calls of a plan only.
+        check = (random is False and plan.random_checks > 0
+                 and axes_mod.current_pmap_frame() is None)
+        if check:
+            plan.random_checks -= 1
         if check:
             before = torch.default_generator.get_state()
-        elif random is not False:
+        if random is not False:
             base = random_mod.draw_base()
 
         def run(i: int, frame: Any) -> Any:

@@ -1,0 +1,77 @@
+"""Shared pieces of the benchmarks: the model, the data, timing and memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+# The two workloads of the performance issue.
+WORKLOADS = {
+    "mlp": {"sizes": [784, 1024, 1024, 10], "batch": 256, "lr": 0.01},
+    "tiny": {"sizes": [32, 32, 10], "batch": 16, "lr": 0.01},
+}
+
+
+def make_model(workload: str) -> nn.Module:
+    torch.manual_seed(0)
+    sizes = WORKLOADS[workload]["sizes"]
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+def make_data(workload: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic data from a fixed seed (the same batch sequence for every peer)."""
+    w = WORKLOADS[workload]
+    g = torch.Generator().manual_seed(1000 + step % 8)
+    x = torch.randn(w["batch"], w["sizes"][0], generator=g)
+    y = torch.randint(0, w["sizes"][-1], (w["batch"],), generator=g)
+    return x, y
+
+
+def time_steps(step: Callable[[int], float], warmup: int, windows: int,
+               per_window: int) -> dict:
+    """Runs ``step(i)`` (returning the loss); median of ``windows`` timed windows."""
+    losses = []
+    i = 0
+    for _ in range(warmup):
+        losses.append(step(i))
+        i += 1
+    times = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(per_window):
+            step(i)
+            i += 1
+        times.append((time.perf_counter() - start) / per_window)
+    med = statistics.median(times)
+    return {"ms_per_step": med * 1e3, "steps_per_s": 1.0 / med,
+            "spread": (max(times) - min(times)) / med, "first_losses": losses[:3]}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def emit(result: dict) -> None:
+    """Workers print one JSON line that the runner parses."""
+    result["peak_rss_mb"] = peak_rss_mb()
+    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"warmup": 3, "windows": 2, "per_window": 2}
+    return {"warmup": int(os.environ.get("BENCH_WARMUP", 5)),
+            "windows": int(os.environ.get("BENCH_WINDOWS", 7)),
+            "per_window": int(os.environ.get("BENCH_PER_WINDOW", 10))}

@@ -1,0 +1,283 @@
+"""One benchmark configuration, run in its own process by ``benchmarks/run.py``.
+
+    python benchmarks/worker.py CONFIG WORKLOAD [--quick]
+
+Prints one ``RESULT {json}`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from common import WORKLOADS, emit, make_data, make_model, settings, time_steps  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def scaled(s: dict, workload: str) -> dict:
+    s = dict(s)
+    if workload == "tiny":
+        s["per_window"] *= 50
+        s["warmup"] *= 20
+    return s
+
+
+# ------------------------------------------------------------------ single process torch
+def torch_module(workload: str, quick: bool) -> dict:
+    model = make_model(workload)
+    opt = torch.optim.SGD(model.parameters(), lr=WORKLOADS[workload]["lr"])
+    data = [make_data(workload, i) for i in range(8)]
+
+    def step(i: int) -> float:
+        x, y = data[i % 8]
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return time_steps(step, **scaled(settings(quick), workload))
+
+
+def torch_func(workload: str, quick: bool) -> dict:
+    model = make_model(workload)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    lr = WORKLOADS[workload]["lr"]
+    data = [make_data(workload, i) for i in range(8)]
+
+    def loss_fn(p, x, y):
+        return nn.functional.cross_entropy(torch.func.functional_call(model, p, (x,)), y)
+
+    grad_and_value = torch.func.grad_and_value(loss_fn)
+    state = {"p": params}
+
+    def step(i: int) -> float:
+        x, y = data[i % 8]
+        g, loss = grad_and_value(state["p"], x, y)
+        keys = list(g)
+        new = torch._foreach_add([state["p"][k] for k in keys], [g[k] for k in keys],
+                                 alpha=-lr)
+        state["p"] = dict(zip(keys, new))
+        return loss.item()
+
+    return time_steps(step, **scaled(settings(quick), workload))
+
+
+# ------------------------------------------------------------------ funcdp
+def funcdp_pmap(workload: str, quick: bool) -> dict:
+    import funcdp
+    from funcdp import optim
+
+    n = funcdp.local_device_count()
+    net = funcdp.nn.functional(make_model(workload))
+    opt = optim.sgd(WORKLOADS[workload]["lr"])
+    data = [tuple(funcdp.shard(t, n) for t in make_data(workload, i)) for i in range(8)]
+
+    def loss_fn(p, x, y):
+        return nn.functional.cross_entropy(net.apply(p, {}, x)[0], y)
+
+    @funcdp.pmap(axis_name="batch", in_axes=(None, None, 0, 0), out_axes=None)
+    def train_step(params, opt_state, x, y):
+        loss, grads = funcdp.value_and_grad(loss_fn, "batch")(params, x, y)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optim.apply_updates(params, updates), opt_state, loss
+
+    state = {"p": net.params, "s": opt.init(net.params)}
+
+    def step(i: int) -> float:
+        x, y = data[i % 8]
+        state["p"], state["s"], loss = train_step(state["p"], state["s"], x, y)
+        return float(loss)
+
+    out = time_steps(step, **scaled(settings(quick), workload))
+    out["devices"] = n
+    return out
+
+
+def funcdp_overhead(workload: str, quick: bool) -> dict:
+    """Per-call cost of pmap on a trivial function (dispatch, no real work)."""
+    import funcdp
+
+    n = funcdp.local_device_count()
+    f = funcdp.pmap(lambda v: v + 1)
+    x = torch.zeros(n, 4)
+    s = settings(quick)
+    return time_steps(lambda i: float(f(x)[0][0]), warmup=200, windows=s["windows"],
+                      per_window=200 if quick else 2000)
+
+
+# ------------------------------------------------------------------ DDP with gloo
+def _ddp_proc(rank: int, world: int, port: int, workload: str, quick: bool, q) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    model = nn.parallel.DistributedDataParallel(make_model(workload))
+    opt = torch.optim.SGD(model.parameters(), lr=WORKLOADS[workload]["lr"])
+    per = WORKLOADS[workload]["batch"] // world
+    data = [tuple(t[rank * per:(rank + 1) * per] for t in make_data(workload, i))
+            for i in range(8)]
+
+    def step(i: int) -> float:
+        x, y = data[i % 8]
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        # The global loss, for the agreement check only (DDP itself does not need it).
+        lv = loss.detach().clone()
+        dist.all_reduce(lv)
+        return lv.item() / world
+
+    out = time_steps(step, **scaled(settings(quick), workload))
+    dist.destroy_process_group()
+    if rank == 0:
+        q.put(out)
+
+
+def ddp_gloo(workload: str, quick: bool) -> dict:
+    import torch.multiprocessing as mp
+
+    world = int(os.environ.get("BENCH_WORLD", 2))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_proc, args=(r, world, port, workload, quick, q))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    out = q.get(timeout=600)
+    for p in procs:
+        p.join(60)
+    out["processes"] = world
+    return out
+
+
+# ------------------------------------------------------------------ JAX
+def _jax_setup(workload: str):
+    import jax
+    import jax.numpy as jnp
+
+    model = make_model(workload)
+    params = [(jnp.asarray(m.weight.detach().numpy().T), jnp.asarray(m.bias.detach().numpy()))
+              for m in model if isinstance(m, nn.Linear)]
+
+    def loss_fn(params, x, y):
+        h = x
+        for i, (w, b) in enumerate(params):
+            h = h @ w + b
+            if i < len(params) - 1:
+                h = jax.nn.relu(h)
+        logp = jax.nn.log_softmax(h)
+        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+    return jax, jnp, params, loss_fn
+
+
+def jax_pmap(workload: str, quick: bool) -> dict:
+    jax, jnp, params, loss_fn = _jax_setup(workload)
+    n = jax.local_device_count()
+    lr = WORKLOADS[workload]["lr"]
+
+    def train_step(params, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        grads = jax.lax.pmean(grads, "batch")
+        loss = jax.lax.pmean(loss, "batch")
+        return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), loss
+
+    pstep = jax.pmap(train_step, axis_name="batch")
+    place = jax.pmap(lambda v: v)  # pmap outputs stay sharded over the devices
+    rep = place(jax.tree_util.tree_map(lambda a: jnp.stack([a] * n), params))
+    data = []
+    for i in range(8):
+        x, y = make_data(workload, i)
+        data.append((place(jnp.asarray(x.numpy().reshape(n, -1, x.shape[1]))),
+                     place(jnp.asarray(y.numpy().reshape(n, -1)))))
+    state = {"p": rep}
+
+    def step(i: int) -> float:
+        x, y = data[i % 8]
+        state["p"], loss = pstep(state["p"], x, y)
+        return float(loss[0])
+
+    out = time_steps(step, **scaled(settings(quick), workload))
+    out["devices"] = n
+    return out
+
+
+def jax_overhead(workload: str, quick: bool) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    n = jax.local_device_count()
+    f = jax.pmap(lambda v: v + 1)
+    x = jax.pmap(lambda v: v)(jnp.zeros((n, 4)))
+    s = settings(quick)
+    return time_steps(lambda i: float(f(x)[0][0]), warmup=200, windows=s["windows"],
+                      per_window=200 if quick else 2000)
+
+
+def funcdp_allreduce(workload: str, quick: bool) -> dict:
+    """psum of a 10M-element gradient-like pytree over the virtual devices."""
+    import funcdp
+
+    n = funcdp.local_device_count()
+    shapes = [(2048, 2048), (2048,), (2048, 2048), (2048,), (1024, 1662), (1024,)]
+    total = sum(torch.Size(s).numel() for s in shapes)
+    tree = [torch.randn(n, *s) for s in shapes]
+    f = funcdp.pmap(lambda t: funcdp.psum(t, "d"), axis_name="d", out_axes=None)
+    s = settings(quick)
+    res = time_steps(lambda i: f(tree)[0].shape[0], warmup=3, windows=s["windows"],
+                     per_window=2 if quick else 10)
+    # The floor: read n inputs and write one output at this machine's copy bandwidth.
+    src = torch.randn(total)
+    dst = torch.empty(total)
+    for _ in range(3):
+        dst.copy_(src)
+    reps = 20
+    start = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    copy_s = (time.perf_counter() - start) / reps
+    bandwidth = 2 * 4 * total / copy_s  # bytes read + written per second
+    floor_ms = (n + 1) * 4 * total / bandwidth * 1e3
+    res.update({"elements": total, "devices": n, "floor_ms": floor_ms,
+                "bandwidth_gb_s": bandwidth / 1e9})
+    return res
+
+
+CONFIGS = {
+    "torch_module": torch_module,
+    "torch_func": torch_func,
+    "funcdp_pmap": funcdp_pmap,
+    "funcdp_overhead": funcdp_overhead,
+    "funcdp_allreduce": funcdp_allreduce,
+    "ddp_gloo": ddp_gloo,
+    "jax_pmap": jax_pmap,
+    "jax_overhead": jax_overhead,
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("config", choices=sorted(CONFIGS))
+    p.add_argument("workload", choices=sorted(WORKLOADS))
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    out = CONFIGS[a.config](a.workload, a.quick)
+    out.update({"config": a.config, "workload": a.workload})
+    emit(out)
+
+
+if __name__ == "__main__":
+    main()
