@@ -85,8 +85,8 @@ def funcdp_pmap(workload: str, quick: bool) -> dict:
     @funcdp.pmap(axis_name="batch", in_axes=(None, None, 0, 0), out_axes=None)
     def train_step(params, opt_state, x, y):
         loss, grads = funcdp.value_and_grad(loss_fn, "batch")(params, x, y)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optim.apply_updates(params, updates), opt_state, loss
+        params, opt_state = opt.step(grads, opt_state, params)
+        return params, opt_state, loss
 
     state = {"p": net.params, "s": opt.init(net.params)}
 

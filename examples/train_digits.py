@@ -80,8 +80,8 @@ def train_data_parallel(args, model, data):
     @funcdp.pmap(axis_name="batch", in_axes=(None, None, 0, 0), out_axes=None, devices=devices)
     def train_step(params, opt_state, x, y):
         loss, grads = funcdp.value_and_grad(loss_fn, "batch")(params, x, y)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optim.apply_updates(params, updates), opt_state, loss
+        params, opt_state = opt.step(grads, opt_state, params)
+        return params, opt_state, loss
 
     @funcdp.pmap(axis_name="batch", in_axes=(None, 0, 0), out_axes=None, devices=devices)
     def correct(params, x, y):
@@ -126,8 +126,7 @@ def train_single_device(args, model, data):
     for epoch in range(args.epochs):
         for x, y in batches(xtr, ytr, args.batch_size, epoch):
             grads, loss = torch.func.grad_and_value(loss_fn)(params, x, y)
-            updates, opt_state = opt.update(grads, opt_state, params)
-            params = optim.apply_updates(params, updates)
+            params, opt_state = opt.step(grads, opt_state, params)
             losses.append(float(loss))
     return params, losses
 

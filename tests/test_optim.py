@@ -41,7 +41,7 @@ def run_torch(make_opt, clip=None):
     return history
 
 
-def run_funcdp(opt):
+def run_funcdp(opt, fused=False):
     fm = funcdp.nn.functional(model())
     params = fm.params
     state = opt.init(params)
@@ -53,8 +53,11 @@ def run_funcdp(opt):
     for t in range(STEPS):
         x, y = data(t)
         grads = torch.func.grad(loss)(params, x, y)
-        updates, state = opt.update(grads, state, params)
-        params = optim.apply_updates(params, updates)
+        if fused:
+            params, state = opt.step(grads, state, params)
+        else:
+            updates, state = opt.update(grads, state, params)
+            params = optim.apply_updates(params, updates)
         history.append(params)
     return history
 
@@ -80,18 +83,20 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["update+apply", "step"])
 @pytest.mark.parametrize("name, make_torch, ours", CASES, ids=[c[0] for c in CASES])
-def test_matches_torch_optim_step_for_step(name, make_torch, ours):
+def test_matches_torch_optim_step_for_step(name, make_torch, ours, fused):
     ref = run_torch(make_torch)
-    got = run_funcdp(ours)
+    got = run_funcdp(ours, fused)
     for t, (a, b) in enumerate(zip(got, ref), start=1):
         # Rounding differences grow (at most) linearly with the number of steps.
         assert_trees_close(a, b, rtol=1e-12 * t, atol=1e-13 * t)
 
 
-def test_clip_by_global_norm_matches_clip_grad_norm():
+@pytest.mark.parametrize("fused", [False, True])
+def test_clip_by_global_norm_matches_clip_grad_norm(fused):
     ref = run_torch(lambda p: torch.optim.SGD(p, lr=0.5), clip=0.05)
-    got = run_funcdp(optim.chain(optim.clip_by_global_norm(0.05), optim.sgd(0.5)))
+    got = run_funcdp(optim.chain(optim.clip_by_global_norm(0.05), optim.sgd(0.5)), fused)
     for t, (a, b) in enumerate(zip(got, ref), start=1):
         assert_trees_close(a, b, rtol=1e-12 * t, atol=1e-13 * t)
 

@@ -14,7 +14,10 @@ while a call runs: oversubscribing the cores makes everyone slower.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -126,6 +129,39 @@ def _run_task(task: _Task, worker: _Worker | None) -> _Outcome:
         ThreadState.exit(undo)
 
 
+_MALLOC_TUNED = False
+
+
+def _tune_malloc() -> None:
+    """Keeps freed tensor memory in the process instead of unmapping it (glibc only).
+
+    By default glibc returns large freed blocks to the OS, and with several threads
+    allocating and freeing multi-megabyte tensors (activations, gradients, updates) on
+    every step it keeps doing so: every new tensor then costs a page fault per 4 KiB,
+    which measured here slowed a data-parallel MLP step by 10-20 %. Raising the mmap and
+    trim thresholds makes those blocks reusable, as a single-threaded loop already gets
+    from glibc's adaptive threshold. Set ``FUNCDP_MALLOC_TUNING=0`` to leave malloc alone.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    if os.environ.get("FUNCDP_MALLOC_TUNING", "1").strip().lower() in ("0", "false", "no",
+                                                                       "off"):
+        return
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        if not hasattr(libc, "mallopt"):
+            return
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's maximum
+        libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024)
+    except OSError:  # not glibc
+        return
+
+
 class Executor:
     """The pool of per-device workers of this process."""
 
@@ -158,6 +194,8 @@ class Executor:
         Returns one outcome (value or exception) per device, in device order.
         """
         n = len(devices)
+        if n > 1 and not _MALLOC_TUNED and devices[0].platform == "cpu":
+            _tune_malloc()
         state = ThreadState()
         threads = self.threads_per_device(devices)
         depth = current_depth()

@@ -154,13 +154,16 @@ class FunctionalModule:
     def buffers(self) -> dict[str, torch.Tensor]:
         return {n: b.detach().clone() for n, b in self.module.named_buffers()}
 
-    def _thread_module(self, train: bool) -> nn.Module:
-        m = getattr(self._local, "module", None)
+    def _thread_module(self, train: bool) -> tuple[nn.Module, list, list]:
+        local = self._local
+        m = getattr(local, "module", None)
         if m is None:
-            m = self._local.module = _replica(self._template)
+            m = local.module = _replica(self._template)
+            local.param_slots = [_slot(m, n, "_parameters") for n in self._param_names]
+            local.buffer_slots = [_slot(m, n, "_buffers") for n in self._buffer_names]
         if m.training != train:
             m.train(train)
-        return m
+        return m, local.param_slots, local.buffer_slots
 
     def apply(self, params: Mapping[str, torch.Tensor], buffers: Mapping[str, torch.Tensor],
               *args: Any, train: bool | None = None, **kwargs: Any) -> tuple[Any, dict]:
@@ -179,10 +182,31 @@ class FunctionalModule:
         """
         if train is None:
             train = self.module.training
-        module = self._thread_module(train)
-        new_buffers = {n: b.clone() for n, b in buffers.items()}
-        out = functional_call(module, (dict(params), new_buffers), args, kwargs,
-                              tie_weights=True, strict=False)
+        module, pslots, bslots = self._thread_module(train)
+        new_buffers = {}
+        for name, (_, _, original) in zip(self._buffer_names, bslots):
+            b = buffers.get(name)
+            # Buffers not given start from the module's own, copied: never written to.
+            new_buffers[name] = (b if b is not None else original).clone()
+        try:
+            values = [params[name] for name in self._param_names]
+        except KeyError:
+            out = functional_call(module, (dict(params), new_buffers), args, kwargs,
+                                  tie_weights=True, strict=False)
+            return out, new_buffers
+        # The replica belongs to this thread: set its tensors directly (what
+        # functional_call does, minus its generality), and put the originals back after.
+        for (d, key, _), v in zip(pslots, values):
+            d[key] = v
+        for (d, key, _), name in zip(bslots, self._buffer_names):
+            d[key] = new_buffers[name]
+        try:
+            out = module(*args, **kwargs)
+        finally:
+            for d, key, original in pslots:
+                d[key] = original
+            for d, key, original in bslots:
+                d[key] = original
         return out, new_buffers
 
     __call__ = apply
@@ -222,6 +246,14 @@ class FunctionalModule:
         params = {n: sd[n].detach() for n in self._param_names}
         buffers = {n: sd[n].detach().clone() for n in self._buffer_names}
         return params, buffers
+
+
+def _slot(module: nn.Module, name: str, kind: str) -> tuple[dict, str, Any]:
+    """The dict entry holding parameter/buffer ``name`` in ``module``, and its tensor."""
+    path, _, attr = name.rpartition(".")
+    owner = module.get_submodule(path) if path else module
+    d = getattr(owner, kind)
+    return d, attr, d[attr]
 
 
 def strip_prefix(state_dict: Mapping[str, Any], names: list[str]) -> dict:

@@ -28,10 +28,22 @@ Schedule = Callable[[torch.Tensor], Any]
 
 
 class GradientTransformation(NamedTuple):
-    """A pure optimizer: ``init(params) -> state``, ``update(grads, state, params)``."""
+    """A pure optimizer: ``init(params) -> state``, ``update(grads, state, params)``.
+
+    ``step(grads, state, params) -> (new_params, state)`` is ``update`` followed by
+    :func:`apply_updates`, fused into one multi-tensor kernel where the optimizer allows
+    (half the memory traffic of the two steps: use it in training loops).
+    """
 
     init: Callable[[Any], Any]
     update: Callable[[Any, Any, Any], tuple[Any, Any]]
+    fused: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None
+
+    def step(self, grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+        if self.fused is not None:
+            return self.fused(grads, state, params)
+        updates, state = self.update(grads, state, params)
+        return apply_updates(params, updates), state
 
 
 GradientTransformation.__module__ = "funcdp.optim"
@@ -116,7 +128,7 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
             state["momentum"] = tree_util.tree_unflatten(_zeros_like(p), _flat(params)[1])
         return state
 
-    def update(grads: Any, state: dict, params: Any = None) -> tuple[Any, dict]:
+    def direction(grads: Any, state: dict, params: Any):
         g, spec = _flat(grads)
         if maximize:
             g = list(torch._foreach_neg(g))
@@ -134,12 +146,31 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
             buf = [torch.where(first, gi, bi) for gi, bi in zip(g, blended)]
             new_state["momentum"] = tree_util.tree_unflatten(buf, spec)
             g = list(torch._foreach_add(g, buf, alpha=momentum)) if nesterov else buf
-        lr_t = _scalar(_lr_at(lr, step))
+        return g, spec, new_state, _scalar(_lr_at(lr, step))
+
+    def update(grads: Any, state: dict, params: Any = None) -> tuple[Any, dict]:
+        g, spec, new_state, lr_t = direction(grads, state, params)
         updates = _scale(g, -lr_t) if isinstance(lr_t, torch.Tensor) else list(
             torch._foreach_mul(g, -lr_t))
         return tree_util.tree_unflatten(updates, spec), new_state
 
-    return GradientTransformation(init, update)
+    def fused(grads: Any, state: dict, params: Any) -> tuple[Any, dict]:
+        g, spec, new_state, lr_t = direction(grads, state, params)
+        p, pspec = _flat(params)
+        _same_spec(spec, pspec)
+        if isinstance(lr_t, torch.Tensor):
+            new = [pi - lr_t * gi for pi, gi in zip(p, g)]
+        else:
+            new = list(torch._foreach_add(p, g, alpha=-lr_t))
+        return tree_util.tree_unflatten(new, pspec), new_state
+
+    return GradientTransformation(init, update, fused)
+
+
+def _same_spec(spec: Any, pspec: Any) -> None:
+    if spec != pspec:
+        raise ValueError(f"funcdp.optim: `grads` has structure {spec}, but `params` has "
+                         f"{pspec}.")
 
 
 def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled):
@@ -157,20 +188,14 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
             state["nu_max"] = tree_util.tree_unflatten(_zeros_like(p), spec)
         return state
 
-    def update(grads: Any, state: dict, params: Any = None) -> tuple[Any, dict]:
+    def moments(grads: Any, state: dict, params: Any):
         g, spec = _flat(grads)
         if maximize:
             g = list(torch._foreach_neg(g))
         step = state["step"] + 1
         lr_t = _scalar(_lr_at(lr, step))
-        p = _flat(params)[0] if params is not None else None
-        decay: list[torch.Tensor] = []
-        if weight_decay:
-            if decoupled:
-                # AdamW: p <- p - lr * wd * p, folded into the update.
-                decay = _scale(p, -lr_t * weight_decay)
-            else:
-                g = list(torch._foreach_add(g, p, alpha=weight_decay))
+        if weight_decay and not decoupled:
+            g = list(torch._foreach_add(g, _flat(params)[0], alpha=weight_decay))
         mu, _ = _flat(state["mu"])
         nu, _ = _flat(state["nu"])
         mu = list(torch._foreach_lerp(mu, g, 1 - b1))
@@ -190,13 +215,36 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
         denom = torch._foreach_add(
             [x / bc2_sqrt for x in sqrt_v] if isinstance(bc2_sqrt, torch.Tensor)
             else list(torch._foreach_div(sqrt_v, bc2_sqrt)), eps)
-        ratio = list(torch._foreach_div(mu, denom))
-        updates = _scale(ratio, -lr_t / bc1)
-        if decay:
-            updates = list(torch._foreach_add(updates, decay))
+        return mu, denom, spec, new_state, lr_t, bc1
+
+    def update(grads: Any, state: dict, params: Any = None) -> tuple[Any, dict]:
+        mu, denom, spec, new_state, lr_t, bc1 = moments(grads, state, params)
+        updates = _scale(list(torch._foreach_div(mu, denom)), -lr_t / bc1)
+        if weight_decay and decoupled:
+            # AdamW: p <- p - lr * wd * p, folded into the update.
+            updates = list(torch._foreach_add(updates,
+                                              _scale(_flat(params)[0], -lr_t * weight_decay)))
         return tree_util.tree_unflatten(updates, spec), new_state
 
-    return GradientTransformation(init, update)
+    def fused(grads: Any, state: dict, params: Any) -> tuple[Any, dict]:
+        mu, denom, spec, new_state, lr_t, bc1 = moments(grads, state, params)
+        p, pspec = _flat(params)
+        _same_spec(spec, pspec)
+        size = -lr_t / bc1
+        if isinstance(size, torch.Tensor):
+            new = [pi * (1 - lr_t * weight_decay) if decoupled and weight_decay else pi
+                   for pi in p]
+            new = [ni + size * (m / d) for ni, m, d in zip(new, mu, denom)]
+        elif decoupled and weight_decay:
+            # As torch.optim.AdamW: decay the parameters, then the Adam step, in place on
+            # the new tensors (the inputs are never written).
+            new = list(torch._foreach_mul(p, 1 - lr_t * weight_decay))
+            torch._foreach_addcdiv_(new, mu, denom, value=size)
+        else:
+            new = list(torch._foreach_addcdiv(p, mu, denom, value=size))
+        return tree_util.tree_unflatten(new, pspec), new_state
+
+    return GradientTransformation(init, update, fused)
 
 
 def _traced(step: torch.Tensor) -> bool:
@@ -287,7 +335,16 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new.append(s)
         return grads, tuple(new)
 
-    return GradientTransformation(init, update)
+    def fused(grads: Any, state: tuple, params: Any) -> tuple[Any, tuple]:
+        new = []
+        for t, s in zip(transforms[:-1], state[:-1]):
+            grads, s = t.update(grads, s, params)
+            new.append(s)
+        params, s = transforms[-1].step(grads, state[-1], params)
+        new.append(s)
+        return params, tuple(new)
+
+    return GradientTransformation(init, update, fused if transforms else None)
 
 
 # -- schedules --------------------------------------------------------------------------
