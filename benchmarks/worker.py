@@ -108,7 +108,12 @@ def funcdp_overhead(workload: str, quick: bool) -> dict:
     f = funcdp.pmap(lambda v: v + 1)
     x = torch.zeros(n, 4)
     s = settings(quick)
-    return time_steps(lambda i: float(f(x)[0][0]), warmup=200, windows=s["windows"],
+
+    def step(i: int) -> float:
+        f(x)  # synchronous: the outputs exist when it returns
+        return 1.0
+
+    return time_steps(step, warmup=200, windows=s["windows"],
                       per_window=200 if quick else 2000)
 
 
@@ -223,7 +228,12 @@ def jax_overhead(workload: str, quick: bool) -> dict:
     f = jax.pmap(lambda v: v + 1)
     x = jax.pmap(lambda v: v)(jnp.zeros((n, 4)))
     s = settings(quick)
-    return time_steps(lambda i: float(f(x)[0][0]), warmup=200, windows=s["windows"],
+
+    def step(i: int) -> float:
+        f(x).block_until_ready()
+        return 1.0
+
+    return time_steps(step, warmup=200, windows=s["windows"],
                       per_window=200 if quick else 2000)
 
 

@@ -22,6 +22,7 @@ from funcdp._src.collectives import pshuffle as pshuffle
 from funcdp._src.collectives import psum as psum
 from funcdp._src.collectives import psum_scatter as psum_scatter
 from funcdp._src.config import config as config
+from funcdp._src.data_parallel import DataParallel as DataParallel
 from funcdp._src.devices import Device as Device
 from funcdp._src.devices import device_count as device_count
 from funcdp._src.devices import devices as devices
@@ -43,6 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CollectiveError",
+    "DataParallel",
     "Device",
     "ShardedValue",
     "all_gather",

@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from funcdp._src.api_util import public_in
-from funcdp._src.collectives import pmean
+from funcdp._src.collectives import psum
 
 _public = public_in("funcdp.nn")
 
@@ -29,11 +29,11 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose batch statistics are averaged over a named axis.
 
     In training mode the mean and variance are those of the whole batch across every
-    participant of ``axis_name`` (two ``pmean`` s: the mean, then the mean squared
-    deviation from it, which is exact where ``E[x²] - E[x]²`` loses digits), so a model
+    participant of ``axis_name`` (two ``psum`` s: of the sums and counts, then of the squared
+    deviations from the mean, which is exact where ``E[x²] - E[x]²`` loses digits), so a model
     trained with pmap over ``n`` devices matches the same model on one device with the
     full batch: outputs, gradients and running statistics. Works on CPU and GPU alike.
-    Every participant must hold the same number of examples.
+    Participants may hold different numbers of examples.
 
     Example:
         >>> import torch, funcdp
@@ -81,22 +81,24 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                                 self.bias, False, 0.0, self.eps)
         dims = [0] + list(range(2, input.dim()))
         shape = [1, -1] + [1] * (input.dim() - 2)
-        mean = pmean(input.mean(dims), self.axis_name)
+        # Sums and counts (not means), so participants may hold different numbers of
+        # examples (funcdp.DataParallel's uneven chunks).
+        local = torch.tensor(float(input.numel() // input.shape[1]), dtype=input.dtype,
+                             device=input.device)
+        total, count = psum((input.sum(dims), local), self.axis_name)
+        mean = total / count
         centered = input - mean.view(shape)
-        var = pmean(centered.pow(2).mean(dims), self.axis_name)
+        var = psum(centered.pow(2).sum(dims), self.axis_name) / count
         out = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         if self.training and self.track_running_stats:
-            self._update_running(mean, var, input)
+            self._update_running(mean, var, count)
         return out
 
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor,
-                        input: torch.Tensor) -> None:
-        from funcdp._src.collectives import axis_size
-
-        count = input.numel() // input.shape[1] * axis_size(self.axis_name)
-        unbiased = var * (count / max(count - 1, 1))
+                        count: torch.Tensor) -> None:
+        unbiased = var * (count / torch.clamp(count - 1, min=1))
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             m = (1.0 / float(self.num_batches_tracked) if self.momentum is None

@@ -177,9 +177,16 @@ class Pmapped:
         return self._call(_NO_SELF, *args, **kwargs)
 
     def _call(self, bound: Any, *args: Any, **kwargs: Any) -> Any:
+        return self._call_chunks(bound, None, args, kwargs)
+
+    def _call_chunks(self, bound: Any, chunks: tuple[int, ...] | None, args: tuple,
+                     kwargs: dict) -> Any:
+        """The call; with ``chunks``, device ``i`` gets a slice of ``chunks[i]`` elements
+        along each mapped axis, the axis kept (``nn.DataParallel``'s scatter), and outputs
+        with an integer ``out_axes`` are concatenated (its gather)."""
         statics, dyn_args = self._split_statics(args)
         leaves, treedef = tree_util.tree_flatten((dyn_args, kwargs))
-        key = (treedef, statics, tuple(map(_signature, leaves)), _context())
+        key = (treedef, statics, tuple(map(_signature, leaves)), _context(), chunks)
         try:
             plan = self._cache.get(key)
         except TypeError:
@@ -234,7 +241,7 @@ class Pmapped:
             static_idx = {j for j, _ in key[1]}
             in_axes = tuple(a for j, a in enumerate(in_axes) if j not in static_idx)
         axes = flat_in_axes(in_axes, dyn_args, kwargs, treedef, self._name)
-        plan = _Plan(self, treedef, leaves, axes)
+        plan = _Plan(self, treedef, leaves, axes, key[-1])
         with self._lock:
             self._cache[key] = plan
         return plan
@@ -278,7 +285,8 @@ def _needs_autograd(leaves: list) -> bool:
 class _Plan:
     """Everything about a call that depends only on the arguments' signature."""
 
-    def __init__(self, owner: Pmapped, treedef, leaves: list, axes: list) -> None:
+    def __init__(self, owner: Pmapped, treedef, leaves: list, axes: list,
+                 chunks: tuple[int, ...] | None = None) -> None:
         name = owner._name
         self.owner = owner
         self.name = name
@@ -321,13 +329,24 @@ class _Plan:
                 f"{name}: `axis_size`={owner._axis_size} but the mapped arguments have size "
                 f"{n}; in a single process they must agree.")
         self.size = n
-        self.devices, self.block = _choose_devices(owner, n)
+        self.chunks = chunks
+        if chunks is None:
+            self.devices, self.block = _choose_devices(owner, n)
+        else:
+            assert sum(chunks) == n
+            self.devices, self.block = list(owner._devices or _available_devices())[
+                : len(chunks)], 1
+        self.offsets = None if chunks is None else [sum(chunks[:i]) for i in range(len(chunks))]
+        # Device shards keep the mapped axis: blocks of a vmap, or DataParallel chunks.
+        self.keeps_axis = self.block > 1 or chunks is not None
         self.ndev = len(self.devices)
         self.axes = norm_axes
         kinds = []
         for leaf, a in zip(leaves, norm_axes):
             if a is None:
                 kinds.append(_BCAST)
+            elif chunks is not None:
+                kinds.append(_SPLIT if type(leaf) is not ShardedValue else _RESHARD)
             elif type(leaf) is ShardedValue:
                 same = (leaf.devices == tuple(self.devices) and leaf.axis == a
                         and leaf.block == self.block)
@@ -431,6 +450,7 @@ class _Call:
         self.statics = statics
         self.leaves = leaves
         self.per_device: list | None = None
+        self.track: list[bool] = []
 
     # -- inputs ------------------------------------------------------------------------
     def _device_inputs(self, leaves: list) -> list[list]:
@@ -451,7 +471,12 @@ class _Call:
                 leaf = leaf.to_tensor()
             elif isinstance(leaf, np.ndarray):
                 leaf = torch.as_tensor(leaf)
-            parts = leaf.unbind(a) if k == 1 else leaf.unflatten(a, (ndev, k)).unbind(a)
+            if plan.chunks is not None:
+                parts = leaf.split(plan.chunks, a)
+            elif k == 1:
+                parts = leaf.unbind(a)
+            else:
+                parts = leaf.unflatten(a, (ndev, k)).unbind(a)
             cols.append(_place(parts, plan.devices))
         return [[col[i] for col in cols] for i in range(ndev)]
 
@@ -563,7 +588,7 @@ class _Call:
         k = plan.block
 
         if record:
-            flat = [_track(x) for x in flat]
+            flat = [_track(x) if t else x for x, t in zip(flat, self.track)]
         holder: dict = {}
 
         def tensors_only(*leaves: Any):
@@ -598,7 +623,7 @@ class _Call:
     def _body(self, flat: list, record: bool, raw: bool = False) -> Any:
         plan = self.plan
         if record and not raw:
-            flat = [_track(x) for x in flat]
+            flat = [_track(x) if t else x for x, t in zip(flat, self.track)]
         args, kwargs = tree_util.tree_unflatten(flat, plan.treedef)
         if self.statics:
             args = _merge_statics(args, self.statics)
@@ -642,15 +667,25 @@ class _Call:
             if ax is None:
                 outs.append(_replicated(plan, shards, j))
             else:
-                o = normalize_axis(ax, shards[0].ndim - (plan.block > 1), plan.name,
+                o = normalize_axis(ax, shards[0].ndim - plan.keeps_axis, plan.name,
                                    lambda: "an output", extra=1, what="out_axes entry")
-                outs.append(ShardedValue(shards, plan.devices, o, plan.block))
+                if plan.chunks is not None:
+                    outs.append(_concat(shards, o))
+                else:
+                    outs.append(ShardedValue(shards, plan.devices, o, plan.block))
         return tree_util.tree_unflatten(outs, treedef)
 
     # -- the differentiable path -----------------------------------------------------------
     def run_differentiable(self) -> Any:
         tensor_pos = [i for i, x in enumerate(self.leaves) if isinstance(x, torch.Tensor)]
         self.tensor_pos = tensor_pos
+        # The inputs a gradient may be asked for: those requiring grad, and any value a
+        # torch.func transform wraps. Others (BatchNorm buffers, data) are not tracked.
+        track = [False] * len(self.leaves)
+        for i in tensor_pos:
+            x = self.leaves[i]
+            track[i] = x.requires_grad or _functorch.is_functorch_wrapped_tensor(x)
+        self.track = track
         flat = _PmapFn.apply(self, *[self.leaves[i] for i in tensor_pos])
         outs = list(self.out_template)
         for j, t in zip(self.out_tensor_pos, flat):
@@ -682,10 +717,10 @@ class _Call:
             if ax is None:
                 outs.append(_replicated(plan, det, j))
             else:
-                o = normalize_axis(ax, det[0].ndim - (plan.block > 1), plan.name,
+                o = normalize_axis(ax, det[0].ndim - plan.keeps_axis, plan.name,
                                    lambda: "an output", extra=1, what="out_axes entry")
                 norm[j] = o
-                outs.append(torch.stack(det, o) if plan.block == 1 else torch.cat(det, o))
+                outs.append(_concat(det, o) if plan.keeps_axis else torch.stack(det, o))
         self.out_norm = norm
         self.out_template = outs
         self.out_tensor_pos = tensor_pos
@@ -695,7 +730,14 @@ class _Call:
                  inputs: Sequence[torch.Tensor]) -> list:
         if _saved_graphs_suffice(cts):
             return self._backward_saved(cts, needs)
+        self._no_chunks("higher-order or batched gradients")
         return self._backward_recompute(cts, needs, inputs)
+
+    def _no_chunks(self, what: str) -> None:
+        if self.plan.chunks is not None:
+            raise NotImplementedError(
+                f"{self.plan.name}: {what} are not supported through funcdp.DataParallel; "
+                f"use funcdp.pmap for them.")
 
     def _backward_recompute(self, cts, needs, inputs) -> list:
         """The VJP as a pmap of ``torch.func.vjp``: differentiable and batchable.
@@ -752,6 +794,7 @@ class _Call:
 
     def jvp(self, inputs: Sequence[torch.Tensor], tangents: Sequence[Any]) -> tuple:
         """Forward-mode derivative: a pmap of ``torch.func.jvp`` (one more forward pass)."""
+        self._no_chunks("forward-mode derivatives")
         plan = self.plan
         nleaves = len(self.leaves)
         leaves = list(self.leaves)
@@ -804,7 +847,10 @@ class _Call:
                 if o is None:
                     out.append(ct if i == 0 else torch.zeros_like(ct))
                     continue
-                out.append(ct.select(o, i) if k == 1 else ct.narrow(o, i * k, k))
+                if plan.chunks is not None:
+                    out.append(ct.narrow(o, plan.offsets[i], plan.chunks[i]))
+                else:
+                    out.append(ct.select(o, i) if k == 1 else ct.narrow(o, i * k, k))
             return out
 
         per_ct = [device_cts(i) for i in range(ndev)]
@@ -848,7 +894,7 @@ class _Call:
                         ref = saved[i][0][leaf_i]
                         g = torch.zeros_like(ref)
                     parts.append(g if g.device == x.device else g.to(x.device))
-                grads[w] = torch.stack(parts, a) if k == 1 else torch.cat(parts, a)
+                grads[w] = torch.cat(parts, a) if plan.keeps_axis else torch.stack(parts, a)
         return grads
 
     def vmap_rule(self, info, in_dims, tensors) -> Any:
@@ -859,6 +905,7 @@ class _Call:
         """
         from funcdp._src.vmap import vmap as named_vmap
 
+        self._no_chunks("vmap")
         plan = self.plan
         level = axes_mod.current_level() + 1
         name = axes_mod.vmap_name_at(level)
@@ -969,6 +1016,11 @@ def _place(parts: Sequence[torch.Tensor], devices: list[Device]) -> Sequence[tor
         return parts
     return [p if p.device == d.torch_device else p.to(d.torch_device, non_blocking=True)
             for p, d in zip(parts, devices)]
+
+
+def _concat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    target = parts[0].device
+    return torch.cat([p if p.device == target else p.to(target) for p in parts], dim)
 
 
 def _to_output(x: Any, plan: _Plan, i: int) -> Any:

@@ -1,0 +1,221 @@
+"""``funcdp.DataParallel``: a drop-in for ``torch.nn.DataParallel`` on the functional core.
+
+The module is run as a pure function on every device (``funcdp.nn.functional``), over a
+chunked pmap: inputs are scattered along ``dim`` like ``nn.DataParallel`` does (tensors
+split into ``torch.chunk``-sized pieces, everything else passed to every replica),
+outputs are gathered on ``output_device``, and because the parameters enter the call as
+differentiable inputs, ``loss.backward()`` leaves the summed gradients on the original
+module's parameters, so any ``torch.optim`` optimizer works unchanged.
+
+What it does differently from ``nn.DataParallel``:
+
+- runs on virtual CPU devices too (so it can be tested without GPUs);
+- BatchNorm statistics are synchronised across devices by default (the model trains as
+  on one device with the full batch); with ``sync_batchnorm=False`` each replica
+  normalises with its own statistics and the running statistics are averaged over the
+  replicas (not taken from device 0);
+- parameters are never re-replicated while unchanged (on CPU devices never copied);
+- autocast's dtype is honoured in every replica;
+- ``state_dict()`` has the plain module's keys and ``load_state_dict`` accepts both those
+  and ``nn.DataParallel``'s ``module.``-prefixed keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from funcdp._src import tree as tree_util
+from funcdp._src.api_util import public
+from funcdp._src.collectives import pmean
+from funcdp._src.devices import Device, local_devices
+from funcdp._src.nn import functional, strip_prefix
+from funcdp._src.pmap import _NO_SELF, Pmapped
+
+_AXIS = "funcdp.DataParallel"
+
+
+@public
+class DataParallel(nn.Module):
+    """Data parallelism for an ``nn.Module``, with ``nn.DataParallel``'s interface.
+
+    Args:
+        module: the module to replicate.
+        device_ids: indices into ``funcdp.local_devices()`` (default: all).
+        output_device: where outputs are gathered: a device index, a ``torch.device``
+            or ``"cpu"`` (default: the first of ``device_ids``).
+        dim: the dimension inputs are scattered along and outputs gathered along.
+        sync_batchnorm: synchronise BatchNorm statistics across devices (default True).
+
+    Example:
+        >>> import torch, funcdp
+        >>> model = funcdp.DataParallel(torch.nn.Linear(3, 2))
+        >>> out = model(torch.randn(8, 3))
+        >>> out.sum().backward()
+        >>> model.module.weight.grad.shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, module: nn.Module, device_ids: Sequence[int | Device] | None = None,
+                 output_device: Any = None, dim: int = 0, *,
+                 sync_batchnorm: bool = True) -> None:
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"funcdp.DataParallel: `module` must be a torch.nn.Module, got "
+                            f"{type(module).__name__}.")
+        devs = local_devices()
+        if device_ids is None:
+            chosen = devs
+        else:
+            chosen = []
+            for d in device_ids:
+                if isinstance(d, Device):
+                    chosen.append(d)
+                elif isinstance(d, torch.device) and d.type == "cuda" and d.index is not None:
+                    chosen.append(_by_index(devs, d.index))
+                elif isinstance(d, int) and not isinstance(d, bool):
+                    chosen.append(_by_index(devs, d))
+                else:
+                    raise TypeError(f"funcdp.DataParallel: `device_ids` entries must be device "
+                                    f"indices (ints) or funcdp devices, got {d!r}.")
+            if not chosen:
+                raise ValueError("funcdp.DataParallel: `device_ids` is empty.")
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"funcdp.DataParallel: `dim` must be an int, got {dim!r}.")
+        self.module = module
+        self.device_ids = [d.local_index for d in chosen]
+        self._devices = chosen
+        self.dim = dim
+        if output_device is None:
+            output_device = chosen[0].torch_device
+        elif isinstance(output_device, int) and not isinstance(output_device, bool):
+            output_device = _by_index(devs, output_device).torch_device
+        self.output_device = torch.device(output_device)
+        self.sync_batchnorm = sync_batchnorm
+        self._net = functional(module, sync_batchnorm=_AXIS if sync_batchnorm else None)
+        # One pmapped replica function per input structure (which leaves are tensors).
+        self._replicas: dict = {}
+
+    def _run_replica(self, params: dict, buffers: dict, args: tuple, kwargs: dict,
+                     holder: _Holder) -> Any:
+        out, new_buffers = self._net.apply(params, buffers, *args, train=self.training,
+                                           **kwargs)
+        if not self.sync_batchnorm and new_buffers:
+            # Per-replica statistics; the running averages are averaged over replicas.
+            new_buffers = {k: pmean(v, _AXIS) if v.is_floating_point() else v
+                           for k, v in new_buffers.items()}
+        # Tensors are gathered along `dim` (scalars become one entry per replica, as in
+        # nn.DataParallel); anything else is returned as device 0 has it.
+        leaves, treedef = tree_util.tree_flatten(out)
+        tensors = [x.unsqueeze(0) if x.ndim == 0 else x
+                   for x in leaves if isinstance(x, torch.Tensor)]
+        mask = [isinstance(x, torch.Tensor) for x in leaves]
+        if holder.value is None:  # the output's structure and non-tensor values, once
+            holder.value = (treedef, mask, [None if m else x for x, m in zip(leaves, mask)])
+        return tensors, new_buffers
+
+    def _replica_for(self, treedef: Any, mask: tuple[bool, ...]) -> Pmapped:
+        key = (treedef, mask)
+        rep = self._replicas.get(key)
+        if rep is None:
+            axes = tree_util.tree_unflatten([self.dim if m else None for m in mask], treedef)
+            rep = self._replicas[key] = Pmapped(
+                self._run_replica, _AXIS, (None, None) + tuple(axes) + (None,),
+                (self.dim, None), (),
+                self._devices, None, ())
+        return rep
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        chunks, treedef, mask = self._scatter_plan(inputs, kwargs)
+        params = dict(self.module.named_parameters())
+        buffers = dict(self.module.named_buffers())
+        replica = self._replica_for(treedef, mask)
+        holder = _Holder()
+        tensors, new_buffers = replica._call_chunks(
+            _NO_SELF, chunks, (params, buffers, inputs, kwargs, holder), {})
+        treedef, mask, others = holder.value
+        it = iter(tensors)
+        out = tree_util.tree_unflatten([next(it) if m else o for o, m in zip(others, mask)],
+                                       treedef)
+        if self.training and new_buffers:
+            with torch.no_grad():
+                for name, value in new_buffers.items():
+                    buffers[name].copy_(value)
+        return self._gather(out)
+
+    # -- scatter / gather ------------------------------------------------------------
+    def _scatter_plan(self, inputs: tuple, kwargs: dict) -> tuple[tuple, Any, tuple]:
+        """Chunk sizes along ``dim`` (``torch.chunk``'s) and the arguments to map.
+
+        Tensors are split; everything else (numbers, strings, None) goes to every replica
+        unchanged, as with ``nn.DataParallel``.
+        """
+        leaves, treedef = tree_util.tree_flatten((inputs, kwargs))
+        sizes = {}
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor):
+                if leaf.ndim == 0:
+                    raise ValueError("funcdp.DataParallel: cannot scatter a scalar tensor "
+                                     f"(input leaf {i}) along dim {self.dim}.")
+                sizes[i] = leaf.shape[self.dim]
+        if not sizes:
+            raise ValueError("funcdp.DataParallel: no tensor input to scatter; the forward "
+                             "needs at least one tensor argument with a batch dimension.")
+        distinct = set(sizes.values())
+        if len(distinct) > 1:
+            paths = tree_util.leaf_paths(treedef)
+            listing = ", ".join(f"{tree_util.keystr(paths[i])}: {s}" for i, s in sizes.items())
+            raise ValueError(f"funcdp.DataParallel: input tensors have different sizes along "
+                             f"dim {self.dim} ({listing}); they are scattered together, so "
+                             f"they must agree.")
+        batch = distinct.pop()
+        if batch == 0:
+            raise ValueError("funcdp.DataParallel: the batch is empty.")
+        n = min(len(self._devices), batch)
+        chunks = tuple(c.shape[0] for c in torch.empty(batch, 0).chunk(n))
+        mask = tuple(isinstance(leaf, torch.Tensor) for leaf in leaves)
+        return chunks, treedef, mask
+
+    def _gather(self, out: Any) -> Any:
+        def move(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.device != self.output_device:
+                return t.to(self.output_device)
+            return t
+
+        return tree_util.tree_map(move, out)
+
+    # -- state dicts -----------------------------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:  # type: ignore[override]
+        """The wrapped module's ``state_dict``: plain keys, loadable into the bare module."""
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
+                        assign: bool = False):  # type: ignore[override]
+        """Loads the plain module's keys or ``nn.DataParallel``'s ``module.`` keys."""
+        names = list(self.module.state_dict())
+        return self.module.load_state_dict(strip_prefix(state_dict, names), strict=strict,
+                                           assign=assign)
+
+    def extra_repr(self) -> str:
+        return (f"device_ids={self.device_ids}, output_device={self.output_device}, "
+                f"dim={self.dim}, sync_batchnorm={self.sync_batchnorm}")
+
+
+class _Holder:
+    """A pytree leaf (passed to every replica unchanged) that carries back the output's
+    structure."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: Any = None
+
+
+def _by_index(devs: list[Device], i: int) -> Device:
+    if not 0 <= i < len(devs):
+        raise ValueError(f"funcdp.DataParallel: device index {i} is out of range; there are "
+                         f"{len(devs)} local devices (funcdp.local_devices()).")
+    return devs[i]
