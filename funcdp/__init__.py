@@ -5,6 +5,7 @@ every device, each on its slice of the batch, and collectives such as
 :func:`funcdp.pmean` make the communication explicit.
 """
 
+from funcdp import distributed as distributed
 from funcdp import nn as nn
 from funcdp import optim as optim
 from funcdp._src.checkpoint import load_checkpoint as load_checkpoint

@@ -44,3 +44,14 @@ def test_dp_sgd():
 def test_sync_batchnorm():
     out = run("sync_batchnorm.py", "--steps", "10")
     assert "running-statistics difference" in out
+
+
+@pytest.mark.distributed
+def test_train_digits_distributed_with_torchrun():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCDP_")}
+    env["FUNCDP_NUM_CPU_DEVICES"] = "2"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(EXAMPLES / "train_digits_distributed.py"), "--epochs", "3"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 processes x 2 devices vs one device" in out.stdout and "(OK)" in out.stdout

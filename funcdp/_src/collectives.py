@@ -254,6 +254,10 @@ def _device_collective(spec: Spec, dev_pos: list[int], leaves: list[torch.Tensor
     coord = frame.coord
     comps = [spec.comps[p] for p in dev_pos]
     mesh_axes = tuple(c.axis for c in comps)
+    if mesh.proc is not None and 0 in mesh_axes:
+        from funcdp._src.process_collectives import process_collective
+
+        return process_collective(spec, dev_pos, leaves, frame, mesh.proc)
     sizes = [c.size for c in comps]
     rank = 0
     for c in comps:

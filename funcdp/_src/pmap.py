@@ -31,6 +31,7 @@ from torch._C import _functorch
 from torch._functorch import pyfunctorch
 
 from funcdp._src import axes as axes_mod
+from funcdp._src import distributed as dist_mod
 from funcdp._src import random as random_mod
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import fun_name, public
@@ -324,12 +325,29 @@ class _Plan:
                                   for i, s in sizes.items()})
                 + "\nEvery mapped axis must have the same size (the number of shards).")
         n = distinct[0]
-        if owner._axis_size is not None and owner._axis_size != n:
+        if owner._axis_size is not None and owner._axis_size != n and not (
+                dist_mod.info() is not None and dist_mod.info().count > 1):
             raise ValueError(
                 f"{name}: `axis_size`={owner._axis_size} but the mapped arguments have size "
                 f"{n}; in a single process they must agree.")
         self.size = n
         self.chunks = chunks
+        proc = dist_mod.info()
+        # JAX's multi-host convention: a top-level pmap over all local devices spans every
+        # process; its mapped size is the local device count (times the block size).
+        self.spans_processes = (proc is not None and proc.count > 1 and owner._devices is None
+                                and chunks is None and axes_mod.current_pmap_frame() is None)
+        if self.spans_processes:
+            local = len(local_devices())
+            if n % local:
+                raise ValueError(
+                    f"{name}: in a run of {proc.count} processes, the mapped size ({n}) must "
+                    f"be this process's device count ({local}) or a multiple of it: each "
+                    f"process passes its own part of the global batch.")
+            if owner._axis_size is not None and owner._axis_size != n // local * proc.total:
+                raise ValueError(
+                    f"{name}: `axis_size`={owner._axis_size} but the global mapped size is "
+                    f"{n // local * proc.total} ({proc.count} processes).")
         if chunks is None:
             self.devices, self.block = _choose_devices(owner, n)
         else:
@@ -406,28 +424,21 @@ def _available_devices() -> list[Device]:
     frame = axes_mod.current_pmap_frame()
     if frame is None:
         return devs
-    outer = frame.mesh.sizes
+    outer = list(frame.mesh.sizes)
+    coord = list(frame.coord)
+    proc = frame.mesh.proc
+    if proc is not None:  # within this process only
+        outer[0] = proc.local_counts[proc.index]
+        coord[0] -= proc.offset
     parts = 1
     for s in outer:
         parts *= s
     per = max(1, len(devs) // parts)
     flat = 0
-    for c, s in zip(frame.coord, outer):
+    for c, s in zip(coord, outer):
         flat = flat * s + c
     start = (flat * per) % len(devs)
     return devs[start:start + per]
-
-
-class _Participant:
-    """A device's place in the call: its mesh, coordinate and name bindings."""
-
-    __slots__ = ("mesh", "coord", "names", "device")
-
-    def __init__(self, mesh: Mesh, coord: tuple, names: dict, device: Device) -> None:
-        self.mesh = mesh
-        self.coord = coord
-        self.names = names
-        self.device = device
 
 
 def _inherited_names() -> dict:
@@ -486,8 +497,13 @@ class _Call:
         parent = axes_mod.current_pmap_frame()
         name = plan.owner._axis_name
         if parent is None:
-            devices = {(i,): d for i, d in enumerate(plan.devices)}
-            mesh = Mesh(plan.label, (name,), (plan.ndev,), devices)
+            proc = dist_mod.info() if plan.spans_processes else None
+            offset = proc.offset if proc is not None else 0
+            size = proc.total if proc is not None else plan.ndev
+            devices = {(offset + i,): d for i, d in enumerate(plan.devices)}
+            mesh = Mesh(plan.label, (name,), (size,), devices)
+            mesh.proc = proc
+            mesh.offset = offset
             return mesh, (), {}
         # A nested pmap: one shared mesh per nested call across the outer devices.
         seq = parent.nested
@@ -515,10 +531,10 @@ class _Call:
         axis_pos = len(mesh.sizes) - 1
 
         def per_device(i: int) -> Any:
-            coord = prefix + (i,)
+            coord = prefix + (mesh.offset + i,)
             bound = dict(names)
             if name is not None:
-                bound[name] = (axes_mod.DeviceComp(axis_pos, plan.ndev),)
+                bound[name] = (axes_mod.DeviceComp(axis_pos, mesh.sizes[axis_pos]),)
             frame = axes_mod.PmapFrame(bound, mesh, coord, plan.devices[i].torch_device)
             try:
                 with axes_mod.bind(frame):

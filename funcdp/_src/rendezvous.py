@@ -76,6 +76,9 @@ class Mesh:
         self.rounds: dict[tuple, _Round] = {}
         self.failure: CollectiveError | None = None
         self.children: dict[Any, Mesh] = {}
+        # Multi-process runs: this process's place; coordinates along axis 0 are global.
+        self.proc: Any = None
+        self.offset = 0
 
     # -- participants ----------------------------------------------------------------
     def leave(self, coord: tuple, error: BaseException | None = None) -> None:

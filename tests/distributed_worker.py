@@ -1,0 +1,134 @@
+"""One process of a multi-process test (started by tests/test_distributed.py).
+
+    python tests/distributed_worker.py SCENARIO OUT_DIR
+
+RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT and FUNCDP_NUM_CPU_DEVICES come from the
+environment, as torchrun would set them. Results go to OUT_DIR/rank{RANK}.pt.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from torch import nn
+
+import funcdp
+from funcdp import optim
+
+AX = "i"
+
+
+def global_input(total: int) -> torch.Tensor:
+    return torch.arange(total * 4 * 3, dtype=torch.float64).reshape(total, 4, 3) / 7 - 3
+
+
+def collectives_fn(v):
+    n = funcdp.axis_size(AX)
+    ring = [(j, (j + 1) % n) for j in range(n)]
+    groups = [list(range(0, n, 2)), list(range(1, n, 2))] if n > 1 else [[0]]
+    return {
+        "psum": funcdp.psum(v, AX),
+        "pmean": funcdp.pmean(v, AX),
+        "pmax": funcdp.pmax(v, AX),
+        "pmin": funcdp.pmin(v, AX),
+        "gather": funcdp.all_gather(v, AX),
+        "gather_tiled": funcdp.all_gather(v, AX, axis=1, tiled=True),
+        "scatter": funcdp.psum_scatter(v.reshape(-1)[:n], AX) if v.numel() >= n else v.sum(),
+        "scatter_tiled": funcdp.psum_scatter(v.reshape(-1)[: n * 2], AX, tiled=True),
+        "ppermute": funcdp.ppermute(v, AX, ring),
+        "pshuffle": funcdp.pshuffle(v, AX, list(reversed(range(n)))),
+        "all_to_all": funcdp.all_to_all(v.reshape(-1)[:n].repeat(2, 1).T, AX, 0, 0),
+        "pbroadcast": funcdp.pbroadcast(v, AX, n - 1),
+        "index": funcdp.axis_index(AX),
+        "size": torch.tensor(n),
+        "grouped": funcdp.psum(v, AX, axis_index_groups=groups),
+        "scalar": torch.tensor(funcdp.psum(1, AX)),
+    }
+
+
+def loss_fn(net, params, x, y):
+    return ((net.apply(params, {}, x)[0] - y) ** 2).mean()
+
+
+def make_net():
+    torch.manual_seed(0)
+    return funcdp.nn.functional(nn.Sequential(nn.Linear(3, 8), nn.Tanh(),
+                                              nn.Linear(8, 2)).double())
+
+
+def train(net, local_x, local_y, steps=3):
+    opt = optim.adam(1e-2)
+
+    @funcdp.pmap(axis_name=AX, in_axes=(None, None, 0, 0), out_axes=None)
+    def step(p, s, x, y):
+        loss, g = funcdp.value_and_grad(lambda p: loss_fn(net, p, x, y), AX)(p)
+        p, s = opt.step(g, s, p)
+        return p, s, loss
+
+    p, s = net.params, opt.init(net.params)
+    losses = []
+    for _ in range(steps):
+        p, s, loss = step(p, s, local_x, local_y)
+        losses.append(loss)
+    return p, torch.stack(losses)
+
+
+def train_data(total):
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(total, 5, 3, generator=g, dtype=torch.float64),
+            torch.randn(total, 5, 2, generator=g, dtype=torch.float64))
+
+
+def main() -> int:
+    scenario, out_dir = sys.argv[1], sys.argv[2]
+    funcdp.distributed.initialize(timeout=float(os.environ.get("TEST_TIMEOUT", "60")))
+    rank = funcdp.process_index()
+    k = funcdp.local_device_count()
+    total = funcdp.device_count()
+    offset = funcdp.local_devices()[0].id
+    result: dict = {"devices": [d.id for d in funcdp.devices()], "offset": offset}
+    if scenario == "collectives":
+        x = global_input(total)[offset:offset + k]
+        out = funcdp.pmap(collectives_fn, axis_name=AX)(x)
+        result["out"] = {key: torch.as_tensor(v) for key, v in out.items()}
+        # gradients across processes: d/dx of sum(psum(x)^2 * w)
+        w = torch.arange(total, dtype=torch.float64)[offset:offset + k]
+        xr = x.clone().requires_grad_()
+        f = funcdp.pmap(lambda v, wi: (funcdp.psum(v, AX) ** 2).sum() * wi, axis_name=AX)
+        f(xr, w).sum().backward()
+        result["grad"] = xr.grad
+    elif scenario == "train":
+        net = make_net()
+        x, y = train_data(total)
+        p, losses = train(net, x[offset:offset + k], y[offset:offset + k])
+        result["params"] = p
+        result["losses"] = losses
+        # helpers
+        mine = {"w": torch.full((2,), float(rank))}
+        result["broadcast"] = funcdp.distributed.broadcast(mine, src=1)["w"]
+        result["allgather"] = funcdp.distributed.process_allgather(torch.tensor([rank]))
+        funcdp.distributed.save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {"p": p})
+        funcdp.distributed.barrier()
+    elif scenario == "fail":
+        def f(v):
+            if funcdp.process_index() == 1:
+                raise ValueError("process 1 failed on purpose")
+            return funcdp.psum(v, AX)
+
+        funcdp.pmap(f, axis_name=AX)(torch.ones(k))
+    elif scenario == "mismatch":
+        def g(v):
+            if funcdp.process_index() == 1:
+                return funcdp.psum(v[:1], AX)
+            return funcdp.psum(v, AX)
+
+        funcdp.pmap(g, axis_name=AX)(torch.ones(k, 2))
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    funcdp.distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""pmap across processes on torch.distributed (gloo), started from pytest on localhost.
+
+Each test starts 2 or 3 processes (with 1 or 2 virtual CPU devices each) running
+tests/distributed_worker.py and compares what they computed with the same program run
+in this process over as many devices.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_worker import collectives_fn, global_input, make_net, train, train_data
+from helpers import assert_trees_close
+
+import funcdp
+
+WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
+pytestmark = pytest.mark.distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, nproc: int, per_proc: int, out: Path, timeout: float = 60,
+           test_timeout: str = "60") -> list[subprocess.CompletedProcess]:
+    port = free_port()
+    procs = []
+    for rank in range(nproc):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCDP_")}
+        env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), FUNCDP_NUM_CPU_DEVICES=str(per_proc),
+                   FUNCDP_PLATFORM="cpu", TEST_TIMEOUT=test_timeout,
+                   PYTHONPATH=str(WORKER.parent) + os.pathsep + env.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    done = []
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            left = max(1.0, deadline - time.monotonic())
+            stdout, stderr = p.communicate(timeout=left)
+            done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    finally:
+        for p in procs:  # never leave a process behind
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return done
+
+
+def results(out: Path, nproc: int) -> list[dict]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
+
+
+@pytest.mark.parametrize("nproc, per_proc", [(2, 1), (2, 2), (3, 1)])
+def test_every_collective_matches_a_single_process_run(tmp_path, nproc, per_proc):
+    runs = launch("collectives", nproc, per_proc, tmp_path)
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    total = nproc * per_proc
+    x = global_input(total)
+    devs = funcdp.local_devices()[:total]
+    ref = funcdp.pmap(collectives_fn, axis_name="i", devices=devs)(x)
+    w = torch.arange(total, dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    f = funcdp.pmap(lambda v, wi: (funcdp.psum(v, "i") ** 2).sum() * wi, axis_name="i",
+                    devices=devs)
+    f(xr, w).sum().backward()
+    for res in results(tmp_path, nproc):
+        assert res["devices"] == list(range(total))
+        lo, hi = res["offset"], res["offset"] + per_proc
+        for key, value in ref.items():
+            want = torch.as_tensor(value)[lo:hi]
+            assert_trees_close(res["out"][key], want, rtol=1e-12, atol=1e-12), key
+        assert_trees_close(res["grad"], xr.grad[lo:hi], rtol=1e-12, atol=1e-12)
+
+
+def test_training_matches_a_single_process_run_and_helpers(tmp_path):
+    runs = launch("train", 2, 2, tmp_path)
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    x, y = train_data(4)
+    ref_p, ref_losses = train(make_net(), x, y)
+    got = results(tmp_path, 2)
+    for res in got:
+        assert_trees_close(res["params"], ref_p, rtol=1e-10, atol=1e-12)
+        assert_trees_close(res["losses"], ref_losses, rtol=1e-10, atol=1e-12)
+        assert res["broadcast"].tolist() == [1.0, 1.0]
+        assert res["allgather"].tolist() == [[0], [1]]
+    saved = funcdp.load_checkpoint(tmp_path / "ckpt.pt")
+    assert_trees_close(saved["p"], ref_p, rtol=1e-10, atol=1e-12)
+
+
+def test_a_process_that_raises_makes_the_others_fail_in_bounded_time(tmp_path):
+    start = time.monotonic()
+    runs = launch("fail", 2, 1, tmp_path, timeout=90, test_timeout="20")
+    assert time.monotonic() - start < 80
+    assert all(r.returncode != 0 for r in runs)
+    assert "process 1 failed on purpose" in runs[1].stderr
+    assert "collective between processes failed" in runs[0].stderr
+
+
+def test_processes_that_reach_different_collectives_are_reported(tmp_path):
+    runs = launch("mismatch", 2, 1, tmp_path)
+    assert all(r.returncode != 0 for r in runs)
+    for r in runs:
+        assert "processes reached different collectives" in r.stderr, r.stderr[-2000:]
+        assert "process 0: psum(axis_name='i') with values (2,)" in r.stderr
+        assert "process 1: psum(axis_name='i') with values (1,)" in r.stderr
+
+
+def test_initialize_errors(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="`rank` and `world_size` are not set"):
+        funcdp.distributed.initialize()
+    with pytest.raises(ValueError, match="rank 3 is out of range for world_size 2"):
+        funcdp.distributed.initialize(rank=3, world_size=2)
+    with pytest.raises(RuntimeError, match="not initialized"):
+        funcdp.distributed.barrier()
