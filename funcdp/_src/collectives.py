@@ -393,6 +393,8 @@ def _chunked_reduce(op: str, scale: float | None):
 def _fold_into(op: str, dst: torch.Tensor, srcs: list[torch.Tensor],
                scale: float | None = None) -> None:
     """``dst = reduce(srcs)`` in one fixed order, so every participant's result agrees."""
+    if srcs[0].device.type != "cpu":  # several GPUs: bring the values to dst's device
+        srcs = [x if x.device == dst.device else x.to(dst.device) for x in srcs]
     if len(srcs) == 1:
         dst.copy_(srcs[0])
     elif op == "psum":
@@ -422,6 +424,9 @@ def _compute(spec: Spec, dev_pos: list[int], items: list[list[torch.Tensor]], si
         for li in range(nleaves):
             _fold_into(red, outs[li], [it[li] for it in items], scale)
         return outs
+    if items[0][0].device.type != "cpu":  # several GPUs: compute on the first one's
+        dev = items[0][0].device
+        items = [[x if x.device == dev else x.to(dev) for x in it] for it in items]
     if op == "gather":
         axis, present = spec.params
         out = []
