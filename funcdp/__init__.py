@@ -24,6 +24,8 @@ from funcdp._src.collectives import psum as psum
 from funcdp._src.collectives import psum_scatter as psum_scatter
 from funcdp._src.config import config as config
 from funcdp._src.data_parallel import DataParallel as DataParallel
+from funcdp._src.data_utils import pad_shard_unpad as pad_shard_unpad
+from funcdp._src.data_utils import prefetch_to_device as prefetch_to_device
 from funcdp._src.devices import Device as Device
 from funcdp._src.devices import device_count as device_count
 from funcdp._src.devices import devices as devices
@@ -58,12 +60,14 @@ __all__ = [
     "local_device_count",
     "load_checkpoint",
     "local_devices",
+    "pad_shard_unpad",
     "pbroadcast",
     "pmap",
     "pmax",
     "pmean",
     "pmin",
     "ppermute",
+    "prefetch_to_device",
     "process_count",
     "process_index",
     "pshuffle",

@@ -328,8 +328,9 @@ def test_error_in_axes_structure_mismatch():
                                          r"arguments at args\[0\]: the prefix has a dict"):
         funcdp.pmap(lambda a: a, in_axes=({"x": 0, "z": 0},))({"x": torch.ones(2),
                                                                "y": torch.ones(2)})
-    with pytest.raises(ValueError, match=r"`in_axes` is a tuple of 2 entries but the function "
-                                         r"was called with 1 positional"):
+    with pytest.raises(ValueError, match=r"`in_axes` has one entry per positional argument, "
+                                         r"2 here, but the function was called with 1 "
+                                         r"positional argument "):
         funcdp.pmap(lambda a: a, in_axes=(0, 0))(torch.ones(2))
 
 

@@ -105,3 +105,43 @@ def test_shard_errors():
         funcdp.unshard(torch.ones(4))
     with pytest.raises(ValueError, match="`devices` is empty"):
         funcdp.replicate(torch.ones(2), devices=[])
+
+
+@pytest.mark.parametrize("batch", [1, 5, 8, 13])
+def test_pad_shard_unpad_takes_any_batch_size(batch):
+    w = torch.randn(3)
+    x = torch.randn(batch, 3)
+
+    @funcdp.pmap(axis_name="i", in_axes=(None, 0), out_axes=(0, None))
+    def step(w, x, mask=None):
+        per_example = (x * w).sum(-1)
+        # A mean over the real examples only: the padding is masked out.
+        total = funcdp.psum((per_example * mask).sum(), "i")
+        count = funcdp.psum(mask.sum(), "i")
+        return per_example, total / count
+
+    per_example, mean = funcdp.pad_shard_unpad(step, with_mask=True, num_devices=4)(w, x)
+    assert_trees_close(per_example, (x * w).sum(-1))
+    assert_trees_close(mean, (x * w).sum(-1).mean())
+
+
+def test_pad_shard_unpad_errors_and_static_return():
+    f = funcdp.pmap(lambda a, b: a + b)
+    with pytest.raises(ValueError, match=r"different leading sizes \[2, 3\]"):
+        funcdp.pad_shard_unpad(f, static_argnums=())(torch.ones(2), torch.ones(3))
+    out = funcdp.pad_shard_unpad(f, static_argnums=(), static_return=True, num_devices=4)(
+        torch.ones(6), torch.ones(6))
+    assert out.shape == (4, 2)
+
+
+def test_prefetch_to_device_yields_sharded_values_in_order():
+    batches = [funcdp.shard(torch.full((8, 2), float(i))) for i in range(5)]
+    out = list(funcdp.prefetch_to_device(iter(batches), size=2))
+    assert [float(b[0][0, 0]) for b in out] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert all(isinstance(b, funcdp.ShardedValue) and b.devices == tuple(funcdp.devices())
+               for b in out)
+    assert out[1].shards[3].data_ptr() == batches[1][3].data_ptr()  # CPU: no copy
+    with pytest.raises(ValueError, match="needs a leading dimension of 8"):
+        list(funcdp.prefetch_to_device([torch.ones(3, 2)]))
+    with pytest.raises(ValueError, match="`size` must be a positive int"):
+        list(funcdp.prefetch_to_device([], size=0))

@@ -230,3 +230,35 @@ def test_jacobians_through_pmap():
     assert_trees_close(torch.func.jacrev(f)(x), torch.func.jacrev(ref)(x))
     assert_trees_close(torch.func.hessian(lambda v: f(v).sum())(x),
                        torch.func.hessian(lambda v: ref(v).sum())(x))
+
+
+def test_derivatives_through_pmap_see_the_forward_pass_dropout_masks():
+    f = funcdp.pmap(lambda a, w: F.dropout(a * w, 0.5), in_axes=(0, None))
+    x = torch.ones(4, 1000, dtype=torch.float64)
+    w = torch.tensor(3.0, dtype=torch.float64)
+    torch.manual_seed(0)
+    g, value = torch.func.grad_and_value(lambda w: f(x, w).sum())(w)
+    assert_trees_close(g, value / w)  # the same mask in the forward and backward passes
+    torch.manual_seed(0)
+    out, tangent = torch.func.jvp(lambda w: f(x, w), (w,), (torch.ones(()).double(),))
+    assert_trees_close(tangent, out / w)
+    wr = w.clone().requires_grad_()
+    torch.manual_seed(0)
+    y = f(x, wr).sum()
+    (gw,) = torch.autograd.grad(y, wr, create_graph=True)
+    assert_trees_close(gw.detach(), y.detach() / w)
+
+
+def test_randomness_is_reproducible_whatever_the_first_calls_did():
+    f = funcdp.pmap(lambda a, train: F.dropout(a, 0.5, training=train), in_axes=(0, None))
+    x = torch.ones(4, 64)
+    for _ in range(3):
+        f(x, False)  # no randomness: leaves torch's default generator alone
+    torch.manual_seed(5)
+    a = f(x, True).to_tensor()
+    torch.manual_seed(5)
+    b = f(x, True).to_tensor()
+    assert torch.equal(a, b)
+    state = torch.random.get_rng_state()
+    f(x, False)
+    assert torch.equal(state, torch.random.get_rng_state())

@@ -18,22 +18,30 @@ _VERSION = 1
 
 
 def _is_replicated(v: ShardedValue) -> bool:
+    """Made by ``replicate`` (one storage on CPU; equal copies on separate GPUs).
+
+    Per-device values that merely happen to be equal on CPU are kept with their axis.
+    """
+    if v.axis != 0 or v.block != 1:
+        return False
     first = v.shards[0]
     for s in v.shards[1:]:
         if s is first or (s.data_ptr() == first.data_ptr() and s.device == first.device
                           and s.shape == first.shape and s.stride() == first.stride()):
             continue
-        if not torch.equal(first, s.to(first.device)):
+        if s.device == first.device or not torch.equal(first, s.to(first.device)):
             return False
-    return v.axis == 0 and v.block == 1
+    return True
 
 
 @public
 def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
     """Saves a training state (any pytree of tensors, sharded values and numbers) to ``path``.
 
-    Replicated values (from :func:`funcdp.replicate`, or replicated pmap outputs) are stored
-    once; sharded values are gathered. The file holds plain tensors on the CPU and a
+    Replicated values (from ``funcdp.replicate``) are stored once and can be replicated
+    again onto any number of devices when loading; other sharded values are gathered
+    (their mapped axis is kept); plain tensors (such as ``out_axes=None`` results) are
+    stored as they are. The file holds plain tensors on the CPU and a
     serialized pytree structure, so it loads with ``weights_only=True``, on a machine
     with any number or kind of devices.
 

@@ -36,6 +36,7 @@ from funcdp._src import tree as tree_util
 from funcdp._src.api_util import public
 from funcdp._src.axes import DeviceComp, VmapComp
 from funcdp._src.rendezvous import Mesh
+from funcdp._src.transform_util import a_type
 
 # Reductions at least this large (elements, all leaves together) are computed by all
 # participants in parallel, each its own chunk; smaller ones by the last to arrive.
@@ -281,16 +282,18 @@ def _device_collective(spec: Spec, dev_pos: list[int], leaves: list[torch.Tensor
         return _take(spec, dev_pos, result, 0, coord, comps)
     chunked = None
     numel = sum(x.numel() for x in leaves)
+    # Decided from shapes and dtypes only, which every participant shares (checked): all
+    # must take the same path. Non-contiguous inputs are copied chunk by chunk.
     if (op in ("psum", "pmax", "pmin") and numel >= _PARALLEL_MIN_NUMEL
-            and leaves[0].device.type == "cpu"
-            and all(x.is_contiguous() for x in leaves)):
-        compute = _reduction_outputs_of_first
+            and leaves[0].device.type == "cpu"):
+        def compute(items):
+            return _reduction_outputs(items[0])
         chunked = _chunked_reduce(op, _scale_of(spec))
     else:
         def compute(items):
-            return _compute(spec, dev_pos, items, size)
+            return _watched(mesh, spec, _compute(spec, dev_pos, items, size))
     result = mesh.exchange(coord, mesh_axes, group, rank, size, spec.label, desc, leaves,
-                           compute, chunked)
+                           compute, chunked, lambda res: _watched(mesh, spec, res))
     out = _take(spec, dev_pos, result, rank, coord, comps)
     dev = leaves[0].device if leaves else None
     if dev is not None and dev.type == "cuda":
@@ -336,10 +339,12 @@ class _BufferPool:
             for buf in bufs:
                 # The pool's tensor and the temporary storage object: nobody else.
                 if torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2:
-                    return buf
+                    # A new view, made under the lock, marks the buffer as taken at once.
+                    return buf.view(numel)
             buf = torch.empty(numel, dtype=dtype)
             if len(bufs) < self._PER_KEY:
                 bufs.append(buf)
+                return buf.view(numel)
             return buf
 
 
@@ -467,9 +472,27 @@ def _compute(spec: Spec, dev_pos: list[int], items: list[list[torch.Tensor]], si
     raise AssertionError(op)
 
 
+# Collective results every participant receives whole (the same value for all).
+_SHARED_OPS = ("psum", "pmax", "pmin", "gather", "bcast")
+# Up to this size each device gets its own copy of such a result; larger results are one
+# buffer that all devices read (on CPU and on logical devices of one GPU), and writing to
+# it in place is an error, detected when the call ends.
+_COPY_MAX_NUMEL = 1 << 12
+
+
+def _watched(mesh: Mesh, spec: Spec, result: Any) -> Any:
+    if spec.op in _SHARED_OPS:
+        for t in result:
+            if t.numel() > _COPY_MAX_NUMEL and not t.is_inference():
+                mesh.watch(t, spec.label)
+    return result
+
+
 def _take(spec: Spec, dev_pos: list[int], result, rank: int, coord: tuple, comps: list):
     """This participant's part of a round's result (distinct tensor objects per device)."""
     op = spec.op
+    if op in _SHARED_OPS:
+        return [t.clone() if t.numel() <= _COPY_MAX_NUMEL else t.detach() for t in result]
     if op in ("ppermute", "all_to_all"):
         return [t.detach() for t in result[rank]]
     if op == "scatter":
@@ -552,7 +575,7 @@ def _flatten_values(x: Any, call: str):
         else:
             path = tree_util.keystr(tree_util.leaf_paths(treedef)[i])
             raise TypeError(
-                f"{call}: leaf x{path} is a {type(leaf).__name__}; collectives take pytrees "
+                f"{call}: leaf x{path} is {a_type(leaf)}; collectives take pytrees "
                 f"of tensors and numbers."
             )
     return leaves, treedef
@@ -682,11 +705,13 @@ def _grouped_fallback(op: str, x: torch.Tensor, comps: tuple, groups: tuple, lab
     if op == "psum":
         return torch.where(row, g, torch.zeros((), dtype=g.dtype, device=g.device)).sum(0)
     # Non-members get the identity of the reduction, so they never win (nor tie).
-    info = torch.finfo(g.dtype) if g.is_floating_point() else torch.iinfo(g.dtype)
-    if op == "pmax":
-        fill = -float("inf") if g.is_floating_point() else info.min
+    if g.dtype == torch.bool:
+        fill: Any = op != "pmax"
+    elif g.is_floating_point():
+        fill = -float("inf") if op == "pmax" else float("inf")
     else:
-        fill = float("inf") if g.is_floating_point() else info.max
+        info = torch.iinfo(g.dtype)
+        fill = info.min if op == "pmax" else info.max
     masked = torch.where(row, g, torch.full((), fill, dtype=g.dtype, device=g.device))
     return masked.amax(0) if op == "pmax" else masked.amin(0)
 

@@ -204,7 +204,11 @@ def broadcast(tree: Any, src: int = 0) -> Any:
     if not 0 <= src < info.count:
         raise ValueError(f"funcdp.distributed.broadcast: `src` {src} is out of range for "
                          f"{info.count} processes.")
+    from funcdp._src.sharded import ShardedValue
+
     leaves, spec = tree_util.tree_flatten(tree)
+    # Sharded values (replicated parameters, say) are broadcast as their gathered value.
+    leaves = [x.to_tensor() if isinstance(x, ShardedValue) else x for x in leaves]
     dev = _device_for_comm(info)
     out = list(leaves)
     for idx, flat in _buckets(leaves, dev):

@@ -127,6 +127,10 @@ def _run_task(task: _Task, worker: _Worker | None) -> _Outcome:
         return _Outcome(error=e)
     finally:
         ThreadState.exit(undo)
+        # A function may have switched grad mode off for good (torch.set_grad_enabled):
+        # the next task starts from the defaults again.
+        if not torch.is_grad_enabled():
+            torch.set_grad_enabled(True)
 
 
 _MALLOC_TUNED = False

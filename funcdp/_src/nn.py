@@ -147,6 +147,11 @@ class FunctionalModule:
         self._local = threading.local()
         self._param_names = [n for n, _ in module.named_parameters()]
         self._buffer_names = [n for n, _ in module.named_buffers()]
+        # Every place a tensor is held, tied weights included: (slot name, canonical name).
+        self._param_aliases = _aliases(module.named_parameters(remove_duplicate=False),
+                                       module.named_parameters())
+        self._buffer_aliases = _aliases(module.named_buffers(remove_duplicate=False),
+                                        module.named_buffers())
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -161,8 +166,8 @@ class FunctionalModule:
         m = getattr(local, "module", None)
         if m is None:
             m = local.module = _replica(self._template)
-            local.param_slots = [_slot(m, n, "_parameters") for n in self._param_names]
-            local.buffer_slots = [_slot(m, n, "_buffers") for n in self._buffer_names]
+            local.param_slots = [_slot(m, n, "_parameters") for n, _ in self._param_aliases]
+            local.buffer_slots = [_slot(m, n, "_buffers") for n, _ in self._buffer_aliases]
         if m.training != train:
             m.train(train)
         return m, local.param_slots, local.buffer_slots
@@ -186,12 +191,14 @@ class FunctionalModule:
             train = self.module.training
         module, pslots, bslots = self._thread_module(train)
         new_buffers = {}
-        for name, (_, _, original) in zip(self._buffer_names, bslots):
-            b = buffers.get(name)
+        for (name, canonical), (_, _, original) in zip(self._buffer_aliases, bslots):
+            if canonical in new_buffers:
+                continue
+            b = buffers.get(canonical)
             # Buffers not given start from the module's own, copied: never written to.
-            new_buffers[name] = (b if b is not None else original).clone()
+            new_buffers[canonical] = (b if b is not None else original).clone()
         try:
-            values = [params[name] for name in self._param_names]
+            values = [params[canonical] for _, canonical in self._param_aliases]
         except KeyError:
             out = functional_call(module, (dict(params), new_buffers), args, kwargs,
                                   tie_weights=True, strict=False)
@@ -200,8 +207,8 @@ class FunctionalModule:
         # functional_call does, minus its generality), and put the originals back after.
         for (d, key, _), v in zip(pslots, values):
             d[key] = v
-        for (d, key, _), name in zip(bslots, self._buffer_names):
-            d[key] = new_buffers[name]
+        for (d, key, _), (_, canonical) in zip(bslots, self._buffer_aliases):
+            d[key] = new_buffers[canonical]
         try:
             out = module(*args, **kwargs)
         finally:
@@ -248,6 +255,12 @@ class FunctionalModule:
         params = {n: sd[n].detach() for n in self._param_names}
         buffers = {n: sd[n].detach().clone() for n in self._buffer_names}
         return params, buffers
+
+
+def _aliases(all_named: Any, unique_named: Any) -> list[tuple[str, str]]:
+    """``(name, canonical name)`` for every name a tensor is registered under."""
+    canonical = {id(t): n for n, t in unique_named}
+    return [(n, canonical[id(t)]) for n, t in all_named]
 
 
 def _slot(module: nn.Module, name: str, kind: str) -> tuple[dict, str, Any]:

@@ -312,6 +312,8 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
 def global_norm(tree: Any) -> torch.Tensor:
     """The L2 norm of all leaves of ``tree`` together."""
     leaves, _ = _flat(tree)
+    if not leaves:
+        return torch.zeros(())
     norms = torch._foreach_norm(leaves)
     return torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms])).to(
         leaves[0].dtype)

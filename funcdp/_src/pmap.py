@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,13 +40,17 @@ from funcdp._src.executor import executor
 from funcdp._src.rendezvous import CollectiveError, Mesh
 from funcdp._src.sharded import ShardedValue
 from funcdp._src.transform_util import (
+    a_type,
     argpath,
     check_axes_spec,
     describe_sizes,
     flat_in_axes,
     is_axis_leaf,
     normalize_axis,
+    plural,
 )
+
+_TOP_LEVEL = threading.RLock()
 
 # Leaf kinds of a plan.
 _SPLIT = 0  # a tensor mapped over an axis: each device gets a view of its slice
@@ -212,10 +215,10 @@ class Pmapped:
             if not 0 <= j < n:
                 raise ValueError(
                     f"{self._name}: `static_broadcasted_argnums` names argument {i} but the "
-                    f"function was called with {n} positional arguments; pass it "
+                    f"function was called with {plural(n, 'positional argument')}; pass it "
                     f"positionally.")
             idx.append(j)
-        statics = tuple((j, args[j]) for j in sorted(idx))
+        statics = tuple((j, args[j]) for j in sorted(set(idx)))
         dyn = tuple(a for j, a in enumerate(args) if j not in idx)
         return statics, dyn
 
@@ -236,9 +239,9 @@ class Pmapped:
         if isinstance(in_axes, tuple) and self._statics:
             if len(in_axes) != nargs:
                 raise ValueError(
-                    f"{self._name}: `in_axes` is a tuple of {len(in_axes)} entries but the "
-                    f"function was called with {nargs} positional arguments; give one entry "
-                    f"per positional argument.")
+                    f"{self._name}: `in_axes` has one entry per positional argument, "
+                    f"{len(in_axes)} here, but the function was called with "
+                    f"{plural(nargs, 'positional argument')}.")
             static_idx = {j for j, _ in key[1]}
             in_axes = tuple(a for j, a in enumerate(in_axes) if j not in static_idx)
         axes = flat_in_axes(in_axes, dyn_args, kwargs, treedef, self._name)
@@ -306,10 +309,14 @@ class _Plan:
             if isinstance(leaf, np.ndarray):
                 leaf = torch.as_tensor(leaf)
             if not isinstance(leaf, (torch.Tensor, ShardedValue)):
+                is_kw = tree_util.keystr(paths[i]).startswith("[1]")
+                fix = ("keyword arguments are always mapped over axis 0: pass it positionally "
+                       "with in_axes=None, or bind it with functools.partial" if is_kw else
+                       "give it in_axes=None to pass it to every device, or list it in "
+                       "static_broadcasted_argnums")
                 raise TypeError(
-                    f"{name}: {where(i)} is a {type(leaf).__name__} mapped over axis {ax}; "
-                    f"only tensors can be mapped. Give it in_axes=None to pass it to every "
-                    f"device, or list it in static_broadcasted_argnums.")
+                    f"{name}: {where(i)} is {a_type(leaf)} mapped over axis {ax}; only "
+                    f"tensors can be mapped: {fix}.")
             a = normalize_axis(ax, leaf.ndim, name, functools.partial(where, i))
             norm_axes.append(a)
             sizes[i] = leaf.shape[a]
@@ -373,8 +380,6 @@ class _Plan:
                 kinds.append(_SPLIT)
         self.kinds = kinds
         self.out_plans: dict = {}
-        self.random: bool | None = None
-        self.random_checks = 16
         self.full_checks = 3
         self.label = f"{name} over {self.ndev} device{'s' if self.ndev > 1 else ''}"
 
@@ -385,10 +390,10 @@ class _Plan:
                 axes = tree_util.broadcast_prefix(self.owner._out_axes, out_treedef,
                                                   is_axis_leaf)
             except tree_util.PrefixError as e:
-                raise ValueError(
+                raise _call_error(ValueError(
                     f"{self.name}: `out_axes` {self.owner._out_axes!r} does not match the "
                     f"structure of the output at out{tree_util.keystr(e.path)}: {e.reason}. "
-                    f"`out_axes` must be a prefix of the output.") from None
+                    f"`out_axes` must be a prefix of the output.")) from None
             self.out_plans[out_treedef] = axes
         return axes
 
@@ -402,10 +407,12 @@ def _choose_devices(owner: Pmapped, n: int) -> tuple[list[Device], int]:
             return list(devs), 1
         if n > d and n % d == 0:
             return list(devs), n // d
+        fix = (f"pass devices=devices[:{n}] to use fewer devices" if n < d else
+               f"pad the batch to a multiple of {d} (funcdp.pad_shard_unpad does this)")
         raise ValueError(
             f"{name}: mapped size {n} does not fit the {d} devices passed in `devices`: it "
             f"must equal {d} or be a multiple of it (each device then runs a vmap over the "
-            f"extra shards). Pass devices=devices[:{n}] to use fewer devices.")
+            f"extra shards); {fix}.")
     avail = _available_devices()
     d = len(avail)
     if n <= d:
@@ -462,6 +469,7 @@ class _Call:
         self.leaves = leaves
         self.per_device: list | None = None
         self.track: list[bool] = []
+        self.seeds: Any = None
 
     # -- inputs ------------------------------------------------------------------------
     def _device_inputs(self, leaves: list) -> list[list]:
@@ -506,6 +514,11 @@ class _Call:
             mesh.offset = offset
             return mesh, (), {}
         # A nested pmap: one shared mesh per nested call across the outer devices.
+        if any(len(c) > 1 for c in parent.names.values()):
+            raise NotImplementedError(
+                f"{plan.name}: a pmap nested inside a pmap that runs more shards than devices "
+                f"(a vmap per device) is not supported; give the outer pmap at most as many "
+                f"shards as devices.")
         seq = parent.nested
         parent.nested += 1
         pmesh = parent.mesh
@@ -545,29 +558,31 @@ class _Call:
             mesh.leave(coord)
             return out
 
-        outcomes = executor().run(plan.devices, per_device)
+        # Top-level calls from different threads take turns: a nested pmap queues its
+        # inner devices' work from every outer device separately, and two calls
+        # interleaved on the same workers could each wait for the other.
+        with _TOP_LEVEL if not prefix else contextlib.nullcontext():
+            if _functorch.maybe_current_level() is not None:
+                # Called from a backward (or jvp) at some torch.func level: the calling
+                # thread runs device 0's share and must see no transforms, like the workers.
+                with pyfunctorch.temporarily_clear_interpreter_stack():
+                    outcomes = executor().run(plan.devices, per_device)
+            else:
+                outcomes = executor().run(plan.devices, per_device)
         errors = [(i, o.error) for i, o in enumerate(outcomes) if o.error is not None]
         if errors:
             _raise_device_error(plan, errors)
+        if mesh.watched:
+            mesh.check_watched()
         return [o.value for o in outcomes]
 
     def _execute(self, inputs: list[list], record: bool) -> list:
         plan = self.plan
         name = plan.owner._axis_name
         blocked = plan.block > 1
-        random = plan.random  # None until the first call tells whether f draws
-        modes: list[Any] = [None] * plan.ndev
-        # Only a top-level call can tell whether f drew from the global generator: nested
-        # calls run while other devices' threads legitimately draw too. The check costs a
-        # few microseconds, so it runs on the first calls of a plan only.
-        check = (random is False and plan.random_checks > 0
-                 and axes_mod.current_pmap_frame() is None)
-        if check:
-            plan.random_checks -= 1
-        if check:
-            before = torch.default_generator.get_state()
-        if random is not False:
-            base = random_mod.draw_base()
+        # Every device draws random numbers from its own generator, seeded from one base
+        # per call (drawn only if some device needs it; reused by recomputations).
+        seeds = self.seeds = self.seeds or random_mod.call_seeds()
 
         def run(i: int, frame: Any) -> Any:
             if blocked:
@@ -577,24 +592,10 @@ class _Call:
         def work(i: int, frame: Any) -> Any:
             # Recording (for a backward pass later) needs grad mode on whatever the caller's.
             with torch.enable_grad() if record else contextlib.nullcontext():
-                if random is False:
-                    return run(i, frame)
-                gen = random_mod.make_generator(plan.devices[i].torch_device,
-                                                random_mod.device_seed(base, i))
-                modes[i] = mode = random_mod.DeviceRandomness(gen)
-                with mode:
+                with random_mod.DeviceRandomness(seeds, i, plan.devices[i].torch_device):
                     return run(i, frame)
 
-        results = self._on_devices(work)
-        if random is None:
-            plan.random = any(m.used for m in modes)
-        elif check and not torch.equal(before, torch.default_generator.get_state()):
-            plan.random = True
-            warnings.warn(
-                f"{plan.name} drew random numbers from torch's global generator although its "
-                f"first call did not; those draws were not reproducible per device. Later "
-                f"calls give each device its own generator.", RuntimeWarning, stacklevel=4)
-        return results
+        return self._on_devices(work)
 
     def _blocked(self, flat: list, record: bool, frame, name) -> Any:
         """Runs ``block`` shards on one device as a named vmap (more shards than devices)."""
@@ -651,8 +652,11 @@ class _Call:
         axes = plan.out_axes_for(treedef)
         for i, (x, ax) in enumerate(zip(leaves, axes)):
             if ax is not None and x is not None:
-                normalize_axis(ax, x.ndim, plan.name, lambda: f"output out[{i}]", extra=1,
-                               what="out_axes entry")
+                try:
+                    normalize_axis(ax, x.ndim, plan.name, lambda: f"output {i}", extra=1,
+                                   what="out_axes entry")
+                except ValueError as e:
+                    raise _call_error(e) from None
         return (flat if record else None), leaves, treedef
 
     # -- the plain path ------------------------------------------------------------------
@@ -675,6 +679,13 @@ class _Call:
                 outs.append(None)
                 continue
             if any(s.requires_grad for s in shards):
+                if any(isinstance(x, ShardedValue) and x.shards[0].requires_grad
+                       for x in self.leaves):
+                    raise RuntimeError(
+                        f"{plan.name}: an argument is a sharded value whose tensors require "
+                        f"grad (funcdp.replicate of a parameter, say); sharded values carry "
+                        f"no gradients through pmap. Pass the tensor itself with "
+                        f"in_axes=None instead: on CPU devices it is shared, not copied.")
                 raise RuntimeError(
                     f"{plan.name}: output out[{j}] requires grad but no argument of the call "
                     f"does: the function closes over tensors that require grad (an nn.Module's "
@@ -780,7 +791,9 @@ class _Call:
             ct_leaves.append(ct)
             ct_axes.append(o)
         treedef, statics, fun = plan.treedef, self.statics, self.fun
-        out_pos = self.out_tensor_pos
+        # Integer outputs (counts, argmax) have no cotangent: leave them out of the VJP.
+        diff_mask = [bool(ct.is_floating_point() or ct.is_complex()) for ct in cts]
+        diff_pos = [j for j, d in zip(self.out_tensor_pos, diff_mask) if d]
 
         def vjp_flat(*flat: Any) -> tuple:
             prim, cotangents = list(flat[:nleaves]), flat[nleaves:]
@@ -793,15 +806,16 @@ class _Call:
                 if statics:
                     args = _merge_statics(args, statics)
                 outs = tree_util.tree_leaves(fun(*args, **kwargs))
-                return tuple(_to_output(outs[j], plan, j) for j in out_pos)
+                return tuple(_to_output(outs[j], plan, j) for j in diff_pos)
 
             _, pull = torch.func.vjp(of_wanted, *[prim[p] for p in want])
-            return pull(tuple(cotangents))
+            return pull(tuple(c for c, d in zip(cotangents, diff_mask) if d))
 
         grad_axes = tuple(plan.axes[p] if plan.kinds[p] != _BCAST else 0 for p in want)
         back = pmap(vjp_flat, plan.owner._axis_name, in_axes=tuple(plan.axes) + tuple(ct_axes),
                     out_axes=grad_axes, devices=plan.devices)
-        res = back(*leaves, *ct_leaves)
+        with random_mod.reuse(self.seeds):  # the same dropout masks as the forward pass
+            res = back(*leaves, *ct_leaves)
         by_leaf = {}
         for p, r in zip(want, res):
             r = r.to_tensor() if isinstance(r, ShardedValue) else r
@@ -820,6 +834,8 @@ class _Call:
         live_pos = [p for p, _ in live]
         treedef, statics, fun = plan.treedef, self.statics, self.fun
         out_pos = self.out_tensor_pos
+        out_float = {j: bool(self.out_template[j].is_floating_point()
+                             or self.out_template[j].is_complex()) for j in out_pos}
 
         def jvp_flat(*flat: Any) -> tuple:
             prim, tans = list(flat[:nleaves]), flat[nleaves:]
@@ -832,23 +848,38 @@ class _Call:
                 if statics:
                     args = _merge_statics(args, statics)
                 outs = tree_util.tree_leaves(fun(*args, **kwargs))
-                return tuple(_to_output(outs[j], plan, j) for j in out_pos)
+                return tuple(_to_output(outs[j], plan, j) for j in out_pos
+                             if out_float[j])
 
             # Primals and tangents may be expanded views (stride 0), which forward AD
             # cannot hold.
-            tans = tuple(t.contiguous() for t in tans)
-            prims = tuple(prim[p].contiguous() for p in live_pos)
+            tans = tuple(t.clone(memory_format=torch.contiguous_format) for t in tans)
+            prims = tuple(prim[p].clone(memory_format=torch.contiguous_format)
+                          for p in live_pos)
             _, out_t = torch.func.jvp(of_live, prims, tans)
             return out_t
 
         tan_axes = tuple(plan.axes[p] for p in live_pos)
-        out_axes = tuple(self.out_norm[j] for j in out_pos)
+        out_axes = tuple(self.out_norm[j] for j in out_pos if out_float[j])
         fwd = pmap(jvp_flat, plan.owner._axis_name, in_axes=tuple(plan.axes) + tan_axes,
                    out_axes=out_axes, devices=plan.devices)
-        res = fwd(*leaves, *[t for _, t in live])
-        return tuple(r.to_tensor() if isinstance(r, ShardedValue) else r for r in res)
+        with random_mod.reuse(self.seeds):
+            res = iter(fwd(*leaves, *[t for _, t in live]))
+        return tuple((lambda r: r.to_tensor() if isinstance(r, ShardedValue) else r)(next(res))
+                     if out_float[j] else None for j in out_pos)
 
     def _backward_saved(self, cts: Sequence[torch.Tensor], needs: Sequence[bool]) -> list:
+        cts = [_functorch.get_unwrapped(c) if _functorch.is_functorch_wrapped_tensor(c) else c
+               for c in cts]
+        if _functorch.maybe_current_level() is None:
+            return self._backward_saved_plain(cts, needs)
+        # Under a single torch.func.grad: work on plain tensors (ops run while the level is
+        # active would wrap their results), and hand plain gradients back.
+        with pyfunctorch.temporarily_clear_interpreter_stack():
+            return self._backward_saved_plain(cts, needs)
+
+    def _backward_saved_plain(self, cts: Sequence[torch.Tensor],
+                              needs: Sequence[bool]) -> list:
         plan = self.plan
         assert self.per_device is not None
         ndev, k = plan.ndev, plan.block
@@ -891,8 +922,8 @@ class _Call:
         # that the collectives' transposes meet the other devices.
         results = self._on_devices(grad_device)
         grads: list[Any] = [None] * len(self.tensor_pos)
-        for w, leaf_i in zip(want, wanted_leaves):
-            per = [r[w] for r in results]
+        for k_, (w, leaf_i) in enumerate(zip(want, wanted_leaves)):
+            per = [r[k_] for r in results]
             kind = plan.kinds[leaf_i]
             a = plan.axes[leaf_i]
             x = self.leaves[leaf_i]
@@ -962,6 +993,13 @@ class _Call:
         self.out_treedef = out_treedef
         self.out_template = out_leaves
         self.out_tensor_pos = [j for j, x in enumerate(out_leaves) if x is not None]
+        # Where each output's mapped axis is, as forward() would have recorded it (the
+        # recompute path of a later backward reads it); the batch dimension is not counted.
+        axes = plan.out_axes_for(out_treedef)
+        self.out_norm = [None if ax is None or x is None else
+                         normalize_axis(ax, x.ndim - 2, plan.name, lambda: "an output",
+                                        extra=1)
+                         for ax, x in zip(axes, out_leaves)]
         outs = tuple(out_leaves[j] for j in self.out_tensor_pos)
         return outs, (0,) * len(outs)
 
@@ -1000,11 +1038,13 @@ def _saved_graphs_suffice(cts: Sequence[torch.Tensor]) -> bool:
     ``torch.func.grad``; not when the gradient must be differentiable (grad mode on in
     plain autograd means ``create_graph=True``) or when other transforms are active.
     """
-    if any(_functorch.is_functorch_wrapped_tensor(c) for c in cts):
-        return False
     if _functorch.maybe_current_level() is None:
-        return not torch.is_grad_enabled()
-    return len(pyfunctorch.retrieve_all_functorch_interpreters()) == 1
+        return not torch.is_grad_enabled() and not any(
+            _functorch.is_functorch_wrapped_tensor(c) for c in cts)
+    # A single torch.func.grad: its own level is the only one (the cotangents are wrapped
+    # at that level only, and are unwrapped before use).
+    stack = pyfunctorch.retrieve_all_functorch_interpreters()
+    return len(stack) == 1 and stack[0].key() == pyfunctorch.TransformType.Grad
 
 
 def _track(x: Any) -> Any:
@@ -1046,8 +1086,8 @@ def _to_output(x: Any, plan: _Plan, i: int) -> Any:
         return x.to_tensor()
     if isinstance(x, (bool, int, float, complex, np.ndarray, np.generic)):
         return torch.as_tensor(x)
-    raise TypeError(f"{plan.name}: output leaf {i} is a {type(x).__name__}; pmapped functions "
-                    f"must return pytrees of tensors (or numbers).")
+    raise _call_error(TypeError(f"{plan.name}: output leaf {i} is {a_type(x)}; pmapped "
+                                f"functions must return pytrees of tensors (or numbers)."))
 
 
 def _same_structure(plan: _Plan, results: list) -> Any:
@@ -1123,12 +1163,21 @@ def _not_replicated_msg(plan: _Plan, j: int, a: int, b: int, detail: str,
             f"value per device. funcdp.config.check_replicated=False skips this check.")
 
 
+def _call_error(e: BaseException) -> BaseException:
+    """Marks an error about the call itself (its out_axes, its outputs), raised on a device
+    but not specific to it: reported as it is, not as "caught on device i"."""
+    e.funcdp_call_error = True  # type: ignore[attr-defined]
+    return e
+
+
 def _raise_device_error(plan: _Plan, errors: list) -> None:
     primary = None
     for i, e in errors:
         if not isinstance(e, CollectiveError):
             primary = (i, e)
             break
+    if primary is not None and getattr(primary[1], "funcdp_call_error", False):
+        raise primary[1].with_traceback(None)
     if primary is None:
         firsts = [e for _, e in errors if not e.secondary] or [errors[0][1]]
         raise firsts[0]

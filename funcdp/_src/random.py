@@ -6,16 +6,27 @@ run. Inside a pmap, funcdp instead gives device ``i`` its own ``torch.Generator`
 call, and routes torch's random functions (``torch.rand``/``randn``/``bernoulli``...,
 ``Tensor.uniform_``/``normal_``..., and dropout in all its forms) to it.
 
-The seeding rule: a call that uses randomness draws one integer ``s`` from torch's
-default generator in the calling thread (so it follows ``torch.manual_seed``), and
-device ``i`` seeds its generator with ``mix(s, i)``. Draws therefore differ across
-devices, are identical across two runs with the same seed, and do not depend on thread
-scheduling.
+The seeding rule: a call in which some device draws random numbers takes one integer
+``s`` from torch's default generator (so it follows ``torch.manual_seed``; a call that
+draws nothing leaves the default generator alone), and device ``i`` seeds its generator
+with ``mix(s, i)`` (``device_seed``). Draws therefore differ across devices, are
+identical across two runs with the same seed, and do not depend on thread scheduling.
+Recomputing a call for a derivative reuses its ``s``, so dropout masks match.
+
+Routed: ``torch.rand``/``randn``/``randint``/``randperm``/``bernoulli``/``normal``/
+``multinomial``/``poisson``/``binomial`` and their ``*_like`` forms, the in-place
+``Tensor`` samplers (``uniform_``, ``normal_``, ``bernoulli_``, ...; so ``nn.init`` too)
+and every dropout (``F.dropout``, ``dropout1d/2d/3d``, ``alpha_dropout``,
+``feature_alpha_dropout``, ``nn.Dropout``...). Not routed (they still use the default
+generator, in whatever order the threads run): ``F.rrelu`` and ``torch.distributions``
+samplers built on ``torch._standard_gamma`` and friends.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,14 +46,76 @@ def device_seed(base: int, index: int) -> int:
     return (x ^ (x >> 31)) & _MASK
 
 
-def draw_base() -> int:
-    return int(torch.randint(0, 2**62, ()).item())
+def draw_base(generator: torch.Generator | None = None) -> int:
+    gen = generator if generator is not None else torch.default_generator
+    return int(torch.randint(0, 2**62, (), generator=gen).item())
 
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+_tls = threading.local()
+
+
+class CallSeeds:
+    """The base seed of one pmap call, drawn when a device first needs randomness.
+
+    A top-level call draws it from torch's default generator; a pmap called inside a
+    device draws it from that device's own generator (deterministic per device).
+    """
+
+    __slots__ = ("base", "lock", "outer")
+
+    def __init__(self, base: int | None = None) -> None:
+        self.base = base
+        self.lock = threading.Lock()
+        self.outer = _active_mode()
+
+    def get(self) -> int:
+        if self.base is None:
+            with self.lock:
+                if self.base is None:
+                    outer = self.outer.generator if self.outer is not None else None
+                    self.base = draw_base(outer)
+        return self.base
+
+
+def _active_mode() -> DeviceRandomness | None:
+    from torch.overrides import _get_current_function_mode_stack
+
+    for mode in reversed(_get_current_function_mode_stack()):
+        if isinstance(mode, DeviceRandomness):
+            return mode
+    return None
+
+
+def call_seeds() -> CallSeeds:
+    """The seeds of a new call: those of the call being recomputed, if any (see reuse)."""
+    forced = getattr(_tls, "forced", None)
+    if forced is None:
+        return CallSeeds()
+    _tls.forced = None  # for the one call being recomputed, not for pmaps nested in it
+    return forced
+
+
+class reuse:
+    """Makes the pmap call made inside draw exactly what ``seeds``' call drew.
+
+    Used to recompute a forward pass (for a VJP or JVP) with the same dropout masks.
+    """
+
+    def __init__(self, seeds: CallSeeds | None) -> None:
+        self.seeds = seeds
+
+    def __enter__(self) -> None:
+        self.old = getattr(_tls, "forced", None)
+        _tls.forced = self.seeds
+
+    def __exit__(self, *exc: Any) -> None:
+        _tls.forced = self.old
 
 
 _WITH_GENERATOR = {
@@ -61,13 +134,16 @@ def _noise_shape(x: torch.Tensor, feature: int) -> tuple:
     """Shape of the dropout mask: elementwise, or one draw per channel."""
     if not feature:
         return tuple(x.shape)
+    if feature == 2 and x.ndim == 3:
+        # As torch: a 3-D input to dropout2d is (N, C, L), dropped channel-wise.
+        return (x.shape[0], x.shape[1], 1)
     batched = x.ndim == feature + 2
     lead = 2 if batched else 1
     return tuple(x.shape[:lead]) + (1,) * (x.ndim - lead)
 
 
-def _dropout(gen: torch.Generator, x: torch.Tensor, p: float, training: bool, inplace: bool,
-             feature: int = 0, alpha: bool = False) -> torch.Tensor:
+def _dropout(gen: Callable[[], torch.Generator], x: torch.Tensor, p: float, training: bool,
+             inplace: bool, feature: int = 0, alpha: bool = False) -> torch.Tensor:
     if p < 0 or p > 1:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0:
@@ -76,7 +152,7 @@ def _dropout(gen: torch.Generator, x: torch.Tensor, p: float, training: bool, in
         out = x * 0 if not alpha else x * 0 + (-_SELU_ALPHA * 1.0507009873554805)
         return x.copy_(out) if inplace else out
     noise = torch.empty(_noise_shape(x, feature), dtype=x.dtype, device=x.device)
-    noise = noise.bernoulli_(1 - p, generator=gen)
+    noise = noise.bernoulli_(1 - p, generator=gen())
     if alpha:
         a = 1.0 / math.sqrt((_SELU_ALPHA**2 * p + 1) * (1 - p))
         b = (noise - 1) * (_SELU_ALPHA * a) + _SELU_ALPHA * a * p
@@ -121,22 +197,33 @@ _DROPOUT = {
 
 
 class DeviceRandomness(TorchFunctionMode):
-    """Routes torch's random functions to ``generator`` (active in one device's thread)."""
+    """Routes torch's random functions to device ``index``'s generator for one call.
 
-    def __init__(self, generator: torch.Generator) -> None:
+    Active in the device's thread while it runs; the generator is made on the first
+    random draw, so functions that draw nothing never touch torch's default generator.
+    """
+
+    def __init__(self, seeds: CallSeeds, index: int, device: torch.device) -> None:
         super().__init__()
-        self.generator = generator
-        self.used = False
+        self.seeds = seeds
+        self.index = index
+        self.device = device
+        self._generator: torch.Generator | None = None
+
+    @property
+    def generator(self) -> torch.Generator:
+        if self._generator is None:
+            self._generator = make_generator(self.device,
+                                             device_seed(self.seeds.get(), self.index))
+        return self._generator
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _WITH_GENERATOR:
             if kwargs.get("generator") is None:
                 kwargs = dict(kwargs, generator=self.generator)
-                self.used = True
             return func(*args, **kwargs)
         handler = _DROPOUT.get(func)
         if handler is not None:
-            self.used = True
-            return handler(self.generator, args, kwargs)
+            return handler(lambda: self.generator, args, kwargs)
         return func(*args, **kwargs)

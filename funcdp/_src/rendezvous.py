@@ -72,13 +72,32 @@ class Mesh:
         self.devices = devices  # coord -> Device, for messages
         self.cond = threading.Condition(threading.Lock())
         self.states: dict[tuple, Any] = {c: _RUNNING for c in devices}
-        self.total = len(devices)
+        # Every participant of this process, registered or not yet (a nested mesh learns
+        # its devices as the outer devices join).
+        self.total = max(len(devices), _product(sizes))
         self.rounds: dict[tuple, _Round] = {}
         self.failure: CollectiveError | None = None
         self.children: dict[Any, Mesh] = {}
         # Multi-process runs: this process's place; coordinates along axis 0 are global.
         self.proc: Any = None
         self.offset = 0
+        self.watched: list[tuple[Any, int, str]] = []
+
+    def watch(self, tensor: Any, label: str) -> None:
+        """Remembers a result shared by all participants, to check it was not written to."""
+        self.watched.append((tensor, tensor._version, label))
+
+    def check_watched(self) -> None:
+        """Raises if a device modified a shared collective result in place."""
+        for tensor, version, label in self.watched:
+            if tensor._version != version:
+                raise CollectiveError(
+                    f"{self.label}: the result of {label} was modified in place on a device "
+                    f"(an in-place op such as `+=`, `add_` or `copy_`). Collective results of "
+                    f"more than {_copy_max()} elements are one buffer that every device "
+                    f"reads, as values are in JAX: write `y = y + ...` instead of "
+                    f"`y += ...`, or `y.clone()` first.")
+        self.watched.clear()
 
     # -- participants ----------------------------------------------------------------
     def leave(self, coord: tuple, error: BaseException | None = None) -> None:
@@ -174,6 +193,7 @@ class Mesh:
         payload: Any,
         compute: Callable[[list[Any]], Any],
         chunked: Callable[[list[Any], Any, int, int], None] | None = None,
+        finish: Callable[[Any], None] | None = None,
     ) -> Any:
         """One participant's part in a collective round.
 
@@ -189,6 +209,8 @@ class Mesh:
             compute: ``compute(payloads) -> result``, run once by the last arrival; or,
                 with ``chunked``, ``compute(payloads)`` allocates the result and
                 ``chunked(payloads, result, rank, size)`` fills one participant's chunk.
+            finish: with ``chunked``, ``finish(result)`` runs once all chunks are written,
+                before anyone is released.
 
         Returns:
             The shared result.
@@ -221,6 +243,8 @@ class Mesh:
         with self.cond:
             rnd.chunks_done += 1
             if rnd.chunks_done == size:
+                if finish is not None:
+                    finish(rnd.result)
                 rnd.phase = 2
                 self._release(rnd)
             else:
@@ -230,10 +254,14 @@ class Mesh:
     def _complete(self, rnd: _Round, compute: Callable, chunked: bool) -> None:
         first = rnd.descs[0]
         if any(d != first for d in rnd.descs):
-            lines = [f"{self.label}: the devices called a collective with different "
-                     f"arguments:"]
+            lines = [f"{self.label}: the devices reached different collectives (or passed "
+                     f"values of different shapes or dtypes):"]
             for r, d in enumerate(rnd.descs):
-                lines.append(f"  - participant {r} of {rnd.label}: {_fmt_desc(d)}")
+                coord = rnd.members[r] if r < len(rnd.members) else None
+                dev = self.devices.get(coord)
+                who = (f"device {_fmt_coord(coord)}" + (f" ({dev!r})" if dev is not None else "")
+                       if coord is not None else f"participant {r}")
+                lines.append(f"  - {who}: {_fmt_desc(d)}")
             lines.append("Every device must pass values of the same shape and dtype, with the "
                          "same parameters, to each collective.")
             rnd.error = CollectiveError("\n".join(lines))
@@ -295,6 +323,19 @@ class Mesh:
             return m
 
 
+def _copy_max() -> int:
+    from funcdp._src.collectives import _COPY_MAX_NUMEL
+
+    return _COPY_MAX_NUMEL
+
+
+def _product(sizes: tuple[int, ...]) -> int:
+    n = 1
+    for s in sizes:
+        n *= s
+    return n
+
+
 def _members(coord: tuple, axes: tuple[int, ...], sizes: tuple[int, ...]) -> list[tuple]:
     ranges = [range(sizes[a]) for a in axes]
     out = []
@@ -313,5 +354,7 @@ def _fmt_coord(coord: tuple) -> str:
 def _fmt_desc(desc: Any) -> str:
     if isinstance(desc, tuple) and len(desc) == 2:
         params, shapes = desc
-        return f"{params}, values {shapes}"
+        values = ", ".join(f"{tuple(shape)} {dtype.replace('torch.', '')}"
+                           for shape, dtype in shapes)
+        return f"{params} with values [{values}]"
     return repr(desc)

@@ -8,6 +8,16 @@ from typing import Any
 from funcdp._src import tree as tree_util
 
 
+def a_type(x: Any) -> str:
+    """``a float`` / ``an int``: the type of ``x`` with its article, for messages."""
+    name = type(x).__name__
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def is_axis_leaf(x: Any) -> bool:
     return x is None or (isinstance(x, int) and not isinstance(x, bool))
 
@@ -20,13 +30,13 @@ def check_axes_spec(spec: Any, call: str, arg: str) -> None:
     if treedef.is_leaf():
         raise TypeError(
             f"{call}: `{arg}` must be an int, None, or a pytree (tuple/list/dict) of ints and "
-            f"Nones, got {type(spec).__name__}: {spec!r}.")
+            f"Nones, got {a_type(spec)}: {spec!r}.")
     paths = tree_util.leaf_paths(treedef)
     for path, leaf in zip(paths, leaves):
         if not is_axis_leaf(leaf):
             raise TypeError(
                 f"{call}: `{arg}` leaf {arg}{tree_util.keystr(path)} is "
-                f"{type(leaf).__name__} {leaf!r}; each leaf must be an int (an axis) or None "
+                f"{a_type(leaf)} ({leaf!r}); each leaf must be an int (an axis) or None "
                 f"(not mapped).")
 
 
@@ -45,9 +55,9 @@ def flat_in_axes(in_axes: Any, args: tuple, kwargs: dict, treedef: Any, call: st
         in_axes = tuple(in_axes)
     if isinstance(in_axes, tuple) and len(in_axes) != len(args):
         raise ValueError(
-            f"{call}: `in_axes` is a tuple of {len(in_axes)} entries but the function was "
-            f"called with {len(args)} positional arguments; give one entry per positional "
-            f"argument (keyword arguments are always mapped over axis 0).")
+            f"{call}: `in_axes` has one entry per positional argument, {len(in_axes)} here, "
+            f"but the function was called with {plural(len(args), 'positional argument')} "
+            f"(keyword arguments are always mapped over axis 0).")
     prefix = (in_axes, {k: 0 for k in kwargs})
     try:
         return tree_util.broadcast_prefix(prefix, treedef, is_axis_leaf)

@@ -11,15 +11,18 @@ import functools
 from typing import Any
 
 import torch
+from torch._C import _functorch
 
 from funcdp._src import axes as axes_mod
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import fun_name, public
 from funcdp._src.transform_util import (
+    a_type,
     argpath,
     check_axes_spec,
     describe_sizes,
     flat_in_axes,
+    is_axis_leaf,
     normalize_axis,
 )
 
@@ -84,7 +87,7 @@ def vmap(fun: Any = None, in_axes: Any = 0, out_axes: Any = 0, axis_name: Any = 
             if not isinstance(leaf, torch.Tensor):
                 where = tree_util.keystr(tree_util.leaf_paths(treedef)[path_i])
                 raise TypeError(
-                    f"{name}: argument {argpath(where)} is a {type(leaf).__name__} mapped "
+                    f"{name}: argument {argpath(where)} is {a_type(leaf)} mapped "
                     f"over axis {ax}; only tensors can be mapped (use in_axes=None for it).")
             a = normalize_axis(ax, leaf.ndim, name, lambda: argpath(
                 tree_util.keystr(tree_util.leaf_paths(treedef)[path_i])))
@@ -112,19 +115,63 @@ def vmap(fun: Any = None, in_axes: Any = 0, out_axes: Any = 0, axis_name: Any = 
             leaves = leaves + [torch.empty(size, 0)]
             dims = dims + [0]
 
+        holder: dict = {}
+
         def flat_fun(*flat: Any) -> Any:
             if dummy:
                 flat = flat[:-1]
             a, k = tree_util.tree_unflatten(list(flat), treedef)
             if axis_name is None:
-                return fun(*a, **k)
-            with axes_mod.vmap_level(size, device) as comp, \
-                    axes_mod.bind(axes_mod.VmapFrame(axis_name, comp)):
-                return fun(*a, **k)
+                out = fun(*a, **k)
+            else:
+                with axes_mod.vmap_level(size, device) as comp, \
+                        axes_mod.bind(axes_mod.VmapFrame(axis_name, comp)):
+                    out = fun(*a, **k)
+            # torch.func.vmap returns tensors only: None leaves are put back below, and
+            # each output's out_axes is applied after (all come out batched at 0 first).
+            out_leaves, out_def = tree_util.tree_flatten(out)
+            holder["def"] = out_def
+            holder["present"] = present = [x is not None for x in out_leaves]
+            level = _functorch.maybe_current_level()
+            holder["unbatched"] = [
+                not (_functorch.is_batchedtensor(x) and _functorch.maybe_get_level(x) == level)
+                if isinstance(x, torch.Tensor) else True for x in out_leaves]
+            return tuple(x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+                         for x, p in zip(out_leaves, present) if p)
 
-        return torch.func.vmap(flat_fun, in_dims=tuple(dims), out_dims=out_axes,
+        outs = torch.func.vmap(flat_fun, in_dims=tuple(dims), out_dims=0,
                                randomness=randomness)(*leaves)
+        return _place_out_axes(name, out_axes, outs, holder)
 
     batched.__wrapped__ = fun  # type: ignore[attr-defined]
     return batched
 
+
+
+def _place_out_axes(name: str, out_axes: Any, outs: tuple, holder: dict) -> Any:
+    out_def = holder["def"]
+    try:
+        axes = tree_util.broadcast_prefix(out_axes, out_def, is_axis_leaf)
+    except tree_util.PrefixError as e:
+        raise ValueError(f"{name}: `out_axes` {out_axes!r} does not match the structure of "
+                         f"the output at out{tree_util.keystr(e.path)}: {e.reason}.") from None
+    it = iter(outs)
+    leaves = []
+    for j, (ax, present, unbatched) in enumerate(zip(axes, holder["present"],
+                                                     holder["unbatched"])):
+        if not present:
+            leaves.append(None)
+            continue
+        t = next(it)
+        if ax is None:
+            if not unbatched:
+                raise ValueError(
+                    f"{name}: out_axes=None for output {j}, but it varies along the mapped "
+                    f"axis; give it an integer out_axes, or make it the same for every "
+                    f"element (e.g. with funcdp.pmean).")
+            leaves.append(t[0])
+        else:
+            leaves.append(t.movedim(0, normalize_axis(ax, t.ndim - 1, name,
+                                                       lambda: f"output {j}", extra=1,
+                                                       what="out_axes entry")))
+    return tree_util.tree_unflatten(leaves, out_def)
