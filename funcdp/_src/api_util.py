@@ -15,7 +15,7 @@ def public(fn: F, module: str = "funcdp") -> F:
 
 
 def public_in(module: str) -> Callable[[F], F]:
-    """Like :func:`public` for a public subpackage (``funcdp.optim`` ...)."""
+    """Like ``public`` for a public subpackage (``funcdp.optim`` ...)."""
 
     def deco(fn: F) -> F:
         return public(fn, module)

@@ -3,9 +3,9 @@
 An axis name bound by ``pmap`` or ``vmap`` resolves to a tuple of *components*, in
 row-major order:
 
-- :class:`DeviceComp`: an axis of the device mesh of the running pmap call (the devices
+- ``DeviceComp``: an axis of the device mesh of the running pmap call (the devices
   exchange data through a rendezvous);
-- :class:`VmapComp`: a ``torch.func.vmap`` level (the values carry a batch dimension).
+- ``VmapComp``: a ``torch.func.vmap`` level (the values carry a batch dimension).
 
 A pmap whose mapped size is ``k`` times its device count binds its name to
 ``(DeviceComp, VmapComp)``: index ``d * k + v``. A tuple of names concatenates their

@@ -45,7 +45,7 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
     serialized pytree structure, so it loads with ``weights_only=True``, on a machine
     with any number or kind of devices.
 
-    Example:
+    Examples:
         >>> import os, tempfile, torch, funcdp
         >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
         >>> funcdp.save_checkpoint(path, {"w": funcdp.replicate(torch.ones(2)), "step": 3})
@@ -87,7 +87,7 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
 @public
 def load_checkpoint(path: str | os.PathLike, *, replicate_to: Sequence[Device] | None = None,
                     map_location: Any = "cpu") -> Any:
-    """Loads a state saved by :func:`save_checkpoint`.
+    """Loads a state saved by ``save_checkpoint``.
 
     Args:
         path: the file.

@@ -1,7 +1,7 @@
 """Collectives over named axes: psum, all_gather, ppermute and the rest.
 
 Every collective resolves its axis names to components (device-mesh axes and vmap
-levels, see :mod:`funcdp._src.axes`) and runs as one :class:`_CollectiveFn`, a
+levels, see ``funcdp._src.axes``) and runs as one ``_CollectiveFn``, a
 ``torch.autograd.Function`` over all leaves of the pytree at once:
 
 - ``forward`` runs at the bottom of the functorch stack: it applies the *unbatched*
@@ -734,7 +734,7 @@ def psum(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
     Returns:
         A pytree like ``x`` holding the sums.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> f = funcdp.vmap(lambda v: funcdp.psum(v, "i"), axis_name="i")
         >>> f(torch.tensor([1.0, 2.0, 3.0]))
@@ -747,7 +747,7 @@ def psum(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
 def pmean(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
     """Averages ``x`` over ``axis_name`` (integers give floats): ``psum(x) / size``.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> funcdp.vmap(lambda v: funcdp.pmean(v, "i"), axis_name="i")(torch.arange(4))
         tensor([1.5000, 1.5000, 1.5000, 1.5000])
@@ -762,7 +762,7 @@ def pmax(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
     Differentiable (beyond JAX): the cotangent flows to the participants holding the
     maximum, split evenly between ties, like ``torch.amax``'s gradient.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> funcdp.vmap(lambda v: funcdp.pmax(v, "i"), axis_name="i")(torch.tensor([1, 5, 2]))
         tensor([5, 5, 5])
@@ -772,9 +772,9 @@ def pmax(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
 
 @public
 def pmin(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
-    """Elementwise minimum over ``axis_name`` (differentiable like :func:`pmax`).
+    """Elementwise minimum over ``axis_name`` (differentiable like ``pmax``).
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> funcdp.vmap(lambda v: funcdp.pmin(v, "i"), axis_name="i")(torch.tensor([4, 1, 2]))
         tensor([1, 1, 1])
@@ -805,9 +805,9 @@ def all_gather(x: Any, axis_name: Any, *, axis: int = 0, tiled: bool = False) ->
 
     Untiled, the values are stacked along a new dimension ``axis`` (size = the axis
     size); with ``tiled=True`` they are concatenated along the existing ``axis``.
-    The transpose (gradient) is :func:`psum_scatter`.
+    The transpose (gradient) is ``psum_scatter``.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> funcdp.vmap(lambda v: funcdp.all_gather(v, "i"), axis_name="i")(torch.arange(3))
         tensor([[0, 1, 2],
@@ -843,9 +843,9 @@ def psum_scatter(x: Any, axis_name: Any, *, scatter_dimension: int = 0,
 
     Untiled, ``x.shape[scatter_dimension]`` must equal the axis size and that dimension
     is removed; tiled, it must be divisible by the axis size and participant ``i`` gets
-    the ``i``-th block. The transpose of :func:`all_gather`.
+    the ``i``-th block. The transpose of ``all_gather``.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> f = funcdp.vmap(lambda v: funcdp.psum_scatter(v, "i"), axis_name="i")
         >>> f(torch.ones(2, 2))
@@ -912,7 +912,7 @@ def ppermute(x: Any, axis_name: Any, perm: Any) -> Any:
     A participant that no pair sends to receives zeros. The transpose is the inverse
     permutation.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> ring = [(i, (i + 1) % 3) for i in range(3)]
         >>> funcdp.vmap(lambda v: funcdp.ppermute(v, "i", ring), axis_name="i")(torch.tensor([1, 2, 3]))
@@ -946,7 +946,7 @@ def ppermute(x: Any, axis_name: Any, perm: Any) -> Any:
 def pshuffle(x: Any, axis_name: Any, perm: Any) -> Any:
     """Participant ``i`` receives ``x`` from participant ``perm[i]``.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> funcdp.vmap(lambda v: funcdp.pshuffle(v, "i", [2, 0, 1]), axis_name="i")(torch.tensor([1, 2, 3]))
         tensor([3, 1, 2])
@@ -974,7 +974,7 @@ def all_to_all(x: Any, axis_name: Any, split_axis: int, concat_axis: int, *,
     ``out_i[..., j, ...] == x_j[i]``. Tiled: ``split_axis`` must divide by the axis size
     and the received chunks are concatenated along ``concat_axis``.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> x = torch.arange(4).reshape(2, 2)
         >>> funcdp.vmap(lambda v: funcdp.all_to_all(v, "i", 0, 0), axis_name="i")(x)
@@ -1029,7 +1029,7 @@ def pbroadcast(x: Any, axis_name: Any, source: int) -> Any:
     Beyond JAX (which has it on GPU only). The transpose sums the cotangents onto
     ``source``.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> funcdp.vmap(lambda v: funcdp.pbroadcast(v, "i", 2), axis_name="i")(torch.tensor([1, 2, 3]))
         tensor([3, 3, 3])
@@ -1066,7 +1066,7 @@ def axis_index(axis_name: Any) -> torch.Tensor:
 
     For a tuple of names, the row-major linear index.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> funcdp.vmap(lambda v: funcdp.axis_index("i"), axis_name="i")(torch.zeros(3))
         tensor([0, 1, 2])
@@ -1081,7 +1081,7 @@ def axis_index(axis_name: Any) -> torch.Tensor:
 def axis_size(axis_name: Any) -> int:
     """The size of ``axis_name`` (a Python int; for a tuple, the product).
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> funcdp.vmap(lambda v: v + funcdp.axis_size("i"), axis_name="i")(torch.zeros(3))
         tensor([3., 3., 3.])

@@ -51,7 +51,7 @@ class Config:
             every device (default True, ``FUNCDP_CHECK_REPLICATED``). Values that are the
             result of a reduction are recognised without comparing data.
 
-    Example:
+    Examples:
         >>> import funcdp
         >>> with funcdp.config.override(collective_timeout=5.0):
         ...     funcdp.config.collective_timeout

@@ -50,7 +50,7 @@ class DataParallel(nn.Module):
         dim: the dimension inputs are scattered along and outputs gathered along.
         sync_batchnorm: synchronise BatchNorm statistics across devices (default True).
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> model = funcdp.DataParallel(torch.nn.Linear(3, 2))
         >>> out = model(torch.randn(8, 3))

@@ -24,7 +24,7 @@ def pad_shard_unpad(fn: Callable, static_argnums: Sequence[int] = (0,),
     Each batch argument (every positional argument not in ``static_argnums``, every
     keyword argument not in ``static_argnames``) has the global batch on dimension 0; its
     size ``B`` need not divide by the device count ``n``. The wrapper zero-pads it to a
-    multiple of ``n``, reshapes it to ``[n, B' / n, ...]`` (:func:`funcdp.shard`), calls
+    multiple of ``n``, reshapes it to ``[n, B' / n, ...]`` (``funcdp.shard``), calls
     ``fn``, and turns every output from ``[n, b, ...]`` back into ``[B, ...]`` with the
     padding dropped. Static arguments are passed unchanged (e.g. replicated parameters,
     mapped by ``fn`` with ``in_axes=None``).
@@ -41,7 +41,7 @@ def pad_shard_unpad(fn: Callable, static_argnums: Sequence[int] = (0,),
     Returns:
         The wrapped function.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> f = funcdp.pmap(lambda w, x: x * w, in_axes=(None, 0))
         >>> out = funcdp.pad_shard_unpad(f)(torch.tensor(2.0), torch.ones(10, 3))
@@ -100,13 +100,13 @@ def prefetch_to_device(iterator: Iterable[Any], size: int = 2,
     """Puts the next ``size`` batches on their devices ahead of use.
 
     Every item is a pytree of tensors whose leading dimension is the device count (as
-    :func:`funcdp.shard` makes them); each leaf comes back as a :class:`ShardedValue`
+    ``funcdp.shard`` makes them); each leaf comes back as a ``ShardedValue``
     with shard ``i`` on device ``i``, which pmap uses in place. On GPUs the copies are
     issued ``size`` batches early from pinned memory without blocking, so they overlap
     with the computation on the previous batches; on virtual CPU devices the shards are
     views (nothing is copied).
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> n = funcdp.local_device_count()
         >>> batches = (funcdp.shard(torch.ones(2 * n, 3)) for _ in range(3))

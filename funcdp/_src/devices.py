@@ -148,7 +148,7 @@ def _ensure() -> None:
 def local_devices() -> list[Device]:
     """The devices of this process.
 
-    Example:
+    Examples:
         >>> import funcdp
         >>> funcdp.local_devices()[0].platform in ("cpu", "cuda")
         True
@@ -162,7 +162,7 @@ def local_devices() -> list[Device]:
 def devices() -> list[Device]:
     """Every device of every process (in one process: the same as ``local_devices()``).
 
-    Example:
+    Examples:
         >>> import funcdp
         >>> len(funcdp.devices()) == funcdp.device_count()
         True
@@ -190,13 +190,13 @@ def local_device_count() -> int:
 
 @public
 def process_index() -> int:
-    """This process's index (0 unless :func:`funcdp.distributed.initialize` was called)."""
+    """This process's index (0 unless ``funcdp.distributed.initialize`` was called)."""
     return _state.process_index
 
 
 @public
 def process_count() -> int:
-    """The number of processes (1 unless :func:`funcdp.distributed.initialize` was called)."""
+    """The number of processes (1 unless ``funcdp.distributed.initialize`` was called)."""
     return _state.process_count
 
 

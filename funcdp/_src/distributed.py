@@ -74,15 +74,17 @@ def initialize(backend: str | None = None, timeout: float | datetime.timedelta =
             gloo otherwise.
         timeout: seconds (or a ``timedelta``) before a collective that some process never
             joins fails, instead of waiting forever.
-        rank, world_size, master_addr, master_port: explicit values instead of the
-            environment's.
+        rank: this process's index (default: ``RANK``).
+        world_size: the number of processes (default: ``WORLD_SIZE``).
+        master_addr: address of process 0 (default: ``MASTER_ADDR``).
+        master_port: port of process 0 (default: ``MASTER_PORT``).
 
     Raises:
         ValueError: missing or inconsistent settings, with the variable to set.
         RuntimeError: if called twice.
 
-    Example:
-        In each process (``torchrun --standalone --nproc-per-node=2 train.py``)::
+    Examples:
+        In each process (``torchrun --standalone --nproc-per-node=2 train.py``):
 
             funcdp.distributed.initialize()
             funcdp.process_count()   # 2
@@ -194,7 +196,7 @@ def broadcast(tree: Any, src: int = 0) -> Any:
 
     Returns new tensors (the input is not modified); one collective per dtype.
 
-    Example:
+    Examples:
         ``params = funcdp.distributed.broadcast(params)`` right after initialisation, so
         that every process starts from process 0's random initialisation.
     """
@@ -243,7 +245,7 @@ def process_allgather(tree: Any) -> Any:
 
 @_public
 def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
-    """:func:`funcdp.save_checkpoint` on process 0 only, then a barrier.
+    """``funcdp.save_checkpoint`` on process 0 only, then a barrier.
 
     Every process must call it (it synchronises); only process 0 writes the file.
     """

@@ -250,10 +250,16 @@ class Executor:
 
 
 def _run_inline_fn(fn: Callable[[int], Any]) -> _Outcome:
+    grad = torch.is_grad_enabled()
     try:
         return _Outcome(fn(0))
     except BaseException as e:  # noqa: BLE001 - re-raised in the caller
         return _Outcome(error=e)
+    finally:
+        # Device 0's share runs in the caller's thread: a function that switched grad
+        # mode for good must not change it for the caller.
+        if torch.is_grad_enabled() != grad:
+            torch.set_grad_enabled(grad)
 
 
 _executor: Executor | None = None

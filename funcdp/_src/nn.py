@@ -1,6 +1,6 @@
 """Modules as pure functions of parameter pytrees, and synchronized BatchNorm.
 
-``funcdp.nn.functional(module)`` returns a :class:`FunctionalModule`: the module's
+``funcdp.nn.functional(module)`` returns a ``FunctionalModule``: the module's
 parameters and buffers as dicts, and ``apply(params, buffers, *args)`` that returns
 ``(output, new_buffers)`` without mutating anything it was given. It is safe to call from
 many devices at once: each thread runs its own lightweight replica of the module (the
@@ -35,7 +35,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     full batch: outputs, gradients and running statistics. Works on CPU and GPU alike.
     Participants may hold different numbers of examples.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> bn = funcdp.nn.SyncBatchNorm(3, axis_name="i")
         >>> f = funcdp.vmap(lambda x: bn(x), axis_name="i")
@@ -129,7 +129,7 @@ class FunctionalModule:
     """A module as a pure function: ``apply(params, buffers, *args) -> (out, buffers)``.
 
     Attributes:
-        module: the wrapped module (never mutated by :meth:`apply`).
+        module: the wrapped module (never mutated by ``apply``).
         params: the module's parameters (a dict name -> tensor, detached).
         buffers: the module's buffers (a dict name -> tensor).
         axis_name: the axis BatchNorm layers synchronise over, if any.
@@ -177,9 +177,10 @@ class FunctionalModule:
         """Runs the module with the given parameters and buffers.
 
         Args:
-            params: parameters by name (as in :attr:`params`).
+            params: parameters by name (as in ``params``).
             buffers: buffers by name; never modified.
-            *args, **kwargs: the module's forward arguments.
+            *args: the module's forward arguments.
+            **kwargs: the module's forward keyword arguments.
             train: training mode (BatchNorm batch statistics, dropout); default: the
                 wrapped module's mode.
 
@@ -224,7 +225,7 @@ class FunctionalModule:
     def state_dict(self, params: Mapping[str, Any], buffers: Mapping[str, Any]) -> dict:
         """An ordinary ``state_dict`` of the original module (plain tensors, no prefix).
 
-        Replicated values (from :func:`funcdp.replicate` or a pmap) are taken once.
+        Replicated values (from ``funcdp.replicate`` or a pmap) are taken once.
         """
         from funcdp._src.sharded import unreplicate
 
@@ -288,13 +289,13 @@ def functional(module: nn.Module, *, sync_batchnorm: Any = None) -> FunctionalMo
     Args:
         module: any ``torch.nn.Module``.
         sync_batchnorm: an axis name: BatchNorm layers then compute batch statistics over
-            that axis (see :class:`SyncBatchNorm`). The module itself is not changed.
+            that axis (see ``SyncBatchNorm``). The module itself is not changed.
 
     Returns:
-        A :class:`FunctionalModule` ``m``: ``m.params``, ``m.buffers`` and
+        A ``FunctionalModule`` ``m``: ``m.params``, ``m.buffers`` and
         ``m.apply(params, buffers, *args, train=None) -> (out, new_buffers)``.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> m = funcdp.nn.functional(torch.nn.Linear(3, 2))
         >>> out, _ = m.apply(m.params, m.buffers, torch.ones(4, 3))

@@ -1,6 +1,6 @@
 """Functional optimizers: pure ``init``/``update`` pairs on multi-tensor kernels.
 
-Each optimizer is a :class:`GradientTransformation`: ``state = opt.init(params)`` and
+Each optimizer is a ``GradientTransformation``: ``state = opt.init(params)`` and
 ``updates, state = opt.update(grads, state, params)``; ``apply_updates(params, updates)``
 adds the updates. Nothing is modified in place, so the state can be replicated across
 devices, passed through ``pmap`` and checkpointed as a pytree (dicts of tensors). The
@@ -8,7 +8,7 @@ arithmetic is that of ``torch.optim`` (``SGD``, ``Adam``, ``AdamW``), on ``torch
 kernels, so results agree with ``torch.optim`` step for step.
 
 Learning rates may be numbers or schedules (``step -> lr`` functions, see
-:mod:`funcdp.optim` ``constant``/``linear_warmup``/``cosine_decay``/...).
+``funcdp.optim`` ``constant``/``linear_warmup``/``cosine_decay``/...).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class GradientTransformation(NamedTuple):
     """A pure optimizer: ``init(params) -> state``, ``update(grads, state, params)``.
 
     ``step(grads, state, params) -> (new_params, state)`` is ``update`` followed by
-    :func:`apply_updates`, fused into one multi-tensor kernel where the optimizer allows
+    ``apply_updates``, fused into one multi-tensor kernel where the optimizer allows
     (half the memory traffic of the two steps: use it in training loops).
     """
 
@@ -88,7 +88,7 @@ def _check_lr(lr: Any, name: str) -> None:
 def apply_updates(params: Any, updates: Any) -> Any:
     """Returns ``params + updates`` leafwise (new tensors; nothing is modified).
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> funcdp.optim.apply_updates({"w": torch.ones(2)}, {"w": torch.full((2,), -0.5)})
         {'w': tensor([0.5000, 0.5000])}
@@ -107,7 +107,7 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
         maximize: bool = False) -> GradientTransformation:
     """Stochastic gradient descent with the semantics of ``torch.optim.SGD``.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> opt = funcdp.optim.sgd(0.1, momentum=0.9)
         >>> params = {"w": torch.ones(2)}
@@ -258,7 +258,7 @@ def adam(lr: float | Schedule = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
          maximize: bool = False) -> GradientTransformation:
     """Adam with the semantics of ``torch.optim.Adam`` (L2 ``weight_decay``).
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> opt = funcdp.optim.adam(0.1)
         >>> params = {"w": torch.zeros(2)}
@@ -284,7 +284,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     The factor is ``min(1, max_norm / (norm + 1e-6))``, as in
     ``torch.nn.utils.clip_grad_norm_``. Chain it before an optimizer.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> clip = funcdp.optim.clip_by_global_norm(1.0)
         >>> clip.update({"g": torch.tensor([3.0, 4.0])}, clip.init(None))[0]["g"]
@@ -323,7 +323,7 @@ def global_norm(tree: Any) -> torch.Tensor:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Applies transformations in order (e.g. clipping, then an optimizer).
 
-    Example:
+    Examples:
         >>> import funcdp
         >>> opt = funcdp.optim.chain(funcdp.optim.clip_by_global_norm(1.0), funcdp.optim.sgd(0.1))
     """
@@ -360,7 +360,7 @@ def constant(value: float) -> Schedule:
 def linear_warmup(peak: float, warmup_steps: int, start: float = 0.0) -> Schedule:
     """Linear from ``start`` to ``peak`` over ``warmup_steps`` steps, then ``peak``.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> s = funcdp.optim.linear_warmup(1.0, 4)
         >>> [float(s(torch.tensor(t))) for t in (1, 2, 4, 10)]

@@ -2,16 +2,16 @@
 
 The story of one call, helper by helper:
 
-1. :meth:`Pmapped.__call__` splits off static arguments and flattens the rest.
-2. :meth:`Pmapped._plan` looks up (or builds, once per argument signature) a
-   :class:`_Plan`: each leaf's mapped axis, the mapped size, the devices, and how many
+1. ``Pmapped.__call__`` splits off static arguments and flattens the rest.
+2. ``Pmapped._plan`` looks up (or builds, once per argument signature) a
+   ``_Plan``: each leaf's mapped axis, the mapped size, the devices, and how many
    shards each device runs (``block``; more than one means a named vmap per device).
-3. :class:`_Call` hands each device its inputs (slices are views; sharded values from an
+3. ``_Call`` hands each device its inputs (slices are views; sharded values from an
    earlier call are used where they are; broadcast values are shared), runs the function
    on every device through the executor, with the axis name bound to the mesh, and
-   assembles :class:`ShardedValue` outputs.
+   assembles ``ShardedValue`` outputs.
 4. Under autograd or a ``torch.func`` transform the call goes through
-   :class:`_PmapFn`, an ``autograd.Function`` whose backward runs each device's backward
+   ``_PmapFn``, an ``autograd.Function`` whose backward runs each device's backward
    on that device and whose ``vmap`` rule moves the batch inside the devices, so
    ``grad(pmap(f))`` and ``vmap(pmap(f))`` work.
 """
@@ -68,7 +68,7 @@ def pmap(fun: Any = None, axis_name: Any = None, *, in_axes: Any = 0, out_axes: 
 
     Inside ``fun`` the mapped axis is removed (as in ``vmap``) and ``axis_name`` names the
     device axis for collectives (``funcdp.pmean(grads, axis_name)``). Outputs stay on their
-    devices as :class:`ShardedValue` s until asked for.
+    devices as ``ShardedValue`` s until asked for.
 
     Args:
         fun: the function to map. Usable as ``@pmap`` and ``@pmap(axis_name="i")``.
@@ -92,7 +92,7 @@ def pmap(fun: Any = None, axis_name: Any = None, *, in_axes: Any = 0, out_axes: 
         ``D`` and divisible by it, each device runs a named vmap over ``n / D`` shards and
         collectives reduce over both levels: results equal a pmap over ``n`` devices.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> n = funcdp.local_device_count()
         >>> f = funcdp.pmap(lambda x: x - funcdp.pmean(x, "i"), axis_name="i")
@@ -121,7 +121,7 @@ def _int_tuple(v: Any, call: str, arg: str) -> tuple[int, ...]:
 
 
 class Pmapped:
-    """A function mapped over devices by :func:`funcdp.pmap`."""
+    """A function mapped over devices by ``funcdp.pmap``."""
 
     def __init__(self, fun, axis_name, in_axes, out_axes, static_argnums, devices, axis_size,
                  donate_argnums) -> None:

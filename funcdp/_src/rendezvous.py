@@ -1,6 +1,6 @@
 """Where devices meet: the mesh of a pmap call and its collective rounds.
 
-Every pmap call creates a :class:`Mesh`: its axes (one per nested pmap level) and one
+Every pmap call creates a ``Mesh``: its axes (one per nested pmap level) and one
 *participant* per device (a coordinate in the mesh). A collective over some mesh axes
 is a *round* among the participants that agree on every other axis. Each participant
 posts its payload; the last to arrive computes the result once (so every participant
@@ -10,7 +10,7 @@ in parallel: each participant reduces its own chunk into the shared output.
 Nothing hangs. The mesh knows what every participant is doing (running, waiting in a
 collective, finished, raised). A round that can never complete because a member
 finished or raised, or a mesh where every live participant waits (they reached
-different collectives), fails at once with a :class:`CollectiveError` naming what each
+different collectives), fails at once with a ``CollectiveError`` naming what each
 device reached; a round that waits longer than ``funcdp.config.collective_timeout``
 fails the same way.
 """

@@ -1,6 +1,6 @@
 """Sharded values: pmap outputs that stay on their devices.
 
-A :class:`ShardedValue` is the logical tensor ``stack(shards, axis)`` whose slices live
+A ``ShardedValue`` is the logical tensor ``stack(shards, axis)`` whose slices live
 on different devices. Nothing is gathered until the value is asked for: ``x[i]`` (with
 ``axis=0``) returns device ``i``'s shard without copying, and passing ``x`` back into a
 pmap over the same devices hands each device its own shard again. Converting to a tensor
@@ -34,7 +34,7 @@ class ShardedValue:
         axis: the position of the mapped axis in the logical value.
         block: slices per device (1 unless the mapped size exceeds the device count).
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> out = funcdp.pmap(lambda v: v * 2)(torch.ones(funcdp.local_device_count(), 3))
         >>> out.shape[1], out[0]
@@ -98,7 +98,7 @@ class ShardedValue:
 
     @property
     def device(self) -> torch.device:
-        """The torch device of the first shard (where :meth:`to_tensor` gathers by default)."""
+        """The torch device of the first shard (where ``to_tensor`` gathers by default)."""
         return self._shards[0].device
 
     @property
@@ -149,7 +149,7 @@ class ShardedValue:
             device: where to put the result; default: the first shard's device.
 
         Returns:
-            A tensor of shape :attr:`shape` (cached: asking again is free).
+            A tensor of shape ``shape`` (cached: asking again is free).
         """
         if self._value is None:
             target = self._shards[0].device
@@ -276,7 +276,7 @@ def _as_tensor(x: Any) -> torch.Tensor:
 def replicate(tree: Any, devices: Sequence[Device] | None = None) -> Any:
     """Puts one copy of every leaf of ``tree`` on each device.
 
-    The result's leaves are :class:`ShardedValue` s of shape ``[len(devices), ...]``,
+    The result's leaves are ``ShardedValue`` s of shape ``[len(devices), ...]``,
     ready to pass to a pmap with ``in_axes=0`` (the JAX/Flax way to hold replicated
     parameters). On virtual CPU devices the replicas share one storage: nothing is copied.
 
@@ -287,7 +287,7 @@ def replicate(tree: Any, devices: Sequence[Device] | None = None) -> Any:
     Returns:
         A pytree of the same structure with replicated leaves.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> params = funcdp.replicate({"w": torch.ones(3)})
         >>> tuple(params["w"].shape) == (funcdp.local_device_count(), 3)
@@ -307,7 +307,7 @@ def replicate(tree: Any, devices: Sequence[Device] | None = None) -> Any:
 def unreplicate(tree: Any) -> Any:
     """Takes one copy back from a replicated pytree (no gather): the first slice.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> funcdp.unreplicate(funcdp.replicate(torch.tensor([1.0, 2.0])))
         tensor([1., 2.])
@@ -333,7 +333,7 @@ def shard(tree: Any, num_devices: int | None = None) -> Any:
     Raises:
         ValueError: if ``B`` is not divisible by ``n`` (the message names the leaf).
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> funcdp.shard(torch.zeros(8, 3), num_devices=4).shape
         torch.Size([4, 2, 3])
@@ -363,9 +363,9 @@ def shard(tree: Any, num_devices: int | None = None) -> Any:
 
 @public
 def unshard(tree: Any) -> Any:
-    """Inverse of :func:`shard`: ``[n, b, ...]`` to ``[n * b, ...]`` (gathers sharded leaves).
+    """Inverse of ``shard``: ``[n, b, ...]`` to ``[n * b, ...]`` (gathers sharded leaves).
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> funcdp.unshard(torch.zeros(4, 2, 3)).shape
         torch.Size([8, 3])

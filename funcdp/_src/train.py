@@ -33,7 +33,7 @@ def value_and_grad(fun: Callable, axis_name: Any = None, *, argnums: int | tuple
     Returns:
         A function returning ``(loss, grads)`` (``((loss, aux), grads)`` with ``has_aux``).
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> loss = lambda w, x: ((x * w) ** 2).mean()
         >>> step = funcdp.vmap(funcdp.value_and_grad(loss, "b"), in_axes=(None, 0), axis_name="b")

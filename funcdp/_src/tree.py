@@ -90,7 +90,7 @@ def broadcast_prefix(
     """Expands a prefix tree to one value per leaf of ``full_spec``.
 
     A leaf of ``prefix`` (as decided by ``is_prefix_leaf``) stands for the whole
-    subtree at its position. Raises :class:`PrefixError` naming the first path where
+    subtree at its position. Raises ``PrefixError`` naming the first path where
     the prefix's structure disagrees with the full tree.
     """
     out: list[Any] = []

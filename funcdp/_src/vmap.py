@@ -37,7 +37,7 @@ def vmap(fun: Any = None, in_axes: Any = 0, out_axes: Any = 0, axis_name: Any = 
     Args:
         fun: the function to vectorize.
         in_axes: int, None, or a pytree prefix of the positional arguments (as for
-            :func:`funcdp.pmap`); keyword arguments are mapped over axis 0, as in JAX.
+            ``funcdp.pmap``); keyword arguments are mapped over axis 0, as in JAX.
         out_axes: int, None, or a pytree prefix of the output.
         axis_name: a name for the batch axis, usable in collectives inside ``fun``.
         axis_size: the batch size when no argument is mapped (or to check it).
@@ -46,7 +46,7 @@ def vmap(fun: Any = None, in_axes: Any = 0, out_axes: Any = 0, axis_name: Any = 
     Returns:
         The vectorized function.
 
-    Example:
+    Examples:
         >>> import torch, funcdp
         >>> center = funcdp.vmap(lambda v: v - funcdp.pmean(v, "b"), axis_name="b")
         >>> center(torch.tensor([1.0, 2.0, 6.0]))

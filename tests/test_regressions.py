@@ -1,0 +1,190 @@
+"""Regression tests for bugs found in review (each named after what went wrong)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from helpers import assert_trees_close
+from torch import nn
+from torch.func import grad
+
+import funcdp
+
+
+def test_backward_with_a_non_differentiable_argument_before_a_differentiable_one():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    funcdp.pmap(lambda a, w: (a * w).sum(), in_axes=(0, None))(x, w).sum().backward()
+    assert_trees_close(w.grad, x.sum(0))
+    w2 = w.detach().clone().requires_grad_()
+    funcdp.pmap(lambda a, w: (a * w).sum(), in_axes=(0, None),
+                devices=funcdp.local_devices()[:2])(x, w2).sum().backward()
+    assert_trees_close(w2.grad, x.sum(0))
+
+
+def test_grad_of_pmap_runs_the_function_once_per_device():
+    calls = []
+
+    def f(x, w):
+        calls.append(1)
+        return (x * w).sum()
+
+    pf = funcdp.pmap(f, in_axes=(0, None))
+    grad(lambda w: pf(torch.ones(4, 3), w).sum())(torch.ones(3))
+    assert len(calls) == 4
+
+
+def test_singleton_groups_and_concurrent_rounds_get_their_own_buffers():
+    x = torch.arange(4.0).reshape(4, 1).expand(4, 20000).contiguous()
+    out = funcdp.pmap(lambda v: funcdp.psum(v, "i", axis_index_groups=[[0], [1], [2], [3]]),
+                      axis_name="i")(x)
+    assert out.to_tensor()[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_devices_with_differently_laid_out_inputs_agree_on_the_reduction_path():
+    def f(a):
+        if int(funcdp.axis_index("i")) == 3:
+            a = a.t().contiguous().t()  # same values, another memory layout
+        return funcdp.psum(a, "i")
+
+    with funcdp.config.override(collective_timeout=20):
+        out = funcdp.pmap(f, axis_name="i")(torch.ones(4, 512, 512))
+    assert float(out.shards[0][0, 0]) == 4.0
+
+
+def test_tied_weights_are_tied_in_the_pure_function():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(2, 2, bias=False)
+            self.dec = nn.Linear(2, 2, bias=False)
+            self.dec.weight = self.enc.weight
+
+        def forward(self, x):
+            return self.dec(self.enc(x))
+
+    m = Tied()
+    f = funcdp.nn.functional(m)
+    assert list(f.params) == ["enc.weight"]
+    w = {"enc.weight": 2 * torch.eye(2)}
+    assert_trees_close(f.apply(w, {}, torch.ones(1, 2))[0],
+                       torch.func.functional_call(m, w, (torch.ones(1, 2),)))
+
+
+def test_vmap_of_grad_of_pmap():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    pf = funcdp.pmap(lambda a, w: (a * w).sin().sum(), in_axes=(0, None))
+    ws = torch.randn(2, 3, dtype=torch.float64)
+    got = torch.func.vmap(grad(lambda w: pf(x, w).sum()))(ws)
+    want = torch.func.vmap(grad(lambda w: (x * w).sin().sum()))(ws)
+    assert_trees_close(got, want)
+
+
+def test_hessian_through_pmap_with_more_shards_than_devices():
+    x = torch.randn(8, 3, dtype=torch.float64)
+    w = torch.randn(3, dtype=torch.float64)
+    pf = funcdp.pmap(lambda a, w: (a * w).sin().sum(), in_axes=(0, None),
+                     devices=funcdp.local_devices()[:4])
+    got = torch.func.hessian(lambda w: pf(x, w).sum())(w)
+    want = torch.func.hessian(lambda w: (x * w).sin().sum())(w)
+    assert_trees_close(got, want)
+
+
+def test_derivatives_when_the_function_also_returns_integers():
+    x = torch.randn(4, 3, dtype=torch.float64)
+    pf = funcdp.pmap(lambda a: ((a ** 2).sum(), a.argmax()))
+    g = grad(lambda t: pf(t)[0].sum())(x)
+    assert_trees_close(g, 2 * x)
+    _, tangent = torch.func.jvp(lambda t: pf(t)[0], (x,), (torch.ones_like(x),))
+    assert_trees_close(tangent, 2 * x.sum(1))
+
+
+def test_vmap_of_pmap_with_none_outputs():
+    f = funcdp.pmap(lambda a: (a * 2, None))
+    out = funcdp.vmap(f)(torch.ones(3, 4))  # torch.func.vmap itself rejects None outputs
+    assert out[1] is None
+    assert_trees_close(out[0], torch.full((3, 4), 2.0))
+
+
+def test_deadlock_inside_a_nested_pmap_is_detected_quickly():
+    def inner(v):
+        i, j = int(funcdp.axis_index("i")), int(funcdp.axis_index("j"))
+        return funcdp.psum(v, "j") if i == j else funcdp.psum(v, "i")
+
+    f = funcdp.pmap(lambda v: funcdp.pmap(inner, axis_name="j")(v), axis_name="i")
+    start = time.monotonic()
+    with funcdp.config.override(collective_timeout=30):
+        try:
+            f(torch.ones(2, 2))
+        except funcdp.CollectiveError as e:
+            assert "none can proceed" in str(e)
+        else:
+            raise AssertionError("expected a CollectiveError")
+    assert time.monotonic() - start < 10
+
+
+def test_nested_pmaps_from_two_threads_at_once():
+    f = funcdp.pmap(lambda v: funcdp.pmap(lambda u: funcdp.psum(u, ("i", "j")),
+                                          axis_name="j")(v), axis_name="i")
+    results, errors = [], []
+
+    def run():
+        try:
+            for _ in range(5):
+                results.append(float(torch.as_tensor(f(torch.ones(2, 4)))[0, 0]))
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    with funcdp.config.override(collective_timeout=30):
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert not errors and results == [8.0] * 10
+
+
+def test_grad_mode_does_not_leak_between_calls_on_workers():
+    def off(v):
+        torch.set_grad_enabled(False)
+        return v
+
+    funcdp.pmap(off)(torch.ones(4))
+    probe = funcdp.pmap(lambda v: torch.tensor(float(torch.is_grad_enabled())))
+    assert probe(torch.ones(4)).to_tensor().tolist() == [1.0] * 4
+
+
+def test_bool_pmax_with_groups_over_a_pmap_and_a_vmap_axis():
+    x = torch.tensor([[True, False], [False, False]])
+    f = funcdp.pmap(funcdp.vmap(lambda v: funcdp.pmax(v, ("i", "j"),
+                                                      axis_index_groups=[[0, 1], [2, 3]]),
+                                axis_name="j"), axis_name="i")
+    assert f(x).to_tensor().tolist() == [[True, True], [False, False]]
+
+
+def test_out_axes_errors_are_not_reported_as_a_device_failure():
+    try:
+        funcdp.pmap(lambda a: a, out_axes=(0, 0))(torch.ones(2))
+    except ValueError as e:
+        assert "Caught" not in str(e) and "`out_axes` (0, 0) does not match" in str(e)
+    else:
+        raise AssertionError("expected a ValueError")
+
+
+def test_replicated_parameter_that_requires_grad_gets_a_clear_message():
+    w = torch.ones(3, requires_grad=True)
+    try:
+        funcdp.pmap(lambda w, x: (w * x).sum())(funcdp.replicate(w, funcdp.local_devices()[:2]),
+                                                torch.ones(2, 3))
+    except RuntimeError as e:
+        assert "sharded values carry no gradients" in str(e)
+    else:
+        raise AssertionError("expected a RuntimeError")
+
+
+def test_save_checkpoint_keeps_per_device_values_that_happen_to_be_equal(tmp_path):
+    zeros = funcdp.pmap(lambda v: v * 0)(torch.ones(4))
+    funcdp.save_checkpoint(tmp_path / "z.pt", {"z": zeros})
+    assert funcdp.load_checkpoint(tmp_path / "z.pt")["z"].shape == (4,)
