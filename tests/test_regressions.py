@@ -188,3 +188,26 @@ def test_save_checkpoint_keeps_per_device_values_that_happen_to_be_equal(tmp_pat
     zeros = funcdp.pmap(lambda v: v * 0)(torch.ones(4))
     funcdp.save_checkpoint(tmp_path / "z.pt", {"z": zeros})
     assert funcdp.load_checkpoint(tmp_path / "z.pt")["z"].shape == (4,)
+
+
+def test_state_dict_of_a_tied_model_loads_strictly():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(2, 2, bias=False)
+            self.dec = nn.Linear(2, 2, bias=False)
+            self.dec.weight = self.enc.weight
+
+    f = funcdp.nn.functional(Tied())
+    fresh = Tied()
+    fresh.load_state_dict(f.state_dict(f.params, f.buffers))  # strict
+    assert torch.equal(fresh.dec.weight, f.params["enc.weight"])
+
+
+def test_pad_shard_unpad_leaves_replicated_outputs_alone():
+    f = funcdp.pmap(lambda x: (x * 2, funcdp.psum(x.sum(), "i") * torch.ones(4, 3)),
+                    axis_name="i", out_axes=(0, None))
+    per_example, total = funcdp.pad_shard_unpad(f, static_argnums=(), num_devices=4)(
+        torch.ones(10, 3))
+    assert per_example.shape == (10, 3) and total.shape == (4, 3)
+    assert float(total[0, 0]) == 30.0

@@ -262,3 +262,15 @@ def test_randomness_is_reproducible_whatever_the_first_calls_did():
     state = torch.random.get_rng_state()
     f(x, False)
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_dropout_with_more_shards_than_devices_and_under_vmap():
+    f = funcdp.pmap(lambda a: F.dropout(a, 0.5), devices=funcdp.local_devices()[:2])
+    torch.manual_seed(3)
+    a = f(torch.ones(8, 32)).to_tensor()
+    torch.manual_seed(3)
+    b = f(torch.ones(8, 32)).to_tensor()
+    assert torch.equal(a, b) and len({tuple(r.tolist()) for r in a}) == 8
+    g = torch.func.vmap(funcdp.pmap(lambda a: F.dropout(a, 0.5)), randomness="different")
+    out = g(torch.ones(3, 4, 16))
+    assert len({tuple(r.tolist()) for r in out.reshape(12, 16)}) == 12

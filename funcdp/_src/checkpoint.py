@@ -18,7 +18,8 @@ _VERSION = 1
 
 
 def _is_replicated(v: ShardedValue) -> bool:
-    """Made by ``replicate`` (one storage on CPU; equal copies on separate GPUs).
+    """Shards that are one value: one storage on CPU devices (``replicate``, or a pmap
+    output holding one collective result), or equal copies on separate GPUs.
 
     Per-device values that merely happen to be equal on CPU are kept with their axis.
     """
@@ -38,8 +39,9 @@ def _is_replicated(v: ShardedValue) -> bool:
 def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
     """Saves a training state (any pytree of tensors, sharded values and numbers) to ``path``.
 
-    Replicated values (from ``funcdp.replicate``) are stored once and can be replicated
-    again onto any number of devices when loading; other sharded values are gathered
+    Replicated values (from ``funcdp.replicate``, or any sharded value whose shards share
+    one storage) are stored once and can be replicated again onto any number of devices
+    when loading; other sharded values are gathered
     (their mapped axis is kept); plain tensors (such as ``out_axes=None`` results) are
     stored as they are. The file holds plain tensors on the CPU and a
     serialized pytree structure, so it loads with ``weights_only=True``, on a machine

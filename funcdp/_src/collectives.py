@@ -278,6 +278,11 @@ def _device_collective(spec: Spec, dev_pos: list[int], leaves: list[torch.Tensor
     desc = (_param_desc(spec), tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
     op = spec.op
     if size == 1:
+        if op in ("psum", "pmax", "pmin"):
+            # One participant: the reduction is the value itself (no copy of a gradient).
+            scale = _scale_of(spec)
+            return [x.detach() if scale is None or scale == 1.0 else x * scale
+                    for x in leaves]
         result = _compute(spec, dev_pos, [leaves], 1)
         return _take(spec, dev_pos, result, 0, coord, comps)
     chunked = None
@@ -492,7 +497,10 @@ def _take(spec: Spec, dev_pos: list[int], result, rank: int, coord: tuple, comps
     """This participant's part of a round's result (distinct tensor objects per device)."""
     op = spec.op
     if op in _SHARED_OPS:
-        return [t.clone() if t.numel() <= _COPY_MAX_NUMEL else t.detach() for t in result]
+        # Inference tensors carry no version counter, so writes to a shared one could not
+        # be detected: under inference mode every device gets its own copy.
+        return [t.clone() if t.numel() <= _COPY_MAX_NUMEL or t.is_inference() else t.detach()
+                for t in result]
     if op in ("ppermute", "all_to_all"):
         return [t.detach() for t in result[rank]]
     if op == "scatter":

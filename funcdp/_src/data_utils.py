@@ -25,8 +25,9 @@ def pad_shard_unpad(fn: Callable, static_argnums: Sequence[int] = (0,),
     keyword argument not in ``static_argnames``) has the global batch on dimension 0; its
     size ``B`` need not divide by the device count ``n``. The wrapper zero-pads it to a
     multiple of ``n``, reshapes it to ``[n, B' / n, ...]`` (``funcdp.shard``), calls
-    ``fn``, and turns every output from ``[n, b, ...]`` back into ``[B, ...]`` with the
-    padding dropped. Static arguments are passed unchanged (e.g. replicated parameters,
+    ``fn``, and turns every per-device output (``[n, B' / n, ...]``) back into
+    ``[B, ...]`` with the padding dropped; other outputs (``out_axes=None`` values) are
+    returned as they are. Static arguments are passed unchanged (e.g. replicated parameters,
     mapped by ``fn`` with ``in_axes=None``).
 
     Args:
@@ -84,8 +85,11 @@ def pad_shard_unpad(fn: Callable, static_argnums: Sequence[int] = (0,),
             return out
 
         def unprep(x: Any) -> Any:
+            # Per-device outputs ([n, B' / n, ...]) become [B, ...]; anything else (an
+            # out_axes=None value, say) comes back as it is.
             t = x.to_tensor() if isinstance(x, ShardedValue) else x
-            if not isinstance(t, torch.Tensor) or t.ndim < 2:
+            if (not isinstance(t, torch.Tensor) or t.ndim < 2 or t.shape[0] != n
+                    or t.shape[1] != padded // n):
                 return t
             return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])[:batch]
 

@@ -229,11 +229,13 @@ class FunctionalModule:
         """
         from funcdp._src.sharded import unreplicate
 
+        canonical = dict(self._param_aliases + self._buffer_aliases)
         out: dict[str, torch.Tensor] = {}
         for name in self.module.state_dict():
-            src = params if name in params else buffers
-            if name in src:
-                v = src[name]
+            key = canonical.get(name, name)  # tied weights appear under every name
+            src = params if key in params else buffers
+            if key in src:
+                v = src[key]
                 if not isinstance(v, torch.Tensor):
                     v = unreplicate(v)
                 out[name] = v.detach()

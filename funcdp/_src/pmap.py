@@ -241,7 +241,8 @@ class Pmapped:
                 raise ValueError(
                     f"{self._name}: `in_axes` has one entry per positional argument, "
                     f"{len(in_axes)} here, but the function was called with "
-                    f"{plural(nargs, 'positional argument')}.")
+                    f"{plural(nargs, 'positional argument')} (keyword arguments are always "
+                    f"mapped over axis 0).")
             static_idx = {j for j, _ in key[1]}
             in_axes = tuple(a for j, a in enumerate(in_axes) if j not in static_idx)
         axes = flat_in_axes(in_axes, dyn_args, kwargs, treedef, self._name)
@@ -757,14 +758,14 @@ class _Call:
                  inputs: Sequence[torch.Tensor]) -> list:
         if _saved_graphs_suffice(cts):
             return self._backward_saved(cts, needs)
-        self._no_chunks("higher-order or batched gradients")
+        self._no_chunks("a higher-order or batched gradient")
         return self._backward_recompute(cts, needs, inputs)
 
     def _no_chunks(self, what: str) -> None:
         if self.plan.chunks is not None:
             raise NotImplementedError(
-                f"{self.plan.name}: {what} are not supported through funcdp.DataParallel; "
-                f"use funcdp.pmap for them.")
+                f"{self.plan.name}: {what} through funcdp.DataParallel is not supported; "
+                f"use funcdp.pmap for it.")
 
     def _backward_recompute(self, cts, needs, inputs) -> list:
         """The VJP as a pmap of ``torch.func.vjp``: differentiable and batchable.
@@ -824,7 +825,7 @@ class _Call:
 
     def jvp(self, inputs: Sequence[torch.Tensor], tangents: Sequence[Any]) -> tuple:
         """Forward-mode derivative: a pmap of ``torch.func.jvp`` (one more forward pass)."""
-        self._no_chunks("forward-mode derivatives")
+        self._no_chunks("forward-mode differentiation")
         plan = self.plan
         nleaves = len(self.leaves)
         leaves = list(self.leaves)
@@ -978,6 +979,9 @@ class _Call:
             if statics:
                 args = _merge_statics(args, statics)
             return fun(*args, **kwargs)
+
+        # Messages name the user's function, not this wrapper.
+        flat_fun.__qualname__ = flat_fun.__name__ = fun_name(fun)
 
         def shift(o: Any) -> Any:
             return o + 1 if isinstance(o, int) and o >= 0 else o

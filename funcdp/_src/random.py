@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._functorch import pyfunctorch
 from torch.overrides import TorchFunctionMode
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -79,7 +80,10 @@ class CallSeeds:
             with self.lock:
                 if self.base is None:
                     outer = self.outer.generator if self.outer is not None else None
-                    self.base = draw_base(outer)
+                    # The first draw may come from inside a vmap (a device running more
+                    # shards than one): take the integer outside every transform.
+                    with pyfunctorch.temporarily_clear_interpreter_stack():
+                        self.base = draw_base(outer)
         return self.base
 
 
@@ -151,8 +155,9 @@ def _dropout(gen: Callable[[], torch.Generator], x: torch.Tensor, p: float, trai
     if p == 1:
         out = x * 0 if not alpha else x * 0 + (-_SELU_ALPHA * 1.0507009873554805)
         return x.copy_(out) if inplace else out
-    noise = torch.empty(_noise_shape(x, feature), dtype=x.dtype, device=x.device)
-    noise = noise.bernoulli_(1 - p, generator=gen())
+    # Out of place, so that under vmap(randomness="different") every entry draws its own.
+    probs = torch.full(_noise_shape(x, feature), 1 - p, dtype=x.dtype, device=x.device)
+    noise = torch.bernoulli(probs, generator=gen())
     if alpha:
         a = 1.0 / math.sqrt((_SELU_ALPHA**2 * p + 1) * (1 - p))
         b = (noise - 1) * (_SELU_ALPHA * a) + _SELU_ALPHA * a * p
