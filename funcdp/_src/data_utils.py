@@ -85,10 +85,13 @@ def pad_shard_unpad(fn: Callable, static_argnums: Sequence[int] = (0,),
             return out
 
         def unprep(x: Any) -> Any:
-            # Per-device outputs ([n, B' / n, ...]) become [B, ...]; anything else (an
-            # out_axes=None value, say) comes back as it is.
+            # Per-device outputs ([n, B' / n, ...]: sharded values, or stacked tensors when
+            # the call records gradients) become [B, ...]; out_axes=None values (plain
+            # tensors) come back as they are.
+            per_device = isinstance(x, ShardedValue) or (
+                isinstance(x, torch.Tensor) and x.requires_grad)
             t = x.to_tensor() if isinstance(x, ShardedValue) else x
-            if (not isinstance(t, torch.Tensor) or t.ndim < 2 or t.shape[0] != n
+            if (not per_device or t.ndim < 2 or t.shape[0] != n
                     or t.shape[1] != padded // n):
                 return t
             return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])[:batch]
