@@ -58,6 +58,33 @@ def time_steps(step: Callable[[int], float], warmup: int, windows: int,
             "spread": (max(times) - min(times)) / med, "first_losses": losses[:3]}
 
 
+def time_interleaved(steps: dict[str, Callable[[int], float]], warmup: int, windows: int,
+                     per_window: int) -> dict[str, dict]:
+    """Like :func:`time_steps` for several steps in one process, their timed windows
+    interleaved (A, B, C, A, B, C, ...), so that slow drifts of the machine hit them all
+    alike; the median window of each is reported."""
+    losses: dict[str, list] = {k: [] for k in steps}
+    counters = dict.fromkeys(steps, 0)
+    for name, step in steps.items():
+        for _ in range(warmup):
+            losses[name].append(step(counters[name]))
+            counters[name] += 1
+    times: dict[str, list] = {k: [] for k in steps}
+    for _ in range(windows):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(per_window):
+                step(counters[name])
+                counters[name] += 1
+            times[name].append((time.perf_counter() - start) / per_window)
+    out = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        out[name] = {"ms_per_step": med * 1e3, "steps_per_s": 1.0 / med,
+                     "spread": (max(ts) - min(ts)) / med, "first_losses": losses[name][:3]}
+    return out
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 

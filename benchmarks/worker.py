@@ -16,7 +16,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from common import WORKLOADS, emit, make_data, make_model, settings, time_steps  # noqa: E402
+from common import (  # noqa: E402
+    WORKLOADS,
+    emit,
+    make_data,
+    make_model,
+    settings,
+    time_interleaved,
+    time_steps,
+)
 from torch import nn  # noqa: E402
 
 
@@ -29,7 +37,7 @@ def scaled(s: dict, workload: str) -> dict:
 
 
 # ------------------------------------------------------------------ single process torch
-def torch_module(workload: str, quick: bool) -> dict:
+def torch_module_step(workload: str):
     model = make_model(workload)
     opt = torch.optim.SGD(model.parameters(), lr=WORKLOADS[workload]["lr"])
     data = [make_data(workload, i) for i in range(8)]
@@ -42,10 +50,10 @@ def torch_module(workload: str, quick: bool) -> dict:
         opt.step()
         return loss.item()
 
-    return time_steps(step, **scaled(settings(quick), workload))
+    return step
 
 
-def torch_func(workload: str, quick: bool) -> dict:
+def torch_func_step(workload: str):
     model = make_model(workload)
     params = {k: v.detach() for k, v in model.named_parameters()}
     lr = WORKLOADS[workload]["lr"]
@@ -66,15 +74,15 @@ def torch_func(workload: str, quick: bool) -> dict:
         state["p"] = dict(zip(keys, new))
         return loss.item()
 
-    return time_steps(step, **scaled(settings(quick), workload))
+    return step
 
 
-# ------------------------------------------------------------------ funcdp
-def funcdp_pmap(workload: str, quick: bool) -> dict:
+def funcdp_step(workload: str, n: int | None = None):
     import funcdp
     from funcdp import optim
 
-    n = funcdp.local_device_count()
+    devices = funcdp.local_devices()[:n] if n else funcdp.local_devices()
+    n = len(devices)
     net = funcdp.nn.functional(make_model(workload))
     opt = optim.sgd(WORKLOADS[workload]["lr"])
     data = [tuple(funcdp.shard(t, n) for t in make_data(workload, i)) for i in range(8)]
@@ -82,7 +90,8 @@ def funcdp_pmap(workload: str, quick: bool) -> dict:
     def loss_fn(p, x, y):
         return nn.functional.cross_entropy(net.apply(p, {}, x)[0], y)
 
-    @funcdp.pmap(axis_name="batch", in_axes=(None, None, 0, 0), out_axes=None)
+    @funcdp.pmap(axis_name="batch", in_axes=(None, None, 0, 0), out_axes=None,
+                 devices=devices)
     def train_step(params, opt_state, x, y):
         loss, grads = funcdp.value_and_grad(loss_fn, "batch")(params, x, y)
         params, opt_state = opt.step(grads, opt_state, params)
@@ -95,9 +104,34 @@ def funcdp_pmap(workload: str, quick: bool) -> dict:
         state["p"], state["s"], loss = train_step(state["p"], state["s"], x, y)
         return float(loss)
 
-    out = time_steps(step, **scaled(settings(quick), workload))
-    out["devices"] = n
+    return step
+
+
+def torch_module(workload: str, quick: bool) -> dict:
+    return time_steps(torch_module_step(workload), **scaled(settings(quick), workload))
+
+
+def torch_func(workload: str, quick: bool) -> dict:
+    return time_steps(torch_func_step(workload), **scaled(settings(quick), workload))
+
+
+def funcdp_pmap(workload: str, quick: bool) -> dict:
+    import funcdp
+
+    out = time_steps(funcdp_step(workload), **scaled(settings(quick), workload))
+    out["devices"] = funcdp.local_device_count()
     return out
+
+
+def single_process(workload: str, quick: bool) -> dict:
+    """torch, torch.func and funcdp over 1, 2 and 4 virtual devices, in one process with
+    their timed windows interleaved (so that the machine's drifts hit them alike)."""
+    steps = {"torch_module": torch_module_step(workload),
+             "torch_func": torch_func_step(workload)}
+    for n in (1, 2, 4):
+        steps[f"funcdp_x{n}"] = funcdp_step(workload, n)
+    return {"parts": time_interleaved(steps, **scaled(settings(quick), workload)),
+            "ms_per_step": 0.0}
 
 
 def funcdp_overhead(workload: str, quick: bool) -> dict:
@@ -267,6 +301,7 @@ def funcdp_allreduce(workload: str, quick: bool) -> dict:
 
 
 CONFIGS = {
+    "single_process": single_process,
     "torch_module": torch_module,
     "torch_func": torch_func,
     "funcdp_pmap": funcdp_pmap,
