@@ -52,7 +52,8 @@ else:
     state = {"p": net.params, "s": sgd.init(net.params)}
     if mode == "vmap":
         def shard_grads(p, xs, ys):
-            return torch.func.vmap(torch.func.grad_and_value(loss_fn), in_dims=(None, 0, 0))(p, xs, ys)
+            gv = torch.func.grad_and_value(loss_fn)
+            return torch.func.vmap(gv, in_dims=(None, 0, 0))(p, xs, ys)
         xs, ys = x.reshape(4, -1, 784), y.reshape(4, -1)
         def step():
             gr, loss = shard_grads(state["p"], xs, ys)

@@ -37,20 +37,23 @@ def scaled(s: dict, workload: str) -> dict:
 
 
 # ------------------------------------------------------------------ single process torch
-def torch_module_step(workload: str):
-    model = make_model(workload)
-    opt = torch.optim.SGD(model.parameters(), lr=WORKLOADS[workload]["lr"])
-    data = [make_data(workload, i) for i in range(8)]
-
+def _module_step(model: nn.Module, opt: torch.optim.Optimizer, data: list):
     def step(i: int) -> float:
         x, y = data[i % 8]
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        return loss.item()
+        step.last = loss.item()
+        return step.last
 
     return step
+
+
+def torch_module_step(workload: str):
+    model = make_model(workload)
+    opt = torch.optim.SGD(model.parameters(), lr=WORKLOADS[workload]["lr"])
+    return _module_step(model, opt, [make_data(workload, i) for i in range(8)])
 
 
 def torch_func_step(workload: str):
@@ -164,15 +167,12 @@ def _ddp_proc(rank: int, world: int, port: int, workload: str, quick: bool, q) -
     per = WORKLOADS[workload]["batch"] // world
     data = [tuple(t[rank * per:(rank + 1) * per] for t in make_data(workload, i))
             for i in range(8)]
+    local_step = _module_step(model, opt, data)
 
     def step(i: int) -> float:
-        x, y = data[i % 8]
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        local_step(i)
         # The global loss, for the agreement check only (DDP itself does not need it).
-        lv = loss.detach().clone()
+        lv = torch.tensor(local_step.last)
         dist.all_reduce(lv)
         return lv.item() / world
 

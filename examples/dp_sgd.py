@@ -5,7 +5,8 @@
 Inside pmap each device computes per-example gradients with ``torch.func.vmap(grad(...))``,
 clips each to ``--clip``, sums them, and the devices add up their sums with ``psum``;
 Gaussian noise is added before the average, from a generator seeded the same way on every
-device, so that all devices add the same noise and stay in sync. The script checks one step against the same computation on a single device.
+device, so that all devices add the same noise and stay in sync. The script checks one
+step against the same computation on a single device.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ import sys
 os.environ.setdefault("FUNCDP_NUM_CPU_DEVICES", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from train_digits import batches, load_data, make_model, train_single_device  # noqa: E402
 

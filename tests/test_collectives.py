@@ -411,7 +411,8 @@ def test_error_shapes_not_divisible():
     with pytest.raises(ValueError, match=r"size 6, not divisible by the axis size 4"):
         funcdp.pmap(lambda v: funcdp.psum_scatter(v, AX, tiled=True), axis_name=AX)(
             torch.ones(4, 6))
-    with pytest.raises(ValueError, match=r"`split_axis` 0 of the value \(shape \(3,\)\) has size 3"):
+    with pytest.raises(ValueError,
+                       match=r"`split_axis` 0 of the value \(shape \(3,\)\) has size 3"):
         funcdp.pmap(lambda v: funcdp.all_to_all(v, AX, 0, 0), axis_name=AX)(torch.ones(4, 3))
     with pytest.raises(ValueError, match=r"not divisible by the axis size 4"):
         funcdp.pmap(lambda v: funcdp.all_to_all(v, AX, 0, 0, tiled=True), axis_name=AX)(

@@ -30,7 +30,8 @@ CHECK = textwrap.dedent("""
             return funcdp.pmean(g, "i"), funcdp.all_gather(x.sum(0), "i"), funcdp.axis_index("i")
         out = funcdp.pmap(f, axis_name="i", in_axes=(0, None), out_axes=(None, 0, 0))(
             x.cuda(), w.cuda())
-        ref_g = torch.stack([grad(lambda w: torch.tanh(x[i] @ w).sum())(w) for i in range(n)]).mean(0)
+        ref_g = torch.stack([grad(lambda w: torch.tanh(x[i] @ w).sum())(w)
+                             for i in range(n)]).mean(0)
         tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(out[0].cpu(), ref_g, **tol)
         torch.testing.assert_close(out[1].to_tensor().cpu()[0], x.sum(1), **tol)
@@ -40,7 +41,8 @@ CHECK = textwrap.dedent("""
         funcdp.pmap(lambda v: funcdp.psum(v, "i").pow(2).sum(), axis_name="i")(xr).sum().backward()
         torch.testing.assert_close(xr.grad.cpu(), (2 * n * x.sum(0)).expand_as(x), **tol)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = funcdp.pmap(lambda a, b: a @ b)(torch.randn(n, 4, 4).cuda(), torch.randn(n, 4, 4).cuda())
+        a, b = torch.randn(n, 4, 4).cuda(), torch.randn(n, 4, 4).cuda()
+        out = funcdp.pmap(lambda a, b: a @ b)(a, b)
     assert out.dtype == torch.bfloat16
     print("OK", n)
 """)

@@ -69,22 +69,22 @@ def test_sync_batchnorm_data_parallel_matches_full_batch_training():
     @funcdp.pmap(axis_name="batch", in_axes=(None, None, None, 0, 0),
                  out_axes=(None, None, None, None, 0))
     def step(p, b, s, x, y):
-        (l, (out, nb)), g = funcdp.value_and_grad(
+        (loss_v, (out, nb)), g = funcdp.value_and_grad(
             lambda p: loss(synced, p, b, x, y), "batch", has_aux=True)(p)
         u, s = opt.update(g, s, p)
-        return optim.apply_updates(p, u), nb, s, l, out
+        return optim.apply_updates(p, u), nb, s, loss_v, out
 
     p, b, s = synced.params, synced.buffers, opt.init(synced.params)
     rp, rb, rs = plain.params, plain.buffers, opt.init(plain.params)
     for _ in range(3):
-        p, b, s, l, out = step(p, b, s, x, y)
+        p, b, s, loss_v, out = step(p, b, s, x, y)
         g, (rl, (rout, rb)) = torch.func.grad_and_value(
             lambda q: loss(plain, q, rb, x.reshape(24, 2, 5, 5), y.reshape(24)),
             has_aux=True)(rp)
         u, rs = opt.update(g, rs, rp)
         rp = optim.apply_updates(rp, u)
         assert_trees_close(out.to_tensor().reshape(24, 3), rout)
-        assert_trees_close(l, rl)
+        assert_trees_close(loss_v, rl)
         assert_trees_close(p, rp, rtol=1e-10, atol=1e-12)
         assert_trees_close(b, rb, rtol=1e-10, atol=1e-12)
 

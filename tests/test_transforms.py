@@ -172,7 +172,7 @@ def test_every_random_function_is_per_device():
         assert not torch.equal(t[0], t[1])
     # dropout2d drops whole channels
     ch = first[5].to_tensor()
-    assert torch.all((ch == ch[..., :1, :1]))
+    assert torch.all(ch == ch[..., :1, :1])
 
 
 def test_randomness_in_named_vmap():

@@ -927,7 +927,8 @@ def ppermute(x: Any, axis_name: Any, perm: Any) -> Any:
     Examples:
         >>> import torch, funcdp
         >>> ring = [(i, (i + 1) % 3) for i in range(3)]
-        >>> funcdp.vmap(lambda v: funcdp.ppermute(v, "i", ring), axis_name="i")(torch.tensor([1, 2, 3]))
+        >>> f = funcdp.vmap(lambda v: funcdp.ppermute(v, "i", ring), axis_name="i")
+        >>> f(torch.tensor([1, 2, 3]))
         tensor([3, 1, 2])
     """
     call = "ppermute"
@@ -960,7 +961,8 @@ def pshuffle(x: Any, axis_name: Any, perm: Any) -> Any:
 
     Examples:
         >>> import torch, funcdp
-        >>> funcdp.vmap(lambda v: funcdp.pshuffle(v, "i", [2, 0, 1]), axis_name="i")(torch.tensor([1, 2, 3]))
+        >>> f = funcdp.vmap(lambda v: funcdp.pshuffle(v, "i", [2, 0, 1]), axis_name="i")
+        >>> f(torch.tensor([1, 2, 3]))
         tensor([3, 1, 2])
     """
     call = "pshuffle"
@@ -1043,7 +1045,8 @@ def pbroadcast(x: Any, axis_name: Any, source: int) -> Any:
 
     Examples:
         >>> import torch, funcdp
-        >>> funcdp.vmap(lambda v: funcdp.pbroadcast(v, "i", 2), axis_name="i")(torch.tensor([1, 2, 3]))
+        >>> f = funcdp.vmap(lambda v: funcdp.pbroadcast(v, "i", 2), axis_name="i")
+        >>> f(torch.tensor([1, 2, 3]))
         tensor([3, 3, 3])
     """
     call = "pbroadcast"

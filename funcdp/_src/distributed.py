@@ -263,7 +263,7 @@ def _buckets(leaves: list, dev: torch.device):
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
             by_dtype.setdefault(leaf.dtype, []).append(i)
-    for dtype, idx in by_dtype.items():
+    for idx in by_dtype.values():
         flat = torch.cat([leaves[i].detach().reshape(-1).to(dev) for i in idx])
         yield idx, flat
 

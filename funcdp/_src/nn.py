@@ -192,7 +192,7 @@ class FunctionalModule:
             train = self.module.training
         module, pslots, bslots = self._thread_module(train)
         new_buffers = {}
-        for (name, canonical), (_, _, original) in zip(self._buffer_aliases, bslots):
+        for (_, canonical), (_, _, original) in zip(self._buffer_aliases, bslots):
             if canonical in new_buffers:
                 continue
             b = buffers.get(canonical)

@@ -791,24 +791,13 @@ class _Call:
                 o = 0
             ct_leaves.append(ct)
             ct_axes.append(o)
-        treedef, statics, fun = plan.treedef, self.statics, self.fun
         # Integer outputs (counts, argmax) have no cotangent: leave them out of the VJP.
         diff_mask = [bool(ct.is_floating_point() or ct.is_complex()) for ct in cts]
         diff_pos = [j for j, d in zip(self.out_tensor_pos, diff_mask) if d]
 
         def vjp_flat(*flat: Any) -> tuple:
             prim, cotangents = list(flat[:nleaves]), flat[nleaves:]
-
-            def of_wanted(*wanted: Any) -> tuple:
-                full = list(prim)
-                for p, w in zip(want, wanted):
-                    full[p] = w
-                args, kwargs = tree_util.tree_unflatten(full, treedef)
-                if statics:
-                    args = _merge_statics(args, statics)
-                outs = tree_util.tree_leaves(fun(*args, **kwargs))
-                return tuple(_to_output(outs[j], plan, j) for j in diff_pos)
-
+            of_wanted = self._as_function_of(prim, want, diff_pos)
             _, pull = torch.func.vjp(of_wanted, *[prim[p] for p in want])
             return pull(tuple(c for c, d in zip(cotangents, diff_mask) if d))
 
@@ -823,6 +812,23 @@ class _Call:
             by_leaf[p] = r.sum(0) if plan.kinds[p] == _BCAST else r
         return [by_leaf.get(p) if needs[i] else None for i, p in enumerate(self.tensor_pos)]
 
+    def _as_function_of(self, prim: list, positions: list[int], outputs: list[int]):
+        """The pmapped function as a function of the argument leaves at ``positions``
+        (the others fixed to ``prim``), returning its output leaves at ``outputs``."""
+        plan, treedef, statics, fun = self.plan, self.plan.treedef, self.statics, self.fun
+
+        def of(*values: Any) -> tuple:
+            full = list(prim)
+            for p, v in zip(positions, values):
+                full[p] = v
+            args, kwargs = tree_util.tree_unflatten(full, treedef)
+            if statics:
+                args = _merge_statics(args, statics)
+            outs = tree_util.tree_leaves(fun(*args, **kwargs))
+            return tuple(_to_output(outs[j], plan, j) for j in outputs)
+
+        return of
+
     def jvp(self, inputs: Sequence[torch.Tensor], tangents: Sequence[Any]) -> tuple:
         """Forward-mode derivative: a pmap of ``torch.func.jvp`` (one more forward pass)."""
         self._no_chunks("forward-mode differentiation")
@@ -833,24 +839,14 @@ class _Call:
             leaves[pos] = t
         live = [(p, t) for p, t in zip(self.tensor_pos, tangents) if t is not None]
         live_pos = [p for p, _ in live]
-        treedef, statics, fun = plan.treedef, self.statics, self.fun
         out_pos = self.out_tensor_pos
         out_float = {j: bool(self.out_template[j].is_floating_point()
                              or self.out_template[j].is_complex()) for j in out_pos}
 
         def jvp_flat(*flat: Any) -> tuple:
             prim, tans = list(flat[:nleaves]), flat[nleaves:]
-
-            def of_live(*vals: Any) -> tuple:
-                full = list(prim)
-                for p, v in zip(live_pos, vals):
-                    full[p] = v
-                args, kwargs = tree_util.tree_unflatten(full, treedef)
-                if statics:
-                    args = _merge_statics(args, statics)
-                outs = tree_util.tree_leaves(fun(*args, **kwargs))
-                return tuple(_to_output(outs[j], plan, j) for j in out_pos
-                             if out_float[j])
+            of_live = self._as_function_of(prim, live_pos,
+                                           [j for j in out_pos if out_float[j]])
 
             # Primals and tangents may be expanded views (stride 0), which forward AD
             # cannot hold.

@@ -156,7 +156,7 @@ def _check_same_program(spec: Any, leaves: list, info: ProcessInfo) -> None:
         return
     texts: list[Any] = [None] * info.count
     dist.all_gather_object(texts, text, group=info.group)
-    lines = [f"processes reached different collectives (or passed different shapes):"]
+    lines = ["processes reached different collectives (or passed different shapes):"]
     lines += [f"  - process {p}: {t}" for p, t in enumerate(texts)]
     lines.append("Every process must run the same program with the same shapes.")
     raise CollectiveError("\n".join(lines))
