@@ -55,3 +55,15 @@ def test_train_digits_distributed_with_torchrun():
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "2 processes x 2 devices vs one device" in out.stdout and "(OK)" in out.stdout
+
+
+def test_readme_example_runs():
+    import re
+
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    env = {**os.environ, "FUNCDP_NUM_CPU_DEVICES": "4"}
+    out = subprocess.run([sys.executable, "-c", code + "\nprint(float(loss))"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert 0 < float(out.stdout.split()[-1]) < 10
