@@ -211,3 +211,13 @@ def test_pad_shard_unpad_leaves_replicated_outputs_alone():
         torch.ones(10, 3))
     assert per_example.shape == (10, 3) and total.shape == (4, 3)
     assert float(total[0, 0]) == 30.0
+
+
+def test_pmax_ties_across_devices_and_blocks_split_the_gradient_evenly():
+    # Three tied maxima: two in device 0's block, one on device 2.
+    x = torch.tensor([0.0, 2.0, 2.0, 1.0, 0.5, -1.0, 2.0, 0.0, 1.5], dtype=torch.float64)
+    f = funcdp.pmap(lambda v: funcdp.pmax(v, "i"), axis_name="i",
+                    devices=funcdp.local_devices()[:3])
+    g = grad(lambda t: f(t).sum())(x)
+    # Nine outputs, each with cotangent 1, all equal to the maximum: 9 / 3 ties = 3 each.
+    assert_trees_close(g, torch.tensor([0, 3, 3, 0, 0, 0, 3, 0, 0], dtype=torch.float64))

@@ -162,13 +162,6 @@ def size_of(comps: tuple) -> int:
     return n
 
 
-def vmap_comp_at(comps: tuple, level: int) -> int | None:
-    for i, c in enumerate(comps):
-        if type(c) is VmapComp and c.level == level:
-            return i
-    return None
-
-
 def _indices() -> dict:
     d = getattr(_tls, "vindex", None)
     if d is None:

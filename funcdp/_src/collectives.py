@@ -275,7 +275,7 @@ def _device_collective(spec: Spec, dev_pos: list[int], leaves: list[torch.Tensor
                 rank = members.index(rank)
                 size = len(members)
                 break
-    desc = (_param_desc(spec), tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+    desc = (spec.label, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
     op = spec.op
     if size == 1:
         if op in ("psum", "pmax", "pmin"):
@@ -312,10 +312,6 @@ def _coord_of(coord: tuple, mesh_axes: tuple, sizes: list[int], index: int) -> t
         c[a] = index % s
         index //= s
     return tuple(c)
-
-
-def _param_desc(spec: Spec) -> str:
-    return spec.label
 
 
 class _BufferPool:
@@ -372,10 +368,6 @@ def _reduction_outputs(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
         outs.append(flat[x.dtype][o:o + x.numel()].view(x.shape))
         offset[x.dtype] = o + x.numel()
     return outs
-
-
-def _reduction_outputs_of_first(items: list) -> list[torch.Tensor]:
-    return _reduction_outputs(items[0])
 
 
 def _scale_of(spec: Spec) -> float | None:
@@ -674,6 +666,8 @@ def _reduction(op: str, x: Any, axis_name: Any, axis_index_groups: Any, call: st
     params = (1.0 / n,) if fused else ()
     if groups is not None and not _is_simple(comps):
         res = [_grouped_fallback(prim, t, comps, groups, label) for t in tensors]
+    elif prim in ("pmax", "pmin") and len(comps) > 1:
+        res = _extremum_over_components(prim, tensors, comps, label)
     else:
         res = _run(prim, comps, params, tensors, groups, label)
     for j, i in enumerate(idx):
@@ -702,6 +696,29 @@ def _gather_flat(t: torch.Tensor, comps: tuple, label: str) -> torch.Tensor:
     """``all_gather`` to ``[n, ...]`` over all components (row-major)."""
     g = _run("gather", comps, (0, frozenset()), [t], None, label)[0]
     return g.flatten(0, len(comps) - 1) if len(comps) > 1 else g
+
+
+def _extremum_over_components(op: str, tensors: list, comps: tuple, label: str) -> list:
+    """pmax/pmin over several components (a pmap axis and a vmap axis, say).
+
+    Reducing component by component would split a tie's gradient level by level (half
+    to each device, then halves within a device); instead the value comes from the
+    reductions and the derivative from one sum over the whole axis: every participant
+    holding the extremum gets ``cotangent / (number of ties)``, as ``torch.amax`` does.
+    """
+    values = [t.detach() for t in _run(op, comps, (), tensors, None, label)]
+    out = []
+    for t, m in zip(tensors, values):
+        if not (t.is_floating_point() or t.is_complex()):
+            out.append(m)
+            continue
+        mask = t == m
+        count = _run("psum", comps, (), [mask.to(t.dtype)], None, label)[0]
+        delta = torch.where(mask, t - t.detach(), torch.zeros((), dtype=t.dtype,
+                                                               device=t.device))
+        # Equal to m in value (delta is exactly 0); d/dx_j = [x_j is extremal] / count.
+        out.append(m + _run("psum", comps, (), [delta], None, label)[0] / count)
+    return out
 
 
 def _grouped_fallback(op: str, x: torch.Tensor, comps: tuple, groups: tuple, label: str):

@@ -38,15 +38,6 @@ class ProcessInfo:
         self.backend = backend
         self.group = group
 
-    def owner_of(self, global_index: int) -> int:
-        for p, (start, n) in enumerate(zip(self.offsets(), self.local_counts)):
-            if start <= global_index < start + n:
-                return p
-        raise IndexError(global_index)
-
-    def offsets(self) -> list[int]:
-        return [sum(self.local_counts[:p]) for p in range(self.count)]
-
 
 _info: ProcessInfo | None = None
 

@@ -119,11 +119,6 @@ class ShardedValue:
             return self._shards[i]
         return self._shards[i // self._block].select(self._axis, i % self._block)
 
-    def block_view(self, i: int) -> torch.Tensor:
-        """Device ``i``'s shard with the mapped axis kept (size ``block``)."""
-        s = self._shards[i]
-        return s.unsqueeze(self._axis) if self._block == 1 else s
-
     def __getitem__(self, idx: Any) -> Any:
         if self._axis == 0 and isinstance(idx, int):
             return self.shard(idx)

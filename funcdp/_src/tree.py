@@ -41,10 +41,6 @@ def python_spec(spec: Any) -> _pt.TreeSpec:
     return _pt.tree_structure(_fast.tree_unflatten([0] * spec.num_leaves, spec))
 
 
-def is_leaf_spec(spec: TreeSpec) -> bool:
-    return spec.is_leaf()
-
-
 def keystr(path: Sequence[Any]) -> str:
     """Formats a key path as Python indexing: ``[0]['w']``, ``.weight``."""
     out = []
