@@ -54,17 +54,20 @@ def test_devices_with_differently_laid_out_inputs_agree_on_the_reduction_path():
     assert float(out.shards[0][0, 0]) == 4.0
 
 
+class Tied(nn.Module):
+    """A decoder whose weight is the encoder's (one parameter, two names)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(2, 2, bias=False)
+        self.dec = nn.Linear(2, 2, bias=False)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(self.enc(x))
+
+
 def test_tied_weights_are_tied_in_the_pure_function():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc = nn.Linear(2, 2, bias=False)
-            self.dec = nn.Linear(2, 2, bias=False)
-            self.dec.weight = self.enc.weight
-
-        def forward(self, x):
-            return self.dec(self.enc(x))
-
     m = Tied()
     f = funcdp.nn.functional(m)
     assert list(f.params) == ["enc.weight"]
@@ -191,13 +194,6 @@ def test_save_checkpoint_keeps_per_device_values_that_happen_to_be_equal(tmp_pat
 
 
 def test_state_dict_of_a_tied_model_loads_strictly():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc = nn.Linear(2, 2, bias=False)
-            self.dec = nn.Linear(2, 2, bias=False)
-            self.dec.weight = self.enc.weight
-
     f = funcdp.nn.functional(Tied())
     fresh = Tied()
     fresh.load_state_dict(f.state_dict(f.params, f.buffers))  # strict
