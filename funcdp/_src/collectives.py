@@ -524,9 +524,6 @@ def _take(spec: Spec, dev_pos: list[int], result, rank: int, coord: tuple, comps
 # ----------------------------------------------------------------------------------
 def _transpose(spec: Spec, cts: list, ctx) -> list:
     op = spec.op
-    cts = [c if c is not None else None for c in cts]
-    if any(c is None for c in cts):
-        cts = [c if c is not None else torch.zeros(()) for c in cts]
     if op == "psum":
         return _apply(spec, cts)
     if op in ("pmax", "pmin"):

@@ -12,7 +12,7 @@ import torch
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import public
 from funcdp._src.devices import Device, local_devices
-from funcdp._src.sharded import ShardedValue, _devices_or_local
+from funcdp._src.sharded import ShardedValue, _devices_or_local, to_devices
 
 
 @public
@@ -131,12 +131,9 @@ def prefetch_to_device(iterator: Iterable[Any], size: int = 2,
             raise ValueError(f"funcdp.prefetch_to_device: each leaf needs a leading dimension "
                              f"of {len(devs)} (one slice per device; see funcdp.shard), got "
                              f"shape {tuple(t.shape)}.")
-        gpu = devs[0].platform == "cuda"
-        if gpu and t.device.type == "cpu":
+        if devs[0].platform == "cuda" and t.device.type == "cpu":
             t = t.pin_memory()
-        shards = [s if s.device == d.torch_device else s.to(d.torch_device, non_blocking=True)
-                  for s, d in zip(t.unbind(0), devs)]
-        return ShardedValue(shards, devs, 0)
+        return ShardedValue(to_devices(t.unbind(0), devs), devs, 0)
 
     queue: collections.deque = collections.deque()
     it = iter(iterator)

@@ -38,7 +38,7 @@ from funcdp._src.config import config
 from funcdp._src.devices import Device, local_devices
 from funcdp._src.executor import executor
 from funcdp._src.rendezvous import CollectiveError, Mesh
-from funcdp._src.sharded import ShardedValue
+from funcdp._src.sharded import ShardedValue, to_devices
 from funcdp._src.transform_util import (
     a_type,
     argpath,
@@ -497,7 +497,7 @@ class _Call:
                 parts = leaf.unbind(a)
             else:
                 parts = leaf.unflatten(a, (ndev, k)).unbind(a)
-            cols.append(_place(parts, plan.devices))
+            cols.append(to_devices(parts, plan.devices))
         return [[col[i] for col in cols] for i in range(ndev)]
 
     # -- running -------------------------------------------------------------------------
@@ -510,10 +510,7 @@ class _Call:
             offset = proc.offset if proc is not None else 0
             size = proc.total if proc is not None else plan.ndev
             devices = {(offset + i,): d for i, d in enumerate(plan.devices)}
-            mesh = Mesh(plan.label, (name,), (size,), devices)
-            mesh.proc = proc
-            mesh.offset = offset
-            return mesh, (), {}
+            return Mesh(plan.label, (name,), (size,), devices, proc, offset), (), {}
         # A nested pmap: one shared mesh per nested call across the outer devices.
         if any(len(c) > 1 for c in parent.names.values()):
             raise NotImplementedError(
@@ -1061,17 +1058,9 @@ def _merge_statics(args: tuple, statics: tuple) -> tuple:
 
 
 def _broadcast(x: Any, devices: list[Device]) -> list:
-    if not isinstance(x, torch.Tensor) or devices[0].platform == "cpu" and x.device.type == "cpu":
+    if not isinstance(x, torch.Tensor):
         return [x] * len(devices)
-    return [x if x.device == d.torch_device else x.to(d.torch_device, non_blocking=True)
-            for d in devices]
-
-
-def _place(parts: Sequence[torch.Tensor], devices: list[Device]) -> Sequence[torch.Tensor]:
-    if devices[0].platform == "cpu" and parts[0].device.type == "cpu":
-        return parts
-    return [p if p.device == d.torch_device else p.to(d.torch_device, non_blocking=True)
-            for p, d in zip(parts, devices)]
+    return to_devices([x] * len(devices), devices)
 
 
 def _concat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:

@@ -65,7 +65,7 @@ class Mesh:
     """The participants of one pmap call (or of a nested pmap level) and their rounds."""
 
     def __init__(self, label: str, names: tuple, sizes: tuple[int, ...],
-                 devices: dict[tuple, Any]) -> None:
+                 devices: dict[tuple, Any], proc: Any = None, offset: int = 0) -> None:
         self.label = label
         self.names = names
         self.sizes = sizes
@@ -79,8 +79,8 @@ class Mesh:
         self.failure: CollectiveError | None = None
         self.children: dict[Any, Mesh] = {}
         # Multi-process runs: this process's place; coordinates along axis 0 are global.
-        self.proc: Any = None
-        self.offset = 0
+        self.proc = proc
+        self.offset = offset
         self.watched: list[tuple[Any, int, str]] = []
 
     def watch(self, tensor: Any, label: str) -> None:

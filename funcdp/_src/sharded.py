@@ -259,6 +259,15 @@ def _devices_or_local(devices: Sequence[Device] | None, call: str) -> list[Devic
     return devices
 
 
+def to_devices(parts: Sequence[torch.Tensor], devices: Sequence[Device]) -> list:
+    """``parts[i]`` on ``devices[i]``; values already there (all of them, on virtual CPU
+    devices) are used as they are, others copied without blocking."""
+    if devices[0].platform == "cpu" and parts[0].device.type == "cpu":
+        return list(parts)
+    return [p if p.device == d.torch_device else p.to(d.torch_device, non_blocking=True)
+            for p, d in zip(parts, devices)]
+
+
 def _as_tensor(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
@@ -292,8 +301,7 @@ def replicate(tree: Any, devices: Sequence[Device] | None = None) -> Any:
 
     def rep(leaf: Any) -> ShardedValue:
         t = _as_tensor(leaf)
-        shards = [t if t.device == d.torch_device else t.to(d.torch_device) for d in devs]
-        return ShardedValue(shards, devs, 0)
+        return ShardedValue(to_devices([t] * len(devs), devs), devs, 0)
 
     return tree_util.tree_map(rep, tree)
 
