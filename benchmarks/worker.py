@@ -97,7 +97,7 @@ def funcdp_step(workload: str, n: int | None = None):
                  devices=devices)
     def train_step(params, opt_state, x, y):
         loss, grads = funcdp.value_and_grad(loss_fn, "batch")(params, x, y)
-        params, opt_state = opt.step(grads, opt_state, params)
+        params, opt_state = opt.step(grads, opt_state, params, axis_name="batch")
         return params, opt_state, loss
 
     state = {"p": net.params, "s": opt.init(net.params)}

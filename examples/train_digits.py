@@ -80,7 +80,7 @@ def train_data_parallel(args, model, data):
     @funcdp.pmap(axis_name="batch", in_axes=(None, None, 0, 0), out_axes=None, devices=devices)
     def train_step(params, opt_state, x, y):
         loss, grads = funcdp.value_and_grad(loss_fn, "batch")(params, x, y)
-        params, opt_state = opt.step(grads, opt_state, params)
+        params, opt_state = opt.step(grads, opt_state, params, axis_name="batch")
         return params, opt_state, loss
 
     @funcdp.pmap(axis_name="batch", in_axes=(None, 0, 0), out_axes=None, devices=devices)

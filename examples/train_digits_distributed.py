@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     @funcdp.pmap(axis_name="batch", in_axes=(None, None, 0, 0), out_axes=None)
     def train_step(params, opt_state, x, y):
         loss, grads = funcdp.value_and_grad(loss_fn, "batch")(params, x, y)
-        params, opt_state = opt.step(grads, opt_state, params)
+        params, opt_state = opt.step(grads, opt_state, params, axis_name="batch")
         return params, opt_state, loss
 
     for epoch in range(args.epochs):

@@ -188,3 +188,27 @@ def test_optimizer_state_inside_pmap_matches_single_device():
         u, ref_s = opt.update(g, ref_s, ref_p)
         ref_p = optim.apply_updates(ref_p, u)
     assert_trees_close(params, ref_p, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("make", [lambda: optim.adam(0.01, amsgrad=True, weight_decay=0.1),
+                                  lambda: optim.chain(optim.clip_by_global_norm(0.5),
+                                                      optim.sgd(0.1, momentum=0.9))])
+def test_step_under_vmap_is_a_loop_over_members(make):
+    # An ensemble trained at once: the optimizer runs under vmap, one model per member.
+    opt = make()
+    g = torch.Generator().manual_seed(0)
+    params = {"w": torch.randn(3, 4, 5, generator=g, dtype=torch.float64),
+              "b": torch.randn(3, 5, generator=g, dtype=torch.float64)}
+    grads = [{k: torch.randn(v.shape, generator=g, dtype=torch.float64)
+              for k, v in params.items()} for _ in range(2)]
+    state = torch.func.vmap(opt.init)(params)
+    p = params
+    for gr in grads:
+        p, state = torch.func.vmap(opt.step)(gr, state, p)
+    for m in range(3):
+        pm = {k: v[m] for k, v in params.items()}
+        sm = opt.init(pm)
+        for gr in grads:
+            pm, sm = opt.step({k: v[m] for k, v in gr.items()}, sm, pm)
+        for k in pm:
+            assert torch.allclose(p[k][m], pm[k], rtol=1e-12, atol=1e-15)

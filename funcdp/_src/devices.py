@@ -30,7 +30,8 @@ class Device:
         slot: for logical CUDA devices, which of the GPU's logical devices this is.
     """
 
-    __slots__ = ("id", "platform", "process_index", "local_index", "torch_device", "slot")
+    __slots__ = ("id", "platform", "process_index", "local_index", "torch_device", "slot",
+                 "_key", "_hash")
 
     def __init__(
         self,
@@ -47,15 +48,15 @@ class Device:
         self.local_index = local_index
         self.torch_device = torch_device
         self.slot = slot
-
-    def _key(self) -> tuple:
-        return (self.id, self.platform, self.process_index, str(self.torch_device), self.slot)
+        # Devices key plan caches (a sharded argument's devices): hash them once.
+        self._key = (id, platform, process_index, str(torch_device), slot)
+        self._hash = hash(self._key)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Device) and self._key() == other._key()
+        return self is other or (isinstance(other, Device) and self._key == other._key)
 
     def __hash__(self) -> int:
-        return hash(self._key())
+        return self._hash
 
     def __repr__(self) -> str:
         if self.platform == "cpu":

@@ -106,6 +106,8 @@ class _Worker:
                 return
             outcome = _run_task(task, self)
             task.done.put((task.index, outcome))
+            # Not holding on to the result (often new parameters) until the next task.
+            del task, outcome
 
 
 class _Outcome:

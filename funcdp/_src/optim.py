@@ -14,15 +14,49 @@ Learning rates may be numbers or schedules (``step -> lr`` functions, see
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
+from torch._C import _functorch
 
+from funcdp._src import shared_update
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import public_in
 
 _public = public_in("funcdp.optim")
+
+
+class _Foreach:
+    """``torch._foreach_*`` kernels, per tensor under ``torch.func`` transforms.
+
+    The multi-tensor kernels have no vmap batching rules; inside ``vmap`` (an ensemble of
+    models trained at once, say) the same arithmetic runs one tensor at a time, with the
+    same results.
+    """
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        fast = getattr(torch, f"_foreach_{name}")
+        inplace = name.endswith("_")
+        if inplace:
+            one = getattr(torch.Tensor, name)
+        else:
+            one = torch.linalg.vector_norm if name == "norm" else getattr(torch, name)
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            lists = [a for a in args if isinstance(a, (list, tuple))]
+            if not any(a and _functorch.is_functorch_wrapped_tensor(a[0]) for a in lists):
+                return fast(*args, **kwargs)
+            n = len(lists[0])
+            cols = [a if isinstance(a, (list, tuple)) else [a] * n for a in args]
+            out = [one(*row, **kwargs) for row in zip(*cols)]
+            return None if inplace else out
+
+        setattr(self, name, run)
+        return run
+
+
+_foreach = _Foreach()
 
 Schedule = Callable[[torch.Tensor], Any]
 
@@ -37,11 +71,25 @@ class GradientTransformation(NamedTuple):
 
     init: Callable[[Any], Any]
     update: Callable[[Any, Any, Any], tuple[Any, Any]]
-    fused: Callable[[Any, Any, Any], tuple[Any, Any]] | None = None
+    fused: Callable[..., tuple[Any, Any]] | None = None
 
-    def step(self, grads: Any, state: Any, params: Any) -> tuple[Any, Any]:
+    def step(self, grads: Any, state: Any, params: Any, *,
+             axis_name: Any = None) -> tuple[Any, Any]:
+        """``(new_params, new_state)``: the update, applied.
+
+        Args:
+            grads, state, params: as for ``update``.
+            axis_name: inside ``pmap``, the axis over which ``grads``, ``state`` and
+                ``params`` are replicated (the axis ``value_and_grad`` averaged over).
+                The devices of the axis then share the work of the update: each computes
+                a slice of the large leaves and all receive the same result, one tensor in
+                shared memory on virtual CPU devices (so 8 devices hold one copy of the
+                new parameters, not 8). Where that cannot be done exactly (values that
+                differ between devices, a gradient taken through the step, GPUs, several
+                processes) every device computes the whole update, as without it.
+        """
         if self.fused is not None:
-            return self.fused(grads, state, params)
+            return self.fused(grads, state, params, axis_name)
         updates, state = self.update(grads, state, params)
         return apply_updates(params, updates), state
 
@@ -69,7 +117,7 @@ def _scalar(v: Any) -> Any:
 def _scale(xs: list[torch.Tensor], s: Any) -> list[torch.Tensor]:
     if isinstance(s, torch.Tensor):
         return [x * s for x in xs]
-    return list(torch._foreach_mul(xs, s))
+    return list(_foreach.mul(xs, s))
 
 
 def _zeros_like(xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -98,7 +146,7 @@ def apply_updates(params: Any, updates: Any) -> Any:
     if spec != uspec:
         raise ValueError(f"funcdp.optim.apply_updates: `updates` has structure {uspec}, but "
                          f"`params` has {spec}.")
-    return tree_util.tree_unflatten(list(torch._foreach_add(p, u)) if p else [], spec)
+    return tree_util.tree_unflatten(list(_foreach.add(p, u)) if p else [], spec)
 
 
 @_public
@@ -128,43 +176,69 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
             state["momentum"] = tree_util.tree_unflatten(_zeros_like(p), _flat(params)[1])
         return state
 
-    def direction(grads: Any, state: dict, params: Any):
-        g, spec = _flat(grads)
+    def direction(step: torch.Tensor, g: list, p: list, *buf: list):
+        """The descent direction and the new momentum buffers (elementwise per leaf)."""
         if maximize:
-            g = list(torch._foreach_neg(g))
+            g = list(_foreach.neg(g))
         if weight_decay:
-            p, _ = _flat(params)
-            g = list(torch._foreach_add(g, p, alpha=weight_decay))
+            g = list(_foreach.add(g, p, alpha=weight_decay))
+        if not momentum:
+            return g, ()
+        (old,) = buf
+        first = step == 1
+        blended = _foreach.add(_foreach.mul(old, momentum), g,
+                                     alpha=1 - dampening)
+        # torch.optim.SGD starts the buffer at the first gradient (no dampening).
+        new_buf = [torch.where(first, gi, bi) for gi, bi in zip(g, blended)]
+        g = list(_foreach.add(g, new_buf, alpha=momentum)) if nesterov else new_buf
+        return g, (new_buf,)
+
+    def flat_state(grads: Any, state: dict, params: Any):
+        g, spec = _flat(grads)
+        p, pspec = _params_of(params, g, spec, weight_decay, "sgd")
+        bufs = [_flat(state["momentum"])[0]] if momentum else []
         step = state["step"] + 1
-        new_state: dict = {"step": step}
+        return g, spec, p, pspec, bufs, step, _scalar(_lr_at(lr, step))
+
+    def new_state(step: torch.Tensor, bufs: Sequence[list], spec: Any) -> dict:
+        out: dict = {"step": step}
         if momentum:
-            buf, _ = _flat(state["momentum"])
-            first = step == 1
-            blended = torch._foreach_add(torch._foreach_mul(buf, momentum), g,
-                                         alpha=1 - dampening)
-            # torch.optim.SGD starts the buffer at the first gradient (no dampening).
-            buf = [torch.where(first, gi, bi) for gi, bi in zip(g, blended)]
-            new_state["momentum"] = tree_util.tree_unflatten(buf, spec)
-            g = list(torch._foreach_add(g, buf, alpha=momentum)) if nesterov else buf
-        return g, spec, new_state, _scalar(_lr_at(lr, step))
+            out["momentum"] = tree_util.tree_unflatten(list(bufs[0]), spec)
+        return out
 
     def update(grads: Any, state: dict, params: Any = None) -> tuple[Any, dict]:
-        g, spec, new_state, lr_t = direction(grads, state, params)
-        updates = _scale(g, -lr_t) if isinstance(lr_t, torch.Tensor) else list(
-            torch._foreach_mul(g, -lr_t))
-        return tree_util.tree_unflatten(updates, spec), new_state
+        g, spec, p, _, bufs, step, lr_t = flat_state(grads, state, params)
+        d, bufs = direction(step, g, p, *bufs)
+        updates = _scale(d, -lr_t) if isinstance(lr_t, torch.Tensor) else list(
+            _foreach.mul(d, -lr_t))
+        return tree_util.tree_unflatten(updates, spec), new_state(step, bufs, spec)
 
-    def fused(grads: Any, state: dict, params: Any) -> tuple[Any, dict]:
-        g, spec, new_state, lr_t = direction(grads, state, params)
-        p, pspec = _flat(params)
+    def fused(grads: Any, state: dict, params: Any, axis_name: Any = None):
+        g, spec, p, pspec, bufs, step, lr_t = flat_state(grads, state, params)
         _same_spec(spec, pspec)
-        if isinstance(lr_t, torch.Tensor):
-            new = [pi - lr_t * gi for pi, gi in zip(p, g)]
-        else:
-            new = list(torch._foreach_add(p, g, alpha=-lr_t))
-        return tree_util.tree_unflatten(new, pspec), new_state
+
+        def kernel(g: list, p: list, *buf: list):
+            d, new_bufs = direction(step, g, p, *buf)
+            if isinstance(lr_t, torch.Tensor):
+                return ([pi - lr_t * di for pi, di in zip(p, d)], *new_bufs)
+            return (list(_foreach.add(p, d, alpha=-lr_t)), *new_bufs)
+
+        new, *bufs = shared_update.elementwise(kernel, [g, p, *bufs],
+                                               list(range(1, 2 + len(bufs))), axis_name,
+                                               "funcdp.optim.sgd step")
+        return tree_util.tree_unflatten(new, pspec), new_state(step, bufs, spec)
 
     return GradientTransformation(init, update, fused)
+
+
+def _params_of(params: Any, g: list, spec: Any, weight_decay: float, name: str):
+    """The flat parameters; ``update`` may omit them when nothing needs them."""
+    if params is not None:
+        return _flat(params)
+    if weight_decay:
+        raise ValueError(f"funcdp.optim.{name}: `params` is needed for weight_decay; pass "
+                         f"update(grads, state, params).")
+    return g, spec
 
 
 def _same_spec(spec: Any, pspec: Any) -> None:
@@ -179,77 +253,92 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
     if not (0 <= b1 < 1 and 0 <= b2 < 1):
         raise ValueError(f"funcdp.optim.{name}: `betas` must be in [0, 1), got {betas!r}.")
 
+    keys = ("mu", "nu", "nu_max") if amsgrad else ("mu", "nu")
+
     def init(params: Any) -> dict:
         p, spec = _flat(params)
-        state = {"step": torch.zeros((), dtype=torch.int64),
-                 "mu": tree_util.tree_unflatten(_zeros_like(p), spec),
-                 "nu": tree_util.tree_unflatten(_zeros_like(p), spec)}
-        if amsgrad:
-            state["nu_max"] = tree_util.tree_unflatten(_zeros_like(p), spec)
+        state: dict = {"step": torch.zeros((), dtype=torch.int64)}
+        for k in keys:
+            state[k] = tree_util.tree_unflatten(_zeros_like(p), spec)
         return state
 
-    def moments(grads: Any, state: dict, params: Any):
+    def scalars(grads: Any, state: dict, params: Any):
         g, spec = _flat(grads)
-        if maximize:
-            g = list(torch._foreach_neg(g))
+        p = _params_of(params, g, spec, weight_decay, name)[0]
         step = state["step"] + 1
         lr_t = _scalar(_lr_at(lr, step))
-        if weight_decay and not decoupled:
-            g = list(torch._foreach_add(g, _flat(params)[0], alpha=weight_decay))
-        mu, _ = _flat(state["mu"])
-        nu, _ = _flat(state["nu"])
-        mu = list(torch._foreach_lerp(mu, g, 1 - b1))
-        nu = list(torch._foreach_add(torch._foreach_mul(nu, b2),
-                                     torch._foreach_mul(g, g), alpha=1 - b2))
         t = float(step) if not _traced(step) else step.to(torch.float64)
         bc1 = 1 - b1 ** t
         bc2_sqrt = (1 - b2 ** t) ** 0.5
-        new_state = {"step": step, "mu": tree_util.tree_unflatten(mu, spec),
-                     "nu": tree_util.tree_unflatten(nu, spec)}
+        moments = [_flat(state[k])[0] for k in keys]
+        return g, spec, p, moments, step, lr_t, bc1, bc2_sqrt
+
+    def moments_of(g: list, p: list, mu: list, nu: list, *nu_max: list, bc2_sqrt: Any):
+        """The new moments and the denominator (elementwise per leaf)."""
+        if maximize:
+            g = list(_foreach.neg(g))
+        if weight_decay and not decoupled:
+            g = list(_foreach.add(g, p, alpha=weight_decay))
+        mu = list(_foreach.lerp(mu, g, 1 - b1))
+        nu = list(_foreach.add(_foreach.mul(nu, b2),
+                                     _foreach.mul(g, g), alpha=1 - b2))
+        new = [mu, nu]
         v = nu
         if amsgrad:
-            vmax = list(torch._foreach_maximum(_flat(state["nu_max"])[0], nu))
-            new_state["nu_max"] = tree_util.tree_unflatten(vmax, spec)
-            v = vmax
-        sqrt_v = list(torch._foreach_sqrt(v))
-        denom = torch._foreach_add(
+            v = list(_foreach.maximum(nu_max[0], nu))
+            new.append(v)
+        sqrt_v = list(_foreach.sqrt(v))
+        denom = _foreach.add(
             [x / bc2_sqrt for x in sqrt_v] if isinstance(bc2_sqrt, torch.Tensor)
-            else list(torch._foreach_div(sqrt_v, bc2_sqrt)), eps)
-        return mu, denom, spec, new_state, lr_t, bc1
+            else list(_foreach.div(sqrt_v, bc2_sqrt)), eps)
+        return new, denom
+
+    def state_of(step: torch.Tensor, new: Sequence[list], spec: Any) -> dict:
+        out: dict = {"step": step}
+        for k, v in zip(keys, new):
+            out[k] = tree_util.tree_unflatten(list(v), spec)
+        return out
 
     def update(grads: Any, state: dict, params: Any = None) -> tuple[Any, dict]:
-        mu, denom, spec, new_state, lr_t, bc1 = moments(grads, state, params)
-        updates = _scale(list(torch._foreach_div(mu, denom)), -lr_t / bc1)
+        g, spec, p, moments, step, lr_t, bc1, bc2_sqrt = scalars(grads, state, params)
+        new, denom = moments_of(g, p, *moments, bc2_sqrt=bc2_sqrt)
+        updates = _scale(list(_foreach.div(new[0], denom)), -lr_t / bc1)
         if weight_decay and decoupled:
             # AdamW: p <- p - lr * wd * p, folded into the update.
-            updates = list(torch._foreach_add(updates,
-                                              _scale(_flat(params)[0], -lr_t * weight_decay)))
-        return tree_util.tree_unflatten(updates, spec), new_state
+            updates = list(_foreach.add(updates, _scale(p, -lr_t * weight_decay)))
+        return tree_util.tree_unflatten(updates, spec), state_of(step, new, spec)
 
-    def fused(grads: Any, state: dict, params: Any) -> tuple[Any, dict]:
-        mu, denom, spec, new_state, lr_t, bc1 = moments(grads, state, params)
-        p, pspec = _flat(params)
-        _same_spec(spec, pspec)
+    def fused(grads: Any, state: dict, params: Any, axis_name: Any = None):
+        g, spec, p, moments, step, lr_t, bc1, bc2_sqrt = scalars(grads, state, params)
+        _same_spec(spec, _flat(params)[1])
         size = -lr_t / bc1
-        if isinstance(size, torch.Tensor):
-            new = [pi * (1 - lr_t * weight_decay) if decoupled and weight_decay else pi
-                   for pi in p]
-            new = [ni + size * (m / d) for ni, m, d in zip(new, mu, denom)]
-        elif decoupled and weight_decay:
-            # As torch.optim.AdamW: decay the parameters, then the Adam step, in place on
-            # the new tensors (the inputs are never written).
-            new = list(torch._foreach_mul(p, 1 - lr_t * weight_decay))
-            torch._foreach_addcdiv_(new, mu, denom, value=size)
-        else:
-            new = list(torch._foreach_addcdiv(p, mu, denom, value=size))
-        return tree_util.tree_unflatten(new, pspec), new_state
+
+        def kernel(g: list, p: list, *moments: list):
+            new, denom = moments_of(g, p, *moments, bc2_sqrt=bc2_sqrt)
+            mu = new[0]
+            if isinstance(size, torch.Tensor):
+                out = [pi * (1 - lr_t * weight_decay) if decoupled and weight_decay else pi
+                       for pi in p]
+                out = [ni + size * (m / d) for ni, m, d in zip(out, mu, denom)]
+            elif decoupled and weight_decay:
+                # As torch.optim.AdamW: decay the parameters, then the Adam step, in place
+                # on the new tensors (the inputs are never written).
+                out = list(_foreach.mul(p, 1 - lr_t * weight_decay))
+                _foreach.addcdiv_(out, mu, denom, value=size)
+            else:
+                out = list(_foreach.addcdiv(p, mu, denom, value=size))
+            return (out, *new)
+
+        out, *new = shared_update.elementwise(kernel, [g, p, *moments],
+                                              list(range(1, 2 + len(moments))), axis_name,
+                                              f"funcdp.optim.{name} step")
+        return tree_util.tree_unflatten(out, _flat(params)[1]), state_of(step, new, spec)
 
     return GradientTransformation(init, update, fused)
 
 
 def _traced(step: torch.Tensor) -> bool:
-    return (torch._C._functorch.is_functorch_wrapped_tensor(step)
-            or torch._C._functorch.is_batchedtensor(step))
+    return _functorch.is_functorch_wrapped_tensor(step) or _functorch.is_batchedtensor(step)
 
 
 @_public
@@ -314,7 +403,7 @@ def global_norm(tree: Any) -> torch.Tensor:
     leaves, _ = _flat(tree)
     if not leaves:
         return torch.zeros(())
-    norms = torch._foreach_norm(leaves)
+    norms = _foreach.norm(leaves)
     return torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms])).to(
         leaves[0].dtype)
 
@@ -337,12 +426,12 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new.append(s)
         return grads, tuple(new)
 
-    def fused(grads: Any, state: tuple, params: Any) -> tuple[Any, tuple]:
+    def fused(grads: Any, state: tuple, params: Any, axis_name: Any = None):
         new = []
         for t, s in zip(transforms[:-1], state[:-1]):
             grads, s = t.update(grads, s, params)
             new.append(s)
-        params, s = transforms[-1].step(grads, state[-1], params)
+        params, s = transforms[-1].step(grads, state[-1], params, axis_name=axis_name)
         new.append(s)
         return params, tuple(new)
 
