@@ -34,6 +34,31 @@ def current_depth() -> int:
     return getattr(_tls, "depth", 0)
 
 
+def _blocking_hooks() -> list:
+    hooks = getattr(_tls, "hooks", None)
+    if hooks is None:
+        hooks = _tls.hooks = []
+    return hooks
+
+
+def before_blocking() -> None:
+    """Called by code about to wait for other devices: devices that the calling thread
+    was going to run one after another are handed to their workers first."""
+    hooks = getattr(_tls, "hooks", None)
+    if hooks:
+        for hook in list(hooks):
+            hook()
+
+
+class Inline:
+    """A request to run a call's devices one after another in the calling thread."""
+
+    __slots__ = ("handed_off",)
+
+    def __init__(self) -> None:
+        self.handed_off = False
+
+
 class ThreadState:
     """The caller's thread-local torch state, to be re-created on workers."""
 
@@ -194,8 +219,14 @@ class Executor:
             return 0
         return max(1, self._cores // len(devices))
 
-    def run(self, devices: Sequence[Device], fn: Callable[[int], Any]) -> list[_Outcome]:
+    def run(self, devices: Sequence[Device], fn: Callable[[int], Any],
+            inline: Inline | None = None) -> list[_Outcome]:
         """Calls ``fn(i)`` for every device ``i``; device 0 in the calling thread.
+
+        With ``inline``, the calling thread runs the devices one after another (small
+        calls cost less than waking the workers) until one of them would block waiting
+        for the others (in a collective, say): the devices not started yet are then handed
+        to their workers, and ``inline.handed_off`` is set.
 
         Returns one outcome (value or exception) per device, in device order.
         """
@@ -206,27 +237,68 @@ class Executor:
         threads = self.threads_per_device(devices)
         depth = current_depth()
         done: queue.SimpleQueue = queue.SimpleQueue()
-        if n > 1:
-            workers = [self._worker(devices[i], depth) for i in range(1, n)]
-            with self._submit_lock:
-                for i, w in enumerate(workers, start=1):
-                    w.queue.put(_Task(fn, i, state, threads, done))
         outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
-        outcomes[0] = self._run_inline(devices[0], fn, threads, depth)
+        if n > 1 and inline is not None:
+            return self._run_sequential(devices, fn, inline, state, threads, depth, done)
+        if n > 1:
+            self._submit(devices, fn, range(1, n), state, threads, depth, done)
+        outcomes[0] = self._run_inline(devices, 0, fn, threads, depth)
+        if n > 1:
+            before_blocking()
         for _ in range(n - 1):
             i, outcome = done.get()
             outcomes[i] = outcome
         return outcomes
 
-    def _run_inline(self, device: Device, fn: Callable[[int], Any], threads: int,
-                    depth: int) -> _Outcome:
+    def _submit(self, devices: Sequence[Device], fn: Callable[[int], Any], which: range,
+                state: ThreadState, threads: int, depth: int, done: queue.SimpleQueue) -> None:
+        workers = [self._worker(devices[i], depth) for i in which]
+        with self._submit_lock:
+            for i, w in zip(which, workers):
+                w.queue.put(_Task(fn, i, state, threads, done))
+
+    def _run_sequential(self, devices: Sequence[Device], fn: Callable[[int], Any],
+                        inline: Inline, state: ThreadState, threads: int, depth: int,
+                        done: queue.SimpleQueue) -> list[_Outcome]:
+        n = len(devices)
+        outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
+        started = [0]  # devices started so far (here or on workers)
+
+        def hand_off() -> None:
+            if started[0] < n:
+                self._submit(devices, fn, range(started[0], n), state, threads, depth, done)
+                inline.handed_off = True
+                started[0] = n
+
+        hooks = _blocking_hooks()
+        hooks.append(hand_off)
+        i = 0
+        try:
+            # Device i runs here unless it was handed off while an earlier one waited.
+            while i < n and started[0] <= i:
+                started[0] = i + 1
+                outcomes[i] = self._run_inline(devices, i, fn, threads, depth)
+                i += 1
+        finally:
+            hooks.remove(hand_off)
+        if i < n:
+            before_blocking()
+        for _ in range(n - i):
+            j, outcome = done.get()
+            outcomes[j] = outcome
+        return outcomes
+
+    def _run_inline(self, devices: Sequence[Device], i: int, fn: Callable[[int], Any],
+                    threads: int, depth: int) -> _Outcome:
+        """Device ``i``'s share, in the calling thread."""
+        device = devices[i]
         with self.thread_budget(threads):
             _tls.depth = depth + 1
             try:
                 if device.platform == "cuda":
                     with torch.cuda.device(device.torch_device):
-                        return _run_inline_fn(fn)
-                return _run_inline_fn(fn)
+                        return _run_inline_fn(fn, i)
+                return _run_inline_fn(fn, i)
             finally:
                 _tls.depth = depth
 
@@ -251,10 +323,10 @@ class Executor:
                 torch.set_num_threads(old)
 
 
-def _run_inline_fn(fn: Callable[[int], Any]) -> _Outcome:
+def _run_inline_fn(fn: Callable[[int], Any], i: int) -> _Outcome:
     grad = torch.is_grad_enabled()
     try:
-        return _Outcome(fn(0))
+        return _Outcome(fn(i))
     except BaseException as e:  # noqa: BLE001 - re-raised in the caller
         return _Outcome(error=e)
     finally:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from funcdp._src import executor as executor_mod
 from funcdp._src.config import config
 
 
@@ -278,6 +279,8 @@ class Mesh:
 
     def _wait(self, coord: tuple, rnd: _Round, label: str, done: Callable[[], bool]) -> None:
         """Waits (lock held) until ``done()``; raises the round's error or a timeout."""
+        # Devices this thread was to run one after another must start elsewhere now.
+        executor_mod.before_blocking()
         self.states[coord] = ("waiting", label)
         rnd.waiters.append(coord)
         self._check_stuck()
