@@ -13,13 +13,12 @@ while a call runs: oversubscribing the cores makes everyone slower.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import queue
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -302,25 +301,34 @@ class Executor:
             finally:
                 _tls.depth = depth
 
-    @contextlib.contextmanager
-    def thread_budget(self, threads: int) -> Iterator[None]:
+    def thread_budget(self, threads: int) -> _Budget:
         """Limits the calling thread's intra-op threads while devices share the cores.
 
         pmap holds this for the whole call, result checks included: a parallel region
         in the calling thread wakes a team of OpenMP threads that keep spinning on a core
         for a while after it ends, stealing it from the other devices' workers.
         """
-        if not threads:
-            yield
-            return
-        old = torch.get_num_threads()
-        if old != threads:
-            torch.set_num_threads(threads)
-        try:
-            yield
-        finally:
-            if old != threads:
-                torch.set_num_threads(old)
+        return _Budget(threads)
+
+
+class _Budget:
+    """The context manager of ``thread_budget`` (a class: this is on every call's path)."""
+
+    __slots__ = ("threads", "old")
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.old = 0
+
+    def __enter__(self) -> None:
+        if self.threads:
+            self.old = torch.get_num_threads()
+            if self.old != self.threads:
+                torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.threads and self.old != self.threads:
+            torch.set_num_threads(self.old)
 
 
 def _run_inline_fn(fn: Callable[[int], Any], i: int) -> _Outcome:

@@ -627,19 +627,21 @@ class _Call:
         seeds = self.seeds = self.seeds or random_mod.call_seeds()
 
         def run(i: int, frame: Any) -> Any:
+            rnd = random_mod.DeviceRandomness(seeds, i, plan.devices[i].torch_device)
             if blocked:
-                return self._blocked(inputs[i], record, frame, name)
-            return self._body(inputs[i], record)
+                return self._blocked(inputs[i], record, frame, name, rnd)
+            return self._body(inputs[i], record, rnd)
 
         def work(i: int, frame: Any) -> Any:
             # Recording (for a backward pass later) needs grad mode on whatever the caller's.
-            with torch.enable_grad() if record else contextlib.nullcontext():
-                with random_mod.DeviceRandomness(seeds, i, plan.devices[i].torch_device):
+            if record:
+                with torch.enable_grad():
                     return run(i, frame)
+            return run(i, frame)
 
         return self._on_devices(work)
 
-    def _blocked(self, flat: list, record: bool, frame, name) -> Any:
+    def _blocked(self, flat: list, record: bool, frame, name, rnd: Any) -> Any:
         """Runs ``block`` shards on one device as a named vmap (more shards than devices)."""
         plan = self.plan
         dims = tuple(a if kind != _BCAST else None for kind, a in zip(plan.kinds, plan.axes))
@@ -654,7 +656,7 @@ class _Call:
             with axes_mod.vmap_level(k, frame.device) as vcomp:
                 if name is not None:
                     frame.names[name] = (dev_comp, vcomp)
-                out, treedef = self._body(list(leaves), False, raw=True)
+                out, treedef = self._body(list(leaves), False, rnd, raw=True)
             holder["treedef"] = treedef
             holder["present"] = [x is not None for x in out]
             return tuple(x for x in out if x is not None)
@@ -679,21 +681,24 @@ class _Call:
                 final.append(t.movedim(0, o))
         return (flat if record else None), final, treedef
 
-    def _body(self, flat: list, record: bool, raw: bool = False) -> Any:
+    def _body(self, flat: list, record: bool, rnd: Any, raw: bool = False) -> Any:
+        """The function on one device's arguments; ``rnd`` routes its random draws."""
         plan = self.plan
         if record and not raw:
             flat = [_track(x) if t else x for x, t in zip(flat, self.track)]
         args, kwargs = tree_util.tree_unflatten(flat, plan.treedef)
         if self.statics:
             args = _merge_statics(args, self.statics)
-        out = self.fun(*args, **kwargs)
+        with rnd:
+            out = self.fun(*args, **kwargs)
         leaves, treedef = tree_util.tree_flatten(out)
         leaves = [_to_output(x, plan, i) for i, x in enumerate(leaves)]
         if raw:
             return leaves, treedef
         axes = plan.out_axes_for(treedef)
         for i, (x, ax) in enumerate(zip(leaves, axes)):
-            if ax is not None and x is not None:
+            # The check's fast path inline (the full one only to word the error).
+            if ax is not None and x is not None and not -x.ndim - 1 <= ax <= x.ndim:
                 try:
                     normalize_axis(ax, x.ndim, plan.name, lambda: f"output {i}", extra=1,
                                    what="out_axes entry")

@@ -68,16 +68,15 @@ class CallSeeds:
     device draws it from that device's own generator (deterministic per device).
     """
 
-    __slots__ = ("base", "lock", "outer")
+    __slots__ = ("base", "outer")
 
     def __init__(self, base: int | None = None) -> None:
         self.base = base
-        self.lock = threading.Lock()
         self.outer = _active_mode()
 
     def get(self) -> int:
         if self.base is None:
-            with self.lock:
+            with _draw_lock:  # the first device to draw does it for all (rarely contended)
                 if self.base is None:
                     outer = self.outer.generator if self.outer is not None else None
                     # The first draw may come from inside a vmap (a device running more
@@ -87,7 +86,12 @@ class CallSeeds:
         return self.base
 
 
+_draw_lock = threading.Lock()
+
+
 def _active_mode() -> DeviceRandomness | None:
+    if not torch._C._len_torch_function_stack():
+        return None
     from torch.overrides import _get_current_function_mode_stack
 
     for mode in reversed(_get_current_function_mode_stack()):

@@ -62,6 +62,9 @@ class _Round:
         self.waiters: list[tuple] = []
 
 
+_COND_LOCK = threading.Lock()
+
+
 class Mesh:
     """The participants of one pmap call (or of a nested pmap level) and their rounds."""
 
@@ -71,7 +74,7 @@ class Mesh:
         self.names = names
         self.sizes = sizes
         self.devices = devices  # coord -> Device, for messages
-        self.cond = threading.Condition(threading.Lock())
+        self._cond: threading.Condition | None = None  # made by the first that needs it
         self.states: dict[tuple, Any] = {c: _RUNNING for c in devices}
         # Every participant of this process, registered or not yet (a nested mesh learns
         # its devices as the outer devices join).
@@ -83,6 +86,18 @@ class Mesh:
         self.proc = proc
         self.offset = offset
         self.watched: list[tuple[Any, int, str]] = []
+
+    @property
+    def cond(self) -> threading.Condition:
+        """The lock of the mesh's state, and where participants wait (made on first use:
+        most calls of small functions never need it)."""
+        c = self._cond
+        if c is None:
+            with _COND_LOCK:
+                c = self._cond
+                if c is None:
+                    c = self._cond = threading.Condition(threading.Lock())
+        return c
 
     def watch(self, tensor: Any, label: str) -> None:
         """Remembers a result shared by all participants, to check it was not written to."""
@@ -103,10 +118,13 @@ class Mesh:
     # -- participants ----------------------------------------------------------------
     def leave(self, coord: tuple, error: BaseException | None = None) -> None:
         """Marks a participant as finished (or raised) and fails rounds that need it."""
-        with self.cond:
-            self.states[coord] = _FINISHED if error is None else ("raised", error)
-            if self.rounds:
-                self._check_stuck()
+        # Without the lock while no round is open: a round opened later checks the states
+        # (under the lock) before it waits, and sees this one.
+        self.states[coord] = _FINISHED if error is None else ("raised", error)
+        if self.rounds or self.failure is not None:
+            with self.cond:
+                if self.rounds:
+                    self._check_stuck()
 
     def _describe(self, coord: tuple) -> str:
         state = self.states.get(coord, _RUNNING)
