@@ -170,7 +170,8 @@ def _tune_malloc() -> None:
     every step it keeps doing so: every new tensor then costs a page fault per 4 KiB,
     which measured here slowed a data-parallel MLP step by 10-20 %. Raising the mmap and
     trim thresholds makes those blocks reusable, as a single-threaded loop already gets
-    from glibc's adaptive threshold. Set ``FUNCDP_MALLOC_TUNING=0`` to leave malloc alone.
+    from glibc's adaptive threshold; fewer arenas keep the threads from each holding
+    their own. Set ``FUNCDP_MALLOC_TUNING=0`` to leave malloc alone.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
@@ -185,9 +186,15 @@ def _tune_malloc() -> None:
         libc = ctypes.CDLL("libc.so.6")
         if not hasattr(libc, "mallopt"):
             return
-        m_trim_threshold, m_mmap_threshold = -1, -3
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
         libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024)  # glibc's maximum
         libc.mallopt(m_trim_threshold, 1024 * 1024 * 1024)
+        # glibc gives every thread that allocates its own arena (up to 8 per core), each
+        # keeping its freed blocks: with a worker per virtual device that is a copy of the
+        # freed activations and gradients per device. One arena per two cores kept the
+        # resident memory of 8 devices within 1.2x that of one, at no measured cost in
+        # speed (threads that run at once are bounded by the cores anyway).
+        libc.mallopt(m_arena_max, max(1, (os.cpu_count() or 2) // 2))
     except OSError:  # not glibc
         return
 
