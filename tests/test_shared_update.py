@@ -91,6 +91,16 @@ def test_shared_step_outputs_one_buffer(devices):
     assert len({new["p1"][i].data_ptr() for i in range(4)}) == 4  # small: per device
 
 
+def test_two_devices_each_compute_the_update(devices):
+    # Not worth two rendezvous (see shared_update._SHARED_MIN_DEVICES).
+    opt = optim.sgd(0.1)
+    params = tree([(BIG,)], 0)
+    f = replicated(lambda g, s, p: opt.step(g, s, p, axis_name="i"), devices[:2], 0)
+    new, _ = f(tree([(BIG,)], 1), opt.init(params), params)
+    assert new["p0"][0].data_ptr() != new["p0"][1].data_ptr()
+    assert torch.equal(new["p0"][0], new["p0"][1])
+
+
 def test_values_that_differ_per_device_are_updated_per_device(devices):
     # Gradients not averaged (a user error, or a deliberate per-device step): no sharing,
     # each device applies its own gradient.
@@ -143,7 +153,7 @@ def test_writing_to_a_shared_result_fails(devices):
         return new
 
     with pytest.raises(funcdp.CollectiveError, match="modified in place"):
-        replicated(f, devices[:2])(tree([(BIG,)], 1), opt.init(params), params)
+        replicated(f, devices[:3])(tree([(BIG,)], 1), opt.init(params), params)
 
 
 def test_axis_name_of_a_vmap_is_a_plain_step():

@@ -81,10 +81,10 @@ class GradientTransformation(NamedTuple):
             grads, state, params: as for ``update``.
             axis_name: inside ``pmap``, the axis over which ``grads``, ``state`` and
                 ``params`` are replicated (the axis ``value_and_grad`` averaged over).
-                The devices of the axis then share the work of the update: each computes
-                a slice of the large leaves and all receive the same result, one tensor in
-                shared memory on virtual CPU devices (so 8 devices hold one copy of the
-                new parameters, not 8). Where that cannot be done exactly (values that
+                The devices of the axis then share the work of the update (from three
+                virtual CPU devices on): each updates some of the large leaves and all
+                receive the same results, one tensor each in shared memory (so 8 devices
+                hold one copy of the new parameters, not 8). Where that cannot be done exactly (values that
                 differ between devices, a gradient taken through the step, GPUs, several
                 processes) every device computes the whole update, as without it.
         """

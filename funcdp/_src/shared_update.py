@@ -31,6 +31,11 @@ from funcdp._src.axes import DeviceComp
 # counters) are computed by every device, which is cheaper than a rendezvous.
 _SHARED_MIN_NUMEL = 1 << 14
 
+# With two devices the two rendezvous of a shared update cost about what splitting the
+# (memory-bound) update saves: measured +0.3 ms on a 19 ms MLP step with 2 devices, but
+# -0.5 ms with 4 and -4 ms (9 %) with 8 on 2 cores. Fewer devices compute it each.
+_SHARED_MIN_DEVICES = 3
+
 Lists = Sequence[list[torch.Tensor]]
 
 
@@ -94,7 +99,7 @@ def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], co
     for c in comps:
         rank = rank * c.size + coord[c.axis]
         size *= c.size
-    if size == 1:
+    if size < _SHARED_MIN_DEVICES:
         return None
     label = call
     desc = (label, tuple((tuple(t.shape), str(t.dtype)) for lst in payload for t in lst))
