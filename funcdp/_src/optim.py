@@ -84,9 +84,10 @@ class GradientTransformation(NamedTuple):
                 The devices of the axis then share the work of the update (from three
                 virtual CPU devices on): each updates some of the large leaves and all
                 receive the same results, one tensor each in shared memory (so 8 devices
-                hold one copy of the new parameters, not 8). Where that cannot be done exactly (values that
-                differ between devices, a gradient taken through the step, GPUs, several
-                processes) every device computes the whole update, as without it.
+                hold one copy of the new parameters, not 8). Where that cannot be done
+                exactly (values that differ between devices, a gradient taken through
+                the step, GPUs, several processes) every device computes the whole
+                update, as without it.
         """
         if self.fused is not None:
             return self.fused(grads, state, params, axis_name)
