@@ -41,6 +41,7 @@ def launch(scenario: str, nproc: int, per_proc: int, out: Path, timeout: float =
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), FUNCDP_NUM_CPU_DEVICES=str(per_proc),
                    FUNCDP_PLATFORM="cpu", TEST_TIMEOUT=test_timeout,
+                   PYTHONFAULTHANDLER="1",  # an abort prints every thread's stack
                    PYTHONPATH=str(WORKER.parent) + os.pathsep + env.get("PYTHONPATH", ""))
         procs.append(subprocess.Popen([sys.executable, str(WORKER), scenario, str(out)],
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from typing import Any
 
 import torch
@@ -153,11 +154,33 @@ def shutdown() -> None:
     if dist.is_initialized():
         try:
             dist.barrier()
+            _leave_together(dist)
         except RuntimeError:  # a peer is already gone: nothing left to wait for
             pass
         dist.destroy_process_group()
     _info = None
     devices_mod._reset()
+
+
+def _leave_together(dist: Any, timeout_s: float = 30.0) -> None:
+    """Waits, through the rendezvous store, until every process has returned from the
+    final barrier (a process that tears its gloo connections down while a peer is still
+    finishing the barrier on them can abort that peer); process 0, which hosts the
+    store, also waits until the others have seen that, before it takes the store down."""
+    store = dist.distributed_c10d._get_default_store()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    deadline = time.monotonic() + timeout_s
+
+    def wait_for(key: str, count: int) -> None:
+        while store.add(key, 0) < count and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    store.add("funcdp/shutdown/returned", 1)
+    wait_for("funcdp/shutdown/returned", world)
+    if rank == 0:
+        wait_for("funcdp/shutdown/seen", world - 1)
+    else:
+        store.add("funcdp/shutdown/seen", 1)
 
 
 def _require(call: str) -> ProcessInfo:
