@@ -78,7 +78,9 @@ class GradientTransformation(NamedTuple):
         """``(new_params, new_state)``: the update, applied.
 
         Args:
-            grads, state, params: as for ``update``.
+            grads: the gradients, as for ``update``.
+            state: the optimizer state, as for ``update``.
+            params: the parameters, as for ``update``.
             axis_name: inside ``pmap``, the axis over which ``grads``, ``state`` and
                 ``params`` are replicated (the axis ``value_and_grad`` averaged over).
                 The devices of the axis then share the work of the update (from three
