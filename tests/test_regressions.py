@@ -217,3 +217,91 @@ def test_pmax_ties_across_devices_and_blocks_split_the_gradient_evenly():
     g = grad(lambda t: f(t).sum())(x)
     # Nine outputs, each with cotangent 1, all equal to the maximum: 9 / 3 ties = 3 each.
     assert_trees_close(g, torch.tensor([0, 3, 3, 0, 0, 0, 3, 0, 0], dtype=torch.float64))
+
+
+def test_nested_pmap_drawing_random_numbers_does_not_deadlock():
+    # The inner call's first draw takes the outer device's base under the same lock.
+    d = funcdp.local_devices()
+    inner = funcdp.pmap(lambda x: nn.functional.dropout(x, 0.5), axis_name="j", devices=d[:2])
+    outer = funcdp.pmap(lambda x: inner(x), axis_name="i", devices=d[:2])
+    out = outer(torch.ones(2, 2, 64)).to_tensor()
+    assert set(out.unique().tolist()) <= {0.0, 2.0}
+    assert not torch.equal(out[0], out[1])
+
+
+def test_nested_meshes_with_frequent_thread_switches():
+    # Devices of a nested mesh join it as they arrive; leaving it must not race with a
+    # participant that scans the states under the lock.
+    import sys
+
+    d = funcdp.local_devices()
+    inner = funcdp.pmap(lambda v: funcdp.psum(v, "j") * 2, axis_name="j", devices=d[2:4])
+    outer = funcdp.pmap(lambda x: inner(x), axis_name="i", devices=d[:2])
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        x = torch.ones(2, 2, 3)
+        for _ in range(200):
+            assert torch.equal(outer(x).to_tensor(), torch.full((2, 2, 3), 4.0))
+    finally:
+        sys.setswitchinterval(old)
+
+
+def test_an_error_in_a_shared_optimizer_step_fails_at_once():
+    # One device's share of a shared update raises: the others must not wait for it
+    # until the collective timeout.
+    from funcdp import optim
+
+    opt = optim.sgd(0.1)
+    params = {"a": torch.randn(2**15), "b": torch.zeros(2**14, dtype=torch.int64)}
+    grads = {"a": torch.randn(2**15), "b": torch.ones(2**14, dtype=torch.int64)}
+    f = funcdp.pmap(lambda _, g, p: opt.step(g, opt.init(p), p, axis_name="i"),
+                    axis_name="i", in_axes=(0, None, None), out_axes=None,
+                    devices=funcdp.local_devices()[:3])
+    start = time.monotonic()
+    with funcdp.config.override(collective_timeout=20):
+        try:
+            f(torch.zeros(3), grads, params)
+        except Exception:  # noqa: BLE001 - whatever the kernel raises
+            pass
+        else:
+            raise AssertionError("expected the int64 update to fail")
+    assert time.monotonic() - start < 5
+
+
+def test_optimizer_under_vmap_with_an_unbatched_first_leaf():
+    from funcdp import optim
+
+    for opt in (optim.sgd(0.1, momentum=0.9), optim.adam(0.01)):
+        p_a, g_a = torch.randn(3), torch.randn(3)
+        pb, gb = torch.randn(4, 5), torch.randn(4, 5)
+
+        def step(pb, gb, opt=opt):
+            params = {"a": p_a, "b": pb}
+            return opt.step({"a": g_a, "b": gb}, opt.init(params), params)[0]["b"]
+
+        out = torch.func.vmap(step)(pb, gb)
+        for m in range(4):
+            torch.testing.assert_close(out[m], step(pb[m], gb[m]), rtol=1e-6, atol=1e-7)
+
+
+def test_shared_step_with_conjugate_views_is_not_shared():
+    # Odd devices pass the conjugate view of the same storage: same data pointer and
+    # strides, different values.
+    from funcdp import optim
+
+    opt = optim.sgd(0.1)
+    n = 4
+    p = torch.randn(2**15, dtype=torch.complex128)
+    g = torch.randn(2**15, dtype=torch.complex128)
+    views = [p if i % 2 == 0 else p.conj() for i in range(n)]
+
+    def step(i, g, ps):
+        pi = {"w": ps[int(i)]}
+        return opt.step({"w": g}, opt.init(pi), pi, axis_name="i")[0]["w"]
+
+    fn = funcdp.pmap(step, axis_name="i", in_axes=(0, None, None),
+                     devices=funcdp.local_devices()[:n])
+    out = fn(torch.arange(n), g, views).to_tensor()
+    for i in range(n):
+        assert torch.equal(out[i], views[i] - 0.1 * g)

@@ -175,10 +175,13 @@ def _leave_together(dist: Any, timeout_s: float = 30.0) -> None:
         while store.add(key, 0) < count and time.monotonic() < deadline:
             time.sleep(0.001)
 
-    store.add("funcdp/shutdown/returned", 1)
-    wait_for("funcdp/shutdown/returned", world)
+    # The counters may outlive this process group (a store kept by the launcher): each
+    # shutdown is one more generation of `world` arrivals.
+    arrived = store.add("funcdp/shutdown/returned", 1)
+    generation = -(-arrived // world)
+    wait_for("funcdp/shutdown/returned", generation * world)
     if rank == 0:
-        wait_for("funcdp/shutdown/seen", world - 1)
+        wait_for("funcdp/shutdown/seen", generation * (world - 1))
     else:
         store.add("funcdp/shutdown/seen", 1)
 

@@ -44,9 +44,10 @@ class _Foreach:
             one = torch.linalg.vector_norm if name == "norm" else getattr(torch, name)
 
         def run(*args: Any, **kwargs: Any) -> Any:
-            lists = [a for a in args if isinstance(a, (list, tuple))]
-            if not any(a and _functorch.is_functorch_wrapped_tensor(a[0]) for a in lists):
+            # Inside any transform some leaf may be wrapped (not necessarily the first).
+            if _functorch.maybe_current_level() is None:
                 return fast(*args, **kwargs)
+            lists = [a for a in args if isinstance(a, (list, tuple))]
             n = len(lists[0])
             cols = [a if isinstance(a, (list, tuple)) else [a] * n for a in args]
             out = [one(*row, **kwargs) for row in zip(*cols)]

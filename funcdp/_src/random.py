@@ -86,7 +86,8 @@ class CallSeeds:
         return self.base
 
 
-_draw_lock = threading.Lock()
+# Reentrant: a nested call's first draw takes the outer call's base first.
+_draw_lock = threading.RLock()
 
 
 def _active_mode() -> DeviceRandomness | None:

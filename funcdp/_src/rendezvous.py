@@ -118,13 +118,18 @@ class Mesh:
     # -- participants ----------------------------------------------------------------
     def leave(self, coord: tuple, error: BaseException | None = None) -> None:
         """Marks a participant as finished (or raised) and fails rounds that need it."""
-        # Without the lock while no round is open: a round opened later checks the states
-        # (under the lock) before it waits, and sees this one.
-        self.states[coord] = _FINISHED if error is None else ("raised", error)
-        if self.rounds or self.failure is not None:
-            with self.cond:
-                if self.rounds:
-                    self._check_stuck()
+        state = _FINISHED if error is None else ("raised", error)
+        # Without the lock while no round is open and the participant is known (replacing
+        # a value never resizes the dict another thread may be iterating): a round opened
+        # later checks the states, under the lock, before it waits, and sees this one.
+        if coord in self.states and not self.rounds and self.failure is None:
+            self.states[coord] = state
+            if not self.rounds:
+                return
+        with self.cond:
+            self.states[coord] = state
+            if self.rounds:
+                self._check_stuck()
 
     def _describe(self, coord: tuple) -> str:
         state = self.states.get(coord, _RUNNING)
@@ -258,7 +263,16 @@ class Mesh:
         if chunked is None:
             return rnd.result
         # Every participant reduces its own chunk, then waits for the others' chunks.
-        chunked(rnd.items, rnd.result, rank, size)
+        try:
+            chunked(rnd.items, rnd.result, rank, size)
+        except BaseException as e:
+            # The round has left self.rounds: fail it here, or the others would wait for
+            # this chunk until the timeout.
+            with self.cond:
+                if rnd.error is None:
+                    rnd.error = e
+                self._release(rnd)
+            raise
         with self.cond:
             rnd.chunks_done += 1
             if rnd.chunks_done == size:

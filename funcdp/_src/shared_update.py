@@ -121,7 +121,9 @@ def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], co
             for la, lb in zip(first, other):
                 for a, b in zip(la, lb):
                     if a is not b and (a.data_ptr() != b.data_ptr()
-                                       or a.stride() != b.stride()):
+                                       or a.stride() != b.stride()
+                                       or a.is_conj() != b.is_conj()
+                                       or a.is_neg() != b.is_neg()):
                         return None  # not the same values everywhere: no sharing
         return [[None] * len(first[k]) for k in like]
 
