@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch._C import _functorch
@@ -179,7 +179,9 @@ class vmap_level:
     __slots__ = ("level", "size", "device")
 
     def __init__(self, size: int, device: torch.device | None) -> None:
-        self.level = _functorch.maybe_current_level()
+        level = _functorch.maybe_current_level()
+        assert level is not None  # made inside a vmap body
+        self.level: int = level
         self.size = size
         self.device = device
 
@@ -201,4 +203,4 @@ def comp_index(comp: DeviceComp | VmapComp, frame: PmapFrame | None,
     if type(comp) is DeviceComp:
         assert frame is not None
         return frame.coord[comp.axis]
-    return _indices()[comp.level]
+    return _indices()[cast(VmapComp, comp).level]

@@ -55,6 +55,7 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
         {'w': tensor([1., 1.]), 'step': 3}
     """
     leaves, spec = pt.tree_flatten(state)
+    out: list[Any]  # tensors, and the plain values of "value" leaves
     kinds, out = [], []
     for leaf in leaves:
         if isinstance(leaf, ShardedValue):

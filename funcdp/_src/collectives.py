@@ -203,6 +203,7 @@ def _vmap_rule(info, in_dims, spec: Spec, leaves: list):
     lead = list(spec.lead)
     if pos is None:
         # A level the collective is not over: keep its batch dimension in front.
+        out_dims: list[int | None]
         moved, out_dims = [], []
         for i, (x, d) in enumerate(zip(leaves, in_dims)):
             if d is None:

@@ -115,7 +115,7 @@ def _discover(process_index: int = 0) -> list[Device]:
         return [Device(i, "cpu", process_index, i, cpu) for i in range(n)]
     per_gpu = _env_int("FUNCDP_DEVICES_PER_GPU", 1)
     gpus = _visible_gpus()
-    out = []
+    out: list[Device] = []
     for gpu in gpus:
         for slot in range(per_gpu):
             i = len(out)

@@ -99,6 +99,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor,
                         count: torch.Tensor) -> None:
         unbiased = var * (count / torch.clamp(count - 1, min=1))
+        # track_running_stats (checked by the caller): the buffers exist.
+        assert self.num_batches_tracked is not None and self.running_mean is not None
+        assert self.running_var is not None
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             m = (1.0 / float(self.num_batches_tracked) if self.momentum is None

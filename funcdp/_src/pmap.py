@@ -22,8 +22,8 @@ import contextlib
 import functools
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -304,6 +304,7 @@ class _Plan:
 
         norm_axes: list[int | None] = []
         sizes: dict[int, int] = {}
+        a: int | None
         for i, (leaf, ax) in enumerate(zip(leaves, axes)):
             if ax is None:
                 norm_axes.append(None)
@@ -335,7 +336,8 @@ class _Plan:
                 + "\nEvery mapped axis must have the same size (the number of shards).")
         n = distinct[0]
         if owner._axis_size is not None and owner._axis_size != n and not (
-                dist_mod.info() is not None and dist_mod.info().count > 1):
+                dist_mod.info() is not None
+                and cast(dist_mod.ProcessInfo, dist_mod.info()).count > 1):
             raise ValueError(
                 f"{name}: `axis_size`={owner._axis_size} but the mapped arguments have size "
                 f"{n}; in a single process they must agree.")
@@ -347,6 +349,7 @@ class _Plan:
         self.spans_processes = (proc is not None and proc.count > 1 and owner._devices is None
                                 and chunks is None and axes_mod.current_pmap_frame() is None)
         if self.spans_processes:
+            assert proc is not None  # spans_processes implies it
             local = len(local_devices())
             if n % local:
                 raise ValueError(
@@ -669,7 +672,7 @@ class _Call:
         axes = plan.out_axes_for(treedef)
         it = iter(outs)
         outs = [next(it) if p else None for p in holder["present"]]
-        final = []
+        final: list[torch.Tensor | None] = []
         for t, ax in zip(outs, axes):
             if t is None:
                 final.append(None)
@@ -727,7 +730,7 @@ class _Call:
         results = self._execute(self._device_inputs(self.leaves), record=False)
         treedef = _same_structure(plan, results)
         axes = plan.out_axes_for(treedef)
-        outs = []
+        outs: list[Any] = []
         if plan.full_checks > 0:
             plan.full_checks -= 1
         for j, ax in enumerate(axes):
@@ -854,7 +857,9 @@ class _Call:
         def vjp_flat(*flat: Any) -> tuple:
             prim, cotangents = list(flat[:nleaves]), flat[nleaves:]
             of_wanted = self._as_function_of(prim, want, diff_pos)
-            _, pull = torch.func.vjp(of_wanted, *[prim[p] for p in want])
+            # Without has_aux, torch.func.vjp returns 2 values (3 only with has_aux=True).
+            _, pull = cast("tuple[Any, Callable[..., Any]]",
+                           torch.func.vjp(of_wanted, *[prim[p] for p in want]))
             return pull(tuple(c for c, d in zip(cotangents, diff_mask) if d))
 
         grad_axes = tuple(plan.axes[p] if plan.kinds[p] != _BCAST else 0 for p in want)
@@ -909,7 +914,8 @@ class _Call:
             tans = tuple(t.clone(memory_format=torch.contiguous_format) for t in tans)
             prims = tuple(prim[p].clone(memory_format=torch.contiguous_format)
                           for p in live_pos)
-            _, out_t = torch.func.jvp(of_live, prims, tans)
+            # Without has_aux, torch.func.jvp returns 2 values (3 only with has_aux=True).
+            _, out_t = cast("tuple[Any, Any]", torch.func.jvp(of_live, prims, tans))
             return out_t
 
         tan_axes = tuple(plan.axes[p] for p in live_pos)
@@ -948,6 +954,7 @@ class _Call:
                     out.append(ct if i == 0 else torch.zeros_like(ct))
                     continue
                 if plan.chunks is not None:
+                    assert plan.offsets is not None  # set whenever chunks is
                     out.append(ct.narrow(o, plan.offsets[i], plan.chunks[i]))
                 else:
                     out.append(ct.select(o, i) if k == 1 else ct.narrow(o, i * k, k))
@@ -988,6 +995,7 @@ class _Call:
                         acc = g if acc is None else acc + g
                 grads[w] = acc
             else:
+                assert a is not None  # only broadcast leaves have no axis
                 parts = []
                 for i, g in enumerate(per):
                     if g is None:

@@ -291,7 +291,7 @@ class Mesh:
                      f"values of different shapes or dtypes):"]
             for r, d in enumerate(rnd.descs):
                 coord = rnd.members[r] if r < len(rnd.members) else None
-                dev = self.devices.get(coord)
+                dev = self.devices.get(coord)  # type: ignore[arg-type]  # None: no device
                 who = (f"device {_fmt_coord(coord)}" + (f" ({dev!r})" if dev is not None else "")
                        if coord is not None else f"participant {r}")
                 lines.append(f"  - {who}: {_fmt_desc(d)}")

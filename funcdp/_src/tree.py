@@ -19,7 +19,7 @@ import torch.utils._pytree as _pt
 try:  # torch's C++ pytree (optree): the same trees and leaf order, ~7x faster to flatten
     import torch.utils._cxx_pytree as _fast
 except ImportError:  # pragma: no cover - optree not installed
-    _fast = _pt
+    _fast = _pt  # type: ignore[misc]  # the same API as torch.utils._cxx_pytree
 
 PyTree = Any
 TreeSpec = Any

@@ -78,7 +78,7 @@ def vmap(fun: Any = None, in_axes: Any = 0, out_axes: Any = 0, axis_name: Any = 
         leaves, treedef = tree_util.tree_flatten(tree)
         axes = flat_in_axes(in_axes, args, kwargs, treedef, name)
         sizes = {}
-        dims = []
+        dims: list[int | None] = []
         device = None
         for path_i, (leaf, ax) in enumerate(zip(leaves, axes)):
             if ax is None:
@@ -156,7 +156,7 @@ def _place_out_axes(name: str, out_axes: Any, outs: tuple, holder: dict) -> Any:
         raise ValueError(f"{name}: `out_axes` {out_axes!r} does not match the structure of "
                          f"the output at out{tree_util.keystr(e.path)}: {e.reason}.") from None
     it = iter(outs)
-    leaves = []
+    leaves: list[Any] = []
     for j, (ax, present, unbatched) in enumerate(zip(axes, holder["present"],
                                                      holder["unbatched"])):
         if not present:
