@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -305,3 +306,28 @@ def test_shared_step_with_conjugate_views_is_not_shared():
     out = fn(torch.arange(n), g, views).to_tensor()
     for i in range(n):
         assert torch.equal(out[i], views[i] - 0.1 * g)
+
+
+def test_workers_stop_at_interpreter_exit():
+    # Daemon workers cut off during finalization can abort the process from inside
+    # torch's C++ code; at exit they are stopped first.
+    import subprocess
+    import sys
+
+    code = (
+        "import os, threading, atexit\n"
+        "os.environ['FUNCDP_NUM_CPU_DEVICES'] = '4'\n"
+        "import torch, funcdp\n"
+        "from funcdp._src.executor import executor\n"
+        "f = funcdp.pmap(lambda x: funcdp.psum(x * 2, 'i'), axis_name='i')\n"
+        "f(torch.ones(4, 3))\n"
+        "ex = executor()\n"
+        "ex._stop_workers()\n"
+        "alive = [w.thread.is_alive() for w in ex._workers.values()]\n"
+        "print('alive', sum(alive), 'of', len(alive))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCDP_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "alive 0 of 3" in out.stdout, out.stdout

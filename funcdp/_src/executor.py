@@ -13,11 +13,13 @@ while a call runs: oversubscribing the cores makes everyone slower.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -209,6 +211,22 @@ class Executor:
         # at once from different threads are ordered the same way on every worker.
         self._submit_lock = threading.Lock()
         self._cores = max(1, torch.get_num_threads())
+        atexit.register(self._stop_workers)
+
+    def _stop_workers(self, timeout_s: float = 1.0) -> None:
+        """At interpreter exit: lets idle workers return instead of being cut off.
+
+        A daemon thread still alive while the interpreter finalizes is stopped when it
+        next wants the GIL, by unwinding its stack; inside torch's C++ code that unwinding
+        aborts the process ("terminate called without an active exception").
+        """
+        with self._lock:
+            workers = list(self._workers.values())
+        for w in workers:
+            w.queue.put(None)
+        deadline = time.monotonic() + timeout_s
+        for w in workers:
+            w.thread.join(max(0.0, deadline - time.monotonic()))
 
     def _worker(self, device: Device, depth: int) -> _Worker:
         key = (device, depth)
