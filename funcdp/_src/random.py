@@ -228,12 +228,19 @@ class DeviceRandomness(TorchFunctionMode):
         return self._generator
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _WITH_GENERATOR:
-            if kwargs.get("generator") is None:
-                kwargs = dict(kwargs, generator=self.generator)
-            return func(*args, **kwargs)
-        handler = _DROPOUT.get(func)
-        if handler is not None:
-            return handler(lambda: self.generator, args, kwargs)
+        if func in _WITH_GENERATOR or func in _DROPOUT:
+            return _route(self, func, args, kwargs or {})
+        return func(*args, **(kwargs or {}))
+
+
+@torch.compiler.disable
+def _route(mode: DeviceRandomness, func: Any, args: tuple, kwargs: dict) -> Any:
+    """A random draw on the device's generator. Under torch.compile this is a graph
+    break: the draw runs eagerly, so compiled code draws what eager code would."""
+    if func in _WITH_GENERATOR:
+        if kwargs.get("generator") is None:
+            kwargs = dict(kwargs, generator=mode.generator)
         return func(*args, **kwargs)
+    return _DROPOUT[func](lambda: mode.generator, args, kwargs)
+
+
