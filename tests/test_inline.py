@@ -107,3 +107,28 @@ def test_long_calls_stay_on_workers(devices):
     for _ in range(5):
         f(x)
     assert not policy(f).on
+
+
+def test_long_calls_run_every_device_on_a_worker(monkeypatch, devices):
+    monkeypatch.setattr(pmap_mod._InlinePolicy, "LONG_S", 0.0)  # every call counts as long
+    seen = {}
+
+    def fn(x):
+        seen[int(funcdp.axis_index("i"))] = (threading.get_ident(), torch.is_grad_enabled())
+        if float(x.sum()) < 0:
+            raise ValueError("negative shard")
+        return funcdp.psum(x, "i")
+
+    f = funcdp.pmap(fn, axis_name="i", devices=devices[:3])
+    x = torch.ones(3, 2)
+    f(x)  # the first call: device 0 on the calling thread
+    assert seen[0][0] == threading.get_ident()
+    with torch.no_grad():
+        out = f(x)
+    assert policy(f).long
+    assert torch.equal(out.to_tensor(), torch.full((3, 2), 3.0))
+    assert seen[0][0] != threading.get_ident()  # now on its worker
+    assert not any(grad for _, grad in seen.values())  # the caller's grad mode carried
+    with pytest.raises(ValueError, match="negative shard") as info:
+        f(-x)
+    assert "device 0" in str(info.value)

@@ -244,13 +244,15 @@ class Executor:
         return max(1, self._cores // len(devices))
 
     def run(self, devices: Sequence[Device], fn: Callable[[int], Any],
-            inline: Inline | None = None) -> list[_Outcome]:
+            inline: Inline | None = None, offload: bool = False) -> list[_Outcome]:
         """Calls ``fn(i)`` for every device ``i``; device 0 in the calling thread.
 
         With ``inline``, the calling thread runs the devices one after another (small
         calls cost less than waking the workers) until one of them would block waiting
         for the others (in a collective, say): the devices not started yet are then handed
-        to their workers, and ``inline.handed_off`` is set.
+        to their workers, and ``inline.handed_off`` is set. With ``offload``, device 0
+        runs on a worker too and the calling thread only waits (long calls: the devices
+        then start together).
 
         Returns one outcome (value or exception) per device, in device order.
         """
@@ -264,6 +266,13 @@ class Executor:
         outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
         if n > 1 and inline is not None:
             return self._run_sequential(devices, fn, inline, state, threads, depth, done)
+        if n > 1 and offload:
+            self._submit(devices, fn, range(n), state, threads, depth, done)
+            before_blocking()
+            for _ in range(n):
+                i, outcome = done.get()
+                outcomes[i] = outcome
+            return outcomes
         if n > 1:
             self._submit(devices, fn, range(1, n), state, threads, depth, done)
         outcomes[0] = self._run_inline(devices, 0, fn, threads, depth)
