@@ -108,7 +108,7 @@ def machine() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="smoke run: agreement only")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     p.add_argument("--no-jax", action="store_true")
     a = p.parse_args(argv)
