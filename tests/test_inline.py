@@ -14,13 +14,13 @@ from funcdp._src import pmap as pmap_mod
 @pytest.fixture
 def eager_inline(monkeypatch):
     """Every call counts as small, so a plan goes inline after its first calls."""
-    monkeypatch.setattr(pmap_mod._InlinePolicy, "SMALL_S", 1e9)
-    monkeypatch.setattr(pmap_mod._InlinePolicy, "LARGE_S", 1e9)
+    monkeypatch.setattr(pmap_mod._ExecutionPolicy, "SMALL_S", 1e9)
+    monkeypatch.setattr(pmap_mod._ExecutionPolicy, "LONG_S", 1e9)
 
 
 def policy(f):
     (plan,) = f._cache.values()
-    return plan.inline
+    return plan.policy
 
 
 def test_small_plans_run_on_the_calling_thread(eager_inline, devices):
@@ -110,7 +110,7 @@ def test_long_calls_stay_on_workers(devices):
 
 
 def test_long_calls_run_every_device_on_a_worker(monkeypatch, devices):
-    monkeypatch.setattr(pmap_mod._InlinePolicy, "LONG_S", 0.0)  # every call counts as long
+    monkeypatch.setattr(pmap_mod._ExecutionPolicy, "LONG_S", 0.0)  # every call counts as long
     seen = {}
 
     def fn(x):

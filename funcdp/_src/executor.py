@@ -268,20 +268,11 @@ class Executor:
             return self._run_sequential(devices, fn, inline, state, threads, depth, done)
         if n > 1 and offload:
             self._submit(devices, fn, range(n), state, threads, depth, done)
-            before_blocking()
-            for _ in range(n):
-                i, outcome = done.get()
-                outcomes[i] = outcome
-            return outcomes
+            return _collect(done, outcomes, n)
         if n > 1:
             self._submit(devices, fn, range(1, n), state, threads, depth, done)
         outcomes[0] = self._run_inline(devices, 0, fn, threads, depth)
-        if n > 1:
-            before_blocking()
-        for _ in range(n - 1):
-            i, outcome = done.get()
-            outcomes[i] = outcome
-        return outcomes
+        return _collect(done, outcomes, n - 1)
 
     def _submit(self, devices: Sequence[Device], fn: Callable[[int], Any], which: range,
                 state: ThreadState, threads: int, depth: int, done: queue.SimpleQueue) -> None:
@@ -314,12 +305,7 @@ class Executor:
                 i += 1
         finally:
             hooks.remove(hand_off)
-        if i < n:
-            before_blocking()
-        for _ in range(n - i):
-            j, outcome = done.get()
-            outcomes[j] = outcome
-        return outcomes
+        return _collect(done, outcomes, n - i)
 
     def _run_inline(self, devices: Sequence[Device], i: int, fn: Callable[[int], Any],
                     threads: int, depth: int) -> _Outcome:
@@ -363,6 +349,16 @@ class _Budget:
     def __exit__(self, *exc: Any) -> None:
         if self.threads and self.old != self.threads:
             torch.set_num_threads(self.old)
+
+
+def _collect(done: queue.SimpleQueue, outcomes: list, count: int) -> list[_Outcome]:
+    """Fills ``outcomes`` with the ``count`` results the workers put in ``done``."""
+    if count:
+        before_blocking()
+    for _ in range(count):
+        i, outcome = done.get()
+        outcomes[i] = outcome
+    return outcomes
 
 
 def _run_inline_fn(fn: Callable[[int], Any], i: int) -> _Outcome:

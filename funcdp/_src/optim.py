@@ -190,8 +190,7 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
             return g, ()
         (old,) = buf
         first = step == 1
-        blended = _foreach.add(_foreach.mul(old, momentum), g,
-                                     alpha=1 - dampening)
+        blended = _foreach.add(_foreach.mul(old, momentum), g, alpha=1 - dampening)
         # torch.optim.SGD starts the buffer at the first gradient (no dampening).
         new_buf = [torch.where(first, gi, bi) for gi, bi in zip(g, blended)]
         g = list(_foreach.add(g, new_buf, alpha=momentum)) if nesterov else new_buf
@@ -227,12 +226,18 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
                 return ([pi - lr_t * di for pi, di in zip(p, d)], *new_bufs)
             return (list(_foreach.add(p, d, alpha=-lr_t)), *new_bufs)
 
-        new, *bufs = shared_update.elementwise(kernel, [g, p, *bufs],
-                                               list(range(1, 2 + len(bufs))), axis_name,
-                                               "funcdp.optim.sgd step")
+        new, *bufs = _shared_step(kernel, g, p, bufs, axis_name, "funcdp.optim.sgd step")
         return tree_util.tree_unflatten(new, pspec), new_state(step, bufs, spec)
 
     return GradientTransformation(init, update, fused)
+
+
+def _shared_step(kernel: Callable, g: list, p: list, state: list, axis_name: Any,
+                 call: str) -> list:
+    """``kernel(g, p, *state) -> (new_p, *new_state)``, shared over ``axis_name`` where
+    the devices can share it (see ``shared_update``)."""
+    return shared_update.elementwise(kernel, [g, p, *state], list(range(1, 2 + len(state))),
+                                     axis_name, call)
 
 
 def _params_of(params: Any, g: list, spec: Any, weight_decay: float, name: str):
@@ -268,14 +273,14 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
 
     def scalars(grads: Any, state: dict, params: Any):
         g, spec = _flat(grads)
-        p = _params_of(params, g, spec, weight_decay, name)[0]
+        p, pspec = _params_of(params, g, spec, weight_decay, name)
         step = state["step"] + 1
         lr_t = _scalar(_lr_at(lr, step))
         t = float(step) if not _traced(step) else step.to(torch.float64)
         bc1 = 1 - b1 ** t
         bc2_sqrt = (1 - b2 ** t) ** 0.5
         moments = [_flat(state[k])[0] for k in keys]
-        return g, spec, p, moments, step, lr_t, bc1, bc2_sqrt
+        return g, spec, p, pspec, moments, step, lr_t, bc1, bc2_sqrt
 
     def moments_of(g: list, p: list, mu: list, nu: list, *nu_max: list, bc2_sqrt: Any):
         """The new moments and the denominator (elementwise per leaf)."""
@@ -284,8 +289,7 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
         if weight_decay and not decoupled:
             g = list(_foreach.add(g, p, alpha=weight_decay))
         mu = list(_foreach.lerp(mu, g, 1 - b1))
-        nu = list(_foreach.add(_foreach.mul(nu, b2),
-                                     _foreach.mul(g, g), alpha=1 - b2))
+        nu = list(_foreach.add(_foreach.mul(nu, b2), _foreach.mul(g, g), alpha=1 - b2))
         new = [mu, nu]
         v = nu
         if amsgrad:
@@ -304,7 +308,7 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
         return out
 
     def update(grads: Any, state: dict, params: Any = None) -> tuple[Any, dict]:
-        g, spec, p, moments, step, lr_t, bc1, bc2_sqrt = scalars(grads, state, params)
+        g, spec, p, _, moments, step, lr_t, bc1, bc2_sqrt = scalars(grads, state, params)
         new, denom = moments_of(g, p, *moments, bc2_sqrt=bc2_sqrt)
         updates = _scale(list(_foreach.div(new[0], denom)), -lr_t / bc1)
         if weight_decay and decoupled:
@@ -313,8 +317,8 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
         return tree_util.tree_unflatten(updates, spec), state_of(step, new, spec)
 
     def fused(grads: Any, state: dict, params: Any, axis_name: Any = None):
-        g, spec, p, moments, step, lr_t, bc1, bc2_sqrt = scalars(grads, state, params)
-        _same_spec(spec, _flat(params)[1])
+        g, spec, p, pspec, moments, step, lr_t, bc1, bc2_sqrt = scalars(grads, state, params)
+        _same_spec(spec, pspec)
         size = -lr_t / bc1
 
         def kernel(g: list, p: list, *moments: list):
@@ -333,10 +337,8 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
                 out = list(_foreach.addcdiv(p, mu, denom, value=size))
             return (out, *new)
 
-        out, *new = shared_update.elementwise(kernel, [g, p, *moments],
-                                              list(range(1, 2 + len(moments))), axis_name,
-                                              f"funcdp.optim.{name} step")
-        return tree_util.tree_unflatten(out, _flat(params)[1]), state_of(step, new, spec)
+        out, *new = _shared_step(kernel, g, p, moments, axis_name, f"funcdp.optim.{name} step")
+        return tree_util.tree_unflatten(out, pspec), state_of(step, new, spec)
 
     return GradientTransformation(init, update, fused)
 

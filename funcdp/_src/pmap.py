@@ -386,7 +386,7 @@ class _Plan:
         self.kinds = kinds
         self.out_plans: dict = {}
         self.full_checks = 3
-        self.inline = (_InlinePolicy() if self.ndev > 1 and chunks is None
+        self.policy = (_ExecutionPolicy() if self.ndev > 1 and chunks is None
                        and self.devices[0].platform == "cpu" and not self.spans_processes
                        else None)
         self.label = f"{name} over {self.ndev} device{'s' if self.ndev > 1 else ''}"
@@ -406,8 +406,8 @@ class _Plan:
         return axes
 
 
-class _InlinePolicy:
-    """Whether a plan's calls run their devices one after another on the calling thread.
+class _ExecutionPolicy:
+    """Where a plan's calls run their devices, chosen from how long its calls take.
 
     Waking a worker thread, and the devices' Python taking turns on the GIL, costs more
     than a small call's work: a call of a few microseconds per device took ~175 us over
@@ -415,8 +415,8 @@ class _InlinePolicy:
     calls were all small runs its devices in the calling thread instead; if a device
     waits for the others (a collective), the devices not started yet are handed to their
     workers at that moment, so results never depend on the choice. A call that had to
-    hand off, or that took long, returns the plan to workers (for good after a second
-    hand-off: its collectives make running here pointless).
+    hand off, or that took over ``LONG_S``, returns the plan to workers (for good after
+    a second hand-off: its collectives make running here pointless).
 
     At the other end, when the last call took over ``LONG_S``, every device runs on a
     worker and the calling thread only waits: running device 0 itself, the caller holds
@@ -425,7 +425,6 @@ class _InlinePolicy:
     """
 
     SMALL_S = 250e-6
-    LARGE_S = 1e-3
     LONG_S = 1e-3
     STREAK = 3
     MAX_HANDOFFS = 2
@@ -447,7 +446,7 @@ class _InlinePolicy:
             self.streak = self.streak + 1 if seconds < self.SMALL_S else 0
             if self.streak >= self.STREAK and self.handoffs < self.MAX_HANDOFFS:
                 self.on = True
-        elif inline.handed_off or seconds > self.LARGE_S:
+        elif inline.handed_off or seconds > self.LONG_S:
             self.on = False
             self.streak = 0
             self.handoffs += inline.handed_off
@@ -725,7 +724,7 @@ class _Call:
         ex = executor()
         plan = self.plan
         budget = ex.thread_budget(ex.threads_per_device(plan.devices))
-        policy = plan.inline if axes_mod.current_pmap_frame() is None else None
+        policy = plan.policy if axes_mod.current_pmap_frame() is None else None
         if policy is None:
             with budget:
                 return self._run()

@@ -64,7 +64,8 @@ def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lis
     if (not big or not all(type(c) is DeviceComp for c in comps)
             or not _plain(inputs, big)):
         return local(inputs)
-    small = [j for j in range(len(shape_leaves)) if j not in set(big)]
+    is_big = set(big)
+    small = [j for j in range(len(shape_leaves)) if j not in is_big]
     outs: list[list[Any]] = [[None] * len(shape_leaves) for _ in like]
     if small:
         for k, o in enumerate(local([[lst[j] for j in small] for lst in inputs])):
@@ -101,8 +102,7 @@ def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], co
         size *= c.size
     if size < _SHARED_MIN_DEVICES:
         return None
-    label = call
-    desc = (label, tuple((tuple(t.shape), str(t.dtype)) for lst in payload for t in lst))
+    desc = (call, tuple((tuple(t.shape), str(t.dtype)) for lst in payload for t in lst))
 
     # Whole leaves are dealt out to the participants (largest first, to the least loaded),
     # so each runs the kernel on complete tensors: no slices, no copies, and the results
@@ -139,9 +139,9 @@ def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], co
         if result is not None:
             for lst in result:
                 for t in lst:
-                    mesh.watch(t, label)
+                    mesh.watch(t, call)
 
-    result = mesh.exchange(coord, mesh_axes, None, rank, size, label, desc, payload,
+    result = mesh.exchange(coord, mesh_axes, None, rank, size, call, desc, payload,
                            compute, chunked, finish)
     if result is None:
         return None
