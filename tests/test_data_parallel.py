@@ -77,20 +77,24 @@ def test_nested_inputs_and_outputs_round_trip():
     assert_trees_close(got["out"], want["out"])
 
 
+class Probe(nn.Module):
+    """``x * w``, calling ``record(self)`` on every replica's forward."""
+
+    def __init__(self, n, record):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(n))
+        self.record = record
+
+    def forward(self, x):
+        self.record(self)
+        return x * self.w
+
+
 def test_fewer_examples_than_devices_and_output_device():
     torch.manual_seed(0)
     seen = []
-
-    class Probe(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(2))
-
-        def forward(self, x):
-            seen.append(int(funcdp.axis_size("funcdp.DataParallel")))
-            return x * self.w
-
-    dp = funcdp.DataParallel(Probe(), output_device="cpu")
+    probe = Probe(2, lambda m: seen.append(int(funcdp.axis_size("funcdp.DataParallel"))))
+    dp = funcdp.DataParallel(probe, output_device="cpu")
     out = dp(torch.ones(3, 2))
     assert seen == [3, 3, 3] and out.shape == (3, 2)
     assert dp.output_device == torch.device("cpu")
@@ -124,17 +128,7 @@ def test_without_sync_batchnorm_running_stats_are_averaged_over_replicas():
 
 def test_parameters_are_not_copied_on_cpu_devices():
     ptrs = []
-
-    class Probe(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(1000))
-
-        def forward(self, x):
-            ptrs.append(self.w.data_ptr())
-            return x * self.w
-
-    p = Probe()
+    p = Probe(1000, lambda m: ptrs.append(m.w.data_ptr()))
     funcdp.DataParallel(p, device_ids=[0, 1])(torch.ones(2, 1000))
     assert ptrs and set(ptrs) == {p.w.data_ptr()}
 
