@@ -212,3 +212,16 @@ def test_step_under_vmap_is_a_loop_over_members(make):
             pm, sm = opt.step({k: v[m] for k, v in gr.items()}, sm, pm)
         for k in pm:
             assert torch.allclose(p[k][m], pm[k], rtol=1e-12, atol=1e-15)
+
+
+def test_step_docstring_example():
+    # GradientTransformation reports funcdp.optim as its module, so the doctest collector
+    # of funcdp/_src/optim.py skips its methods: run the example here.
+    import doctest
+
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    for test in doctest.DocTestFinder().find(optim.GradientTransformation.step, "step",
+                                             globs={}):
+        runner.run(test)
+    result = runner.summarize(verbose=False)
+    assert result.attempted >= 5 and result.failed == 0

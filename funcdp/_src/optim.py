@@ -91,6 +91,17 @@ class GradientTransformation(NamedTuple):
                 exactly (values that differ between devices, a gradient taken through
                 the step, GPUs, several processes) every device computes the whole
                 update, as without it.
+
+        Examples:
+            >>> import torch, funcdp
+            >>> opt = funcdp.optim.sgd(0.5)
+            >>> params = {"w": torch.ones(2)}
+            >>> step = funcdp.pmap(
+            ...     lambda g, s, p: opt.step(funcdp.pmean(g, "i"), s, p, axis_name="i")[0],
+            ...     axis_name="i", in_axes=(0, None, None), out_axes=None,
+            ...     devices=funcdp.local_devices()[:2])
+            >>> step({"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]])}, opt.init(params), params)
+            {'w': tensor([ 0.0000, -0.5000])}
         """
         if self.fused is not None:
             return self.fused(grads, state, params, axis_name)
