@@ -91,14 +91,17 @@ def test_shared_step_outputs_one_buffer(devices):
     assert len({new["p1"][i].data_ptr() for i in range(4)}) == 4  # small: per device
 
 
-def test_two_devices_each_compute_the_update(devices):
-    # Not worth two rendezvous (see shared_update._SHARED_MIN_DEVICES).
+@pytest.mark.parametrize("nleaves", [1, 2])
+def test_two_devices_share_the_update(devices, nleaves):
     opt = optim.sgd(0.1)
-    params = tree([(BIG,)], 0)
+    sizes = [(BIG,)] * nleaves
+    params = tree(sizes, 0)
     f = replicated(lambda g, s, p: opt.step(g, s, p, axis_name="i"), devices[:2], 0)
-    new, _ = f(tree([(BIG,)], 1), opt.init(params), params)
-    assert new["p0"][0].data_ptr() != new["p0"][1].data_ptr()
-    assert torch.equal(new["p0"][0], new["p0"][1])
+    new, _ = f(tree(sizes, 1), opt.init(params), params)
+    want, _ = opt.step(tree(sizes, 1), opt.init(params), params)
+    for k in want:
+        assert new[k][0].data_ptr() == new[k][1].data_ptr()
+        assert torch.equal(new[k][0], want[k])
 
 
 def test_values_that_differ_per_device_are_updated_per_device(devices):

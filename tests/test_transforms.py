@@ -175,6 +175,41 @@ def test_every_random_function_is_per_device():
     assert torch.all(ch == ch[..., :1, :1])
 
 
+def test_collectives_and_optimizer_steps_keep_random_draws_per_device():
+    # funcdp's own tensor code runs without torch function modes; the device's random
+    # routing must be back in place after each collective, gradient and optimizer step.
+    opt = funcdp.optim.sgd(0.5)
+
+    def drop():
+        return F.dropout(torch.ones(16), 0.5)
+
+    def f(x, p):
+        a = drop()
+        m = funcdp.pmean(x, "i")
+        b = drop()
+        g = torch.func.grad(lambda v: funcdp.psum(v * v, "i").sum())(x)
+        c = drop()
+        new, _ = opt.step({"w": p}, opt.init({"w": p}), {"w": p}, axis_name="i")
+        return a, b, c, drop(), m, g, new["w"]
+
+    def draws_only(x, p):
+        return drop(), drop(), drop(), drop()
+
+    kw = {"axis_name": "i", "in_axes": (0, None), "devices": funcdp.local_devices()[:2]}
+    x = torch.randn(2, 5)
+    p = torch.randn(1 << 15)  # large enough for the shared update
+    torch.manual_seed(3)
+    *masks, m, g, new = (v.to_tensor() for v in funcdp.pmap(f, **kw)(x, p))
+    torch.manual_seed(3)
+    want = [v.to_tensor() for v in funcdp.pmap(draws_only, **kw)(x, p)]
+    for got, w in zip(masks, want):
+        assert torch.equal(got, w)
+        assert not torch.equal(w[0], w[1])
+    assert torch.allclose(m, x.mean(0).expand(2, 5))
+    assert torch.allclose(g, 4 * x)
+    assert torch.equal(new, (0.5 * p).expand(2, -1))
+
+
 def test_randomness_in_named_vmap():
     with pytest.raises(RuntimeError, match="randomness"):
         funcdp.vmap(lambda x: F.dropout(x, 0.5))(torch.ones(3, 4))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import torch
 
 F = TypeVar("F", bound=Callable)
 
@@ -21,6 +24,25 @@ def public_in(module: str) -> Callable[[F], F]:
         return public(fn, module)
 
     return deco
+
+
+def internal(fn: F) -> F:
+    """Runs ``fn`` without torch function modes and subclass dispatch.
+
+    For funcdp's own tensor code that calls no user code and draws no random numbers
+    (collectives, optimizer kernels). Inside ``pmap`` every tensor operation and every
+    tensor attribute read (``.shape``, ``.dtype``) of a device's function goes through
+    the device's random-routing mode, a Python call each; with several devices those
+    calls also contend for the GIL. Disabling the mode around such code made a gradient
+    all-reduce a third faster.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch._C.DisableTorchFunction():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def fun_name(fun: object) -> str:

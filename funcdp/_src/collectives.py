@@ -33,7 +33,7 @@ from torch._C import _functorch
 
 from funcdp._src import axes as axes_mod
 from funcdp._src import tree as tree_util
-from funcdp._src.api_util import public
+from funcdp._src.api_util import internal, public
 from funcdp._src.axes import DeviceComp, VmapComp
 from funcdp._src.rendezvous import Mesh
 from funcdp._src.transform_util import a_type
@@ -752,6 +752,7 @@ def _grouped_fallback(op: str, x: torch.Tensor, comps: tuple, groups: tuple, lab
 
 
 @public
+@internal
 def psum(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
     """Sums ``x`` over the devices (or vmap entries) of ``axis_name``.
 
@@ -779,6 +780,7 @@ def psum(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
 
 
 @public
+@internal
 def pmean(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
     """Averages ``x`` over ``axis_name`` (integers give floats): ``psum(x) / size``.
 
@@ -791,6 +793,7 @@ def pmean(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
 
 
 @public
+@internal
 def pmax(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
     """Elementwise maximum over ``axis_name``.
 
@@ -806,6 +809,7 @@ def pmax(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
 
 
 @public
+@internal
 def pmin(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
     """Elementwise minimum over ``axis_name`` (differentiable like ``pmax``).
 
@@ -835,6 +839,7 @@ def _norm_dim(d: Any, ndim: int, call: str, arg: str, extra: int = 0) -> int:
 
 
 @public
+@internal
 def all_gather(x: Any, axis_name: Any, *, axis: int = 0, tiled: bool = False) -> Any:
     """Gathers ``x`` from every participant of ``axis_name``.
 
@@ -872,6 +877,7 @@ def all_gather(x: Any, axis_name: Any, *, axis: int = 0, tiled: bool = False) ->
 
 
 @public
+@internal
 def psum_scatter(x: Any, axis_name: Any, *, scatter_dimension: int = 0,
                  tiled: bool = False) -> Any:
     """Sums over ``axis_name`` and gives participant ``i`` only slice ``i`` of the sum.
@@ -941,6 +947,7 @@ def _check_perm(perm: Any, n: int, call: str) -> tuple:
 
 
 @public
+@internal
 def ppermute(x: Any, axis_name: Any, perm: Any) -> Any:
     """Sends ``x`` from participant ``src`` to ``dst`` for every ``(src, dst)`` in ``perm``.
 
@@ -979,6 +986,7 @@ def ppermute(x: Any, axis_name: Any, perm: Any) -> Any:
 
 
 @public
+@internal
 def pshuffle(x: Any, axis_name: Any, perm: Any) -> Any:
     """Participant ``i`` receives ``x`` from participant ``perm[i]``.
 
@@ -1002,6 +1010,7 @@ def pshuffle(x: Any, axis_name: Any, perm: Any) -> Any:
 
 
 @public
+@internal
 def all_to_all(x: Any, axis_name: Any, split_axis: int, concat_axis: int, *,
                tiled: bool = False) -> Any:
     """Chunk ``j`` of ``split_axis`` goes to participant ``j``.
@@ -1060,6 +1069,7 @@ def _all_to_all_untiled(t, comps, s, c, label):
 
 
 @public
+@internal
 def pbroadcast(x: Any, axis_name: Any, source: int) -> Any:
     """Every participant receives participant ``source``'s ``x``.
 
@@ -1099,6 +1109,7 @@ def axis_index_tensor(comps: tuple, device: torch.device) -> torch.Tensor:
 
 
 @public
+@internal
 def axis_index(axis_name: Any) -> torch.Tensor:
     """This participant's index along ``axis_name`` (an int64 scalar tensor).
 
@@ -1116,6 +1127,7 @@ def axis_index(axis_name: Any) -> torch.Tensor:
 
 
 @public
+@internal
 def axis_size(axis_name: Any) -> int:
     """The size of ``axis_name`` (a Python int; for a tuple, the product).
 

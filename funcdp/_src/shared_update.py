@@ -25,20 +25,23 @@ import torch
 from torch._C import _functorch
 
 from funcdp._src import axes as axes_mod
+from funcdp._src.api_util import internal
 from funcdp._src.axes import DeviceComp
 
 # Leaves with at least this many elements are shared; smaller ones (biases, step
 # counters) are computed by every device, which is cheaper than a rendezvous.
 _SHARED_MIN_NUMEL = 1 << 14
 
-# With two devices the two rendezvous of a shared update cost about what splitting the
-# (memory-bound) update saves: measured +0.3 ms on a 19 ms MLP step with 2 devices, but
-# -0.5 ms with 4 and -4 ms (9 %) with 8 on 2 cores. Fewer devices compute it each.
-_SHARED_MIN_DEVICES = 3
+# Sharing takes two rendezvous; measured on 2 cores it pays from two devices on (the
+# MLP step's update 1.0 -> 0.85 ms with 2 devices, -0.5 ms with 4, -4 ms (9 %) with 8).
+# Even one large leaf is worth it: the device computing it runs no slower than every
+# device computing it at once, and one copy of the result is made instead of n.
+_SHARED_MIN_DEVICES = 2
 
 Lists = Sequence[list[torch.Tensor]]
 
 
+@internal
 def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lists,
                 like: Sequence[int], axis_name: Any, call: str) -> list[list[torch.Tensor]]:
     """``kernel(*inputs)``, split between the devices of ``axis_name`` where possible.
