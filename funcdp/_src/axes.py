@@ -21,7 +21,13 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch._C import _functorch
 
-_tls = threading.local()
+
+class _Frames(threading.local):
+    def __init__(self) -> None:
+        self.frames: list = []  # per thread: the bindings in effect, innermost last
+
+
+_tls = _Frames()
 
 
 class DeviceComp(NamedTuple):
@@ -58,10 +64,7 @@ class VmapFrame:
 
 
 def frames() -> list:
-    f = getattr(_tls, "frames", None)
-    if f is None:
-        f = _tls.frames = []
-    return f
+    return _tls.frames
 
 
 class bind:
@@ -73,15 +76,14 @@ class bind:
         self.frame = frame
 
     def __enter__(self) -> None:
-        frames().append(self.frame)
+        _tls.frames.append(self.frame)
 
     def __exit__(self, *exc: Any) -> None:
-        f = frames()
-        f.pop()
+        _tls.frames.pop()
 
 
 def current_pmap_frame() -> PmapFrame | None:
-    for frame in reversed(frames()):
+    for frame in reversed(_tls.frames):
         if frame.kind == "pmap":
             return frame
     return None

@@ -311,15 +311,13 @@ class Executor:
                     threads: int, depth: int) -> _Outcome:
         """Device ``i``'s share, in the calling thread."""
         device = devices[i]
-        with self.thread_budget(threads):
-            _tls.depth = depth + 1
-            try:
-                if device.platform == "cuda":
-                    with torch.cuda.device(device.torch_device):
-                        return _run_inline_fn(fn, i)
-                return _run_inline_fn(fn, i)
-            finally:
-                _tls.depth = depth
+        if threads and torch.get_num_threads() != threads:
+            with self.thread_budget(threads):
+                return self._run_inline(devices, i, fn, 0, depth)
+        if device.platform == "cuda":
+            with torch.cuda.device(device.torch_device):
+                return _run_inline_fn(fn, i, depth)
+        return _run_inline_fn(fn, i, depth)
 
     def thread_budget(self, threads: int) -> _Budget:
         """Limits the calling thread's intra-op threads while devices share the cores.
@@ -361,13 +359,15 @@ def _collect(done: queue.SimpleQueue, outcomes: list, count: int) -> list[_Outco
     return outcomes
 
 
-def _run_inline_fn(fn: Callable[[int], Any], i: int) -> _Outcome:
+def _run_inline_fn(fn: Callable[[int], Any], i: int, depth: int) -> _Outcome:
     grad = torch.is_grad_enabled()
+    _tls.depth = depth + 1
     try:
         return _Outcome(fn(i))
     except BaseException as e:  # noqa: BLE001 - re-raised in the caller
         return _Outcome(error=e)
     finally:
+        _tls.depth = depth
         # Device 0's share runs in the caller's thread: a function that switched grad
         # mode for good must not change it for the caller.
         if torch.is_grad_enabled() != grad:

@@ -390,6 +390,8 @@ class _Plan:
                        and self.devices[0].platform == "cpu" and not self.spans_processes
                        else None)
         self.label = f"{name} over {self.ndev} device{'s' if self.ndev > 1 else ''}"
+        # The devices by coordinate, of a top-level call in one process (read-only).
+        self.coords = {(i,): d for i, d in enumerate(self.devices)}
 
     def out_axes_for(self, out_treedef) -> list:
         axes = self.out_plans.get(out_treedef)
@@ -561,7 +563,9 @@ class _Call:
         parent = axes_mod.current_pmap_frame()
         name = plan.owner._axis_name
         if parent is None:
-            proc = dist_mod.info() if plan.spans_processes else None
+            if not plan.spans_processes:
+                return Mesh(plan.label, (name,), (plan.ndev,), plan.coords), (), {}
+            proc = dist_mod.info()
             offset = proc.offset if proc is not None else 0
             size = proc.total if proc is not None else plan.ndev
             devices = {(offset + i,): d for i, d in enumerate(plan.devices)}
@@ -595,13 +599,14 @@ class _Call:
         mesh, prefix, names = self._mesh()
         name = plan.owner._axis_name
         axis_pos = len(mesh.sizes) - 1
+        if name is not None:
+            names = dict(names)
+            names[name] = (axes_mod.DeviceComp(axis_pos, mesh.sizes[axis_pos]),)
 
         def per_device(i: int) -> Any:
             coord = prefix + (mesh.offset + i,)
-            bound = dict(names)
-            if name is not None:
-                bound[name] = (axes_mod.DeviceComp(axis_pos, mesh.sizes[axis_pos]),)
-            frame = axes_mod.PmapFrame(bound, mesh, coord, plan.devices[i].torch_device)
+            # A dict per device: a device running several shards rebinds its name.
+            frame = axes_mod.PmapFrame(dict(names), mesh, coord, plan.devices[i].torch_device)
             try:
                 with axes_mod.bind(frame):
                     out = work(i, frame)
@@ -639,18 +644,18 @@ class _Call:
         # per call (drawn only if some device needs it; reused by recomputations).
         seeds = self.seeds = self.seeds or random_mod.call_seeds()
 
-        def run(i: int, frame: Any) -> Any:
-            rnd = random_mod.DeviceRandomness(seeds, i, plan.devices[i].torch_device)
-            if blocked:
-                return self._blocked(inputs[i], record, frame, name, rnd)
-            return self._body(inputs[i], record, rnd)
-
         def work(i: int, frame: Any) -> Any:
-            # Recording (for a backward pass later) needs grad mode on whatever the caller's.
+            rnd = random_mod.DeviceRandomness(seeds, i, plan.devices[i].torch_device)
             if record:
+                # Recording (for a backward pass later) needs grad mode on whatever the
+                # caller's.
                 with torch.enable_grad():
-                    return run(i, frame)
-            return run(i, frame)
+                    if blocked:
+                        return self._blocked(inputs[i], True, frame, name, rnd)
+                    return self._body(inputs[i], True, rnd)
+            if blocked:
+                return self._blocked(inputs[i], False, frame, name, rnd)
+            return self._body(inputs[i], False, rnd)
 
         return self._on_devices(work)
 
@@ -702,13 +707,18 @@ class _Call:
         args, kwargs = tree_util.tree_unflatten(flat, plan.treedef)
         if self.statics:
             args = _merge_statics(args, self.statics)
-        with rnd:
+        # ``with rnd:`` without its two Python calls (every device of every call).
+        torch._C._push_on_torch_function_stack(rnd)
+        try:
             out = self.fun(*args, **kwargs)
+        finally:
+            torch._C._pop_torch_function_stack()
         leaves, treedef = tree_util.tree_flatten(out)
-        leaves = [_to_output(x, plan, i) for i, x in enumerate(leaves)]
+        leaves = [x if type(x) is torch.Tensor else _to_output(x, plan, i)
+                  for i, x in enumerate(leaves)]
         if raw:
             return leaves, treedef
-        axes = plan.out_axes_for(treedef)
+        axes = plan.out_plans.get(treedef) or plan.out_axes_for(treedef)
         for i, (x, ax) in enumerate(zip(leaves, axes)):
             # The check's fast path inline (the full one only to word the error).
             if ax is not None and x is not None and not -x.ndim - 1 <= ax <= x.ndim:

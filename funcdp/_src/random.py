@@ -214,7 +214,7 @@ class DeviceRandomness(TorchFunctionMode):
     """
 
     def __init__(self, seeds: CallSeeds, index: int, device: torch.device) -> None:
-        super().__init__()
+        # (TorchFunctionMode.__init__ does nothing; this is on every device's call path.)
         self.seeds = seeds
         self.index = index
         self.device = device

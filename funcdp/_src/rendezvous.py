@@ -75,7 +75,7 @@ class Mesh:
         self.sizes = sizes
         self.devices = devices  # coord -> Device, for messages
         self._cond: threading.Condition | None = None  # made by the first that needs it
-        self.states: dict[tuple, Any] = {c: _RUNNING for c in devices}
+        self.states: dict[tuple, Any] = dict.fromkeys(devices, _RUNNING)
         # Every participant of this process, registered or not yet (a nested mesh learns
         # its devices as the outer devices join).
         self.total = max(len(devices), _product(sizes))

@@ -11,6 +11,7 @@ readable error paths, and formatting key paths for error messages.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +28,19 @@ TreeSpec = Any
 # The per-call hot path (flattening arguments and outputs) uses the fast library; the
 # plan-building helpers below work on torch's Python TreeSpec (see ``python_spec``).
 tree_flatten = _fast.tree_flatten
-tree_unflatten = _fast.tree_unflatten
+if _fast is not _pt:
+    import optree
+
+    # torch.utils._cxx_pytree's functions with one Python call less: pmap flattens and
+    # rebuilds trees several times per call and device.
+    tree_flatten = functools.partial(optree.tree_flatten, none_is_leaf=True, namespace="torch")
+
+
+def tree_unflatten(leaves: Sequence[Any], spec: Any) -> Any:
+    """The tree of ``spec`` (from either pytree library) holding ``leaves``."""
+    return spec.unflatten(leaves)
+
+
 tree_leaves = _fast.tree_leaves
 tree_map = _fast.tree_map
 tree_structure = _fast.tree_structure
