@@ -24,6 +24,7 @@ from strategies import device_layout
 from torch.func import grad
 
 import funcdp
+from funcdp._src import collectives
 
 AX = "i"
 
@@ -499,3 +500,35 @@ def test_error_mismatched_shapes_across_devices():
                                                       r"psum\(axis_name='i'\) with values "
                                                       r"\[\(2,\) float32\]"):
         funcdp.pmap(f, axis_name=AX)(torch.ones(2, 2))
+
+
+@given(
+    sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6),
+    transposed=st.lists(st.booleans(), min_size=6, max_size=6),
+    n=st.integers(2, 4),
+    op=st.sampled_from(["psum", "pmean", "pmax", "pmin"]),
+    seed=st.integers(0, 2**16),
+)
+def test_large_reductions_split_between_devices(sizes, transposed, n, op, seed):
+    # Pytrees above a size threshold are reduced in parallel, each device computing a
+    # contiguous range of the flattened leaves (whole leaves at once, slices at the edges).
+    # Lower the threshold so that small trees take that path; leaves of 0 to 40 rows.
+    gen = torch.Generator().manual_seed(seed)
+    leaves = []
+    for k, rows in enumerate(sizes):
+        x = _rand((n, rows, 3), torch.float64, gen)
+        leaves.append(x.transpose(1, 2) if transposed[k] else x)  # non-contiguous shards
+    fn = getattr(funcdp, op)
+    ref = {"psum": lambda x: x.sum(0), "pmean": lambda x: x.mean(0),
+           "pmax": lambda x: x.amax(0), "pmin": lambda x: x.amin(0)}[op]
+    old = collectives._PARALLEL_MIN_NUMEL
+    collectives._PARALLEL_MIN_NUMEL = 1
+    try:
+        out = funcdp.pmap(lambda *xs: fn(list(xs), AX), axis_name=AX,
+                          devices=funcdp.local_devices()[:n])(*leaves)
+    finally:
+        collectives._PARALLEL_MIN_NUMEL = old
+    for got, x in zip(out, leaves):
+        want = ref(x)
+        for i in range(n):
+            assert torch.equal(got.to_tensor()[i], want)

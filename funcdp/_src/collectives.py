@@ -384,7 +384,11 @@ def _chunked_reduce(op: str, scale: float | None):
         for li, o in enumerate(outs):
             n = o.numel()
             a, b = max(lo, start), min(hi, start + n)
-            if a < b:
+            if a == start and b == start + n:
+                # A whole leaf: one kernel on the tensors as they are (each slicing op
+                # costs as much as a small reduction, and more while devices share the GIL).
+                _fold_into(op, o, [it[li] for it in items], scale)
+            elif a < b:
                 dst = o.view(-1)[a - start:b - start]
                 srcs = [it[li].reshape(-1)[a - start:b - start] for it in items]
                 _fold_into(op, dst, srcs, scale)
