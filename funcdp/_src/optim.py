@@ -84,10 +84,10 @@ class GradientTransformation(NamedTuple):
             params: the parameters, as for ``update``.
             axis_name: inside ``pmap``, the axis over which ``grads``, ``state`` and
                 ``params`` are replicated (the axis ``value_and_grad`` averaged over).
-                The devices of the axis then share the work of the update (from three
-                virtual CPU devices on): each updates some of the large leaves and all
-                receive the same results, one tensor each in shared memory (so 8 devices
-                hold one copy of the new parameters, not 8). Where that cannot be done
+                The devices of the axis then share the work of the update (on virtual
+                CPU devices): each updates some of the large leaves and all receive the
+                same results, one tensor each in shared memory (so 8 devices hold one
+                copy of the new parameters, not 8). Where that cannot be done
                 exactly (values that differ between devices, a gradient taken through
                 the step, GPUs, several processes) every device computes the whole
                 update, as without it.
