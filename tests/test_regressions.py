@@ -331,3 +331,43 @@ def test_workers_stop_at_interpreter_exit():
                          timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "alive 0 of 3" in out.stdout, out.stdout
+
+
+def test_optimizer_step_on_sharded_values_outside_pmap():
+    # funcdp's own code sets aside only pmap's random routing, not __torch_function__
+    # (which turns sharded values into tensors).
+    opt = funcdp.optim.sgd(0.1)
+    p = funcdp.replicate({"w": torch.ones(3)}, funcdp.local_devices()[:2])
+    new, _ = opt.step(p, opt.init(p), p)
+    assert torch.equal(new["w"], torch.full((2, 3), 0.9))
+
+
+def test_optimizer_step_keeps_tensor_subclasses():
+    class Tagged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    opt = funcdp.optim.sgd(0.1)
+    q = {"w": torch.ones(3).as_subclass(Tagged)}
+    assert type(opt.step(q, opt.init(q), q)[0]["w"]) is Tagged
+
+
+def test_collectives_respect_a_default_device_mode():
+    with torch.device("meta"):
+        out = funcdp.vmap(lambda v: v + funcdp.all_gather(1.0, "i"), axis_name="i")(
+            torch.zeros(3))
+    assert out.device.type == "meta"
+
+
+def test_shared_optimizer_step_under_inference_mode():
+    # Inference tensors carry no version counter: no sharing (which watches for writes).
+    opt = funcdp.optim.sgd(0.5)
+    n = 1 << 15
+    w = {"w": torch.zeros(n)}
+    f = funcdp.pmap(lambda x, g, s, p: opt.step(g, s, p, axis_name="i")[0]["w"],
+                    axis_name="i", in_axes=(0, None, None, None),
+                    devices=funcdp.local_devices()[:2])
+    with torch.inference_mode():
+        out = f(torch.zeros(2), {"w": torch.ones(n)}, opt.init(w), w)
+    assert torch.equal(out.to_tensor(), torch.full((2, n), -0.5))

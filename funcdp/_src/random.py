@@ -211,7 +211,10 @@ class DeviceRandomness(TorchFunctionMode):
 
     Active in the device's thread while it runs; the generator is made on the first
     random draw, so functions that draw nothing never touch torch's default generator.
+    funcdp's own code that draws nothing sets it aside (``api_util.internal``).
     """
+
+    internal_code_bypasses = True
 
     def __init__(self, seeds: CallSeeds, index: int, device: torch.device) -> None:
         # (TorchFunctionMode.__init__ does nothing; this is on every device's call path.)

@@ -84,7 +84,11 @@ def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lis
 
 
 def _plain(inputs: Lists, big: list[int]) -> bool:
-    """CPU tensors outside autograd and ``torch.func`` (the same answer on every device)."""
+    """CPU tensors outside autograd and ``torch.func`` (the same answer on every device),
+    and outside inference mode (whose tensors have no version counter with which to catch
+    writes to a shared result)."""
+    if torch.is_inference_mode_enabled():
+        return False
     for lst in inputs:
         for j in big:
             t = lst[j]
