@@ -6,6 +6,7 @@ import os
 import threading
 import time
 
+import pytest
 import torch
 from helpers import assert_trees_close
 from torch import nn
@@ -371,3 +372,47 @@ def test_shared_optimizer_step_under_inference_mode():
     with torch.inference_mode():
         out = f(torch.zeros(2), {"w": torch.ones(n)}, opt.init(w), w)
     assert torch.equal(out.to_tensor(), torch.full((2, n), -0.5))
+
+
+def _forward_ad_state():
+    from torch._functorch import eager_transforms
+    from torch.autograd import forward_ad
+
+    return eager_transforms.JVP_NESTING, forward_ad._current_level
+
+
+def test_jvp_jacfwd_and_hessian_inside_pmap_on_concurrent_devices():
+    # torch.func.jvp keeps its nesting and forward-AD level in process globals: devices
+    # running jvps at once wiped each other's tangents (silently wrong results).
+    devs = funcdp.local_devices()[:4]
+
+    def f(x):
+        cube = lambda t: (t ** 3).sum()  # noqa: E731
+        _, tan = torch.func.jvp(cube, (x,), (torch.ones_like(x),))
+        jac = torch.func.jacfwd(lambda t: t ** 2)(x[:3])
+        hess = torch.func.hessian(cube)(x[:3])
+        return tan, jac, hess
+
+    pf = funcdp.pmap(f, devices=devs)
+    for size in (3, 50, 20000, 7, 100000):
+        x = torch.randn(4, size, dtype=torch.float64)
+        tan, jac, hess = (v.to_tensor() for v in pf(x))
+        assert_trees_close(tan, (3 * x ** 2).sum(1))
+        for i in range(4):
+            assert_trees_close(jac[i], torch.diag(2 * x[i, :3]))
+            assert_trees_close(hess[i], torch.diag(6 * x[i, :3]))
+        assert _forward_ad_state() == (0, -1)
+
+
+def test_forward_ad_state_is_restored_after_a_failing_call():
+    def f(x):
+        _, tan = torch.func.jvp(lambda t: t.sin(), (x,), (torch.ones_like(x),))
+        if funcdp.axis_index("i") == 1:
+            raise ValueError("device 1 fails")
+        return tan
+
+    with pytest.raises(ValueError, match="device 1 fails"):
+        funcdp.pmap(f, axis_name="i", devices=funcdp.local_devices()[:2])(torch.zeros(2, 3))
+    assert _forward_ad_state() == (0, -1)
+    _, tan = torch.func.jvp(lambda t: t * 2, (torch.ones(2),), (torch.ones(2),))
+    assert torch.equal(tan, torch.full((2,), 2.0))

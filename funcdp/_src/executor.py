@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.autograd.forward_ad as _fwad
+from torch._functorch import eager_transforms as _eager
 
 from funcdp._src.devices import Device
 
@@ -256,9 +258,20 @@ class Executor:
 
         Returns one outcome (value or exception) per device, in device order.
         """
+        if len(devices) > 1:
+            if not _MALLOC_TUNED and devices[0].platform == "cpu":
+                _tune_malloc()
+            if _JVP_STATE and _eager.JVP_NESTING == 0 and _fwad._current_level == -1:
+                level = _enter_shared_forward_level()
+                try:
+                    return self._run(devices, fn, inline, offload)
+                finally:
+                    _exit_shared_forward_level(level)
+        return self._run(devices, fn, inline, offload)
+
+    def _run(self, devices: Sequence[Device], fn: Callable[[int], Any],
+             inline: Inline | None, offload: bool) -> list[_Outcome]:
         n = len(devices)
-        if n > 1 and not _MALLOC_TUNED and devices[0].platform == "cpu":
-            _tune_malloc()
         state = ThreadState()
         threads = self.threads_per_device(devices)
         depth = current_depth()
@@ -347,6 +360,32 @@ class _Budget:
     def __exit__(self, *exc: Any) -> None:
         if self.threads and self.old != self.threads:
             torch.set_num_threads(self.old)
+
+
+_JVP_STATE = hasattr(_eager, "JVP_NESTING") and hasattr(_fwad, "_current_level")
+
+
+def _enter_shared_forward_level() -> int:
+    """Opens one forward-AD level, shared by the jvps of the devices of a call.
+
+    ``torch.func.jvp`` keeps its nesting depth and the current forward-AD level in
+    process-global variables: jvps running on several device threads at once each enter
+    and exit "the" level in any order, and the first to exit wipes the others' tangents
+    (silently wrong results). While a multi-device call runs (outside any jvp), funcdp
+    holds one level open and counts as an enclosing jvp, so that every device's jvp nests
+    inside it, as under ``jvp(pmap(f))``, which torch supports; the level is closed after
+    all devices finished.
+    """
+    level = torch._C._enter_dual_level()
+    _fwad._current_level = level
+    _eager.JVP_NESTING += 1
+    return level
+
+
+def _exit_shared_forward_level(level: int) -> None:
+    _eager.JVP_NESTING -= 1
+    torch._C._exit_dual_level(level=level)
+    _fwad._current_level = level - 1
 
 
 def _collect(done: queue.SimpleQueue, outcomes: list, count: int) -> list[_Outcome]:
