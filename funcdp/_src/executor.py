@@ -246,15 +246,13 @@ class Executor:
         return max(1, self._cores // len(devices))
 
     def run(self, devices: Sequence[Device], fn: Callable[[int], Any],
-            inline: Inline | None = None, offload: bool = False) -> list[_Outcome]:
+            inline: Inline | None = None) -> list[_Outcome]:
         """Calls ``fn(i)`` for every device ``i``; device 0 in the calling thread.
 
         With ``inline``, the calling thread runs the devices one after another (small
         calls cost less than waking the workers) until one of them would block waiting
         for the others (in a collective, say): the devices not started yet are then handed
-        to their workers, and ``inline.handed_off`` is set. With ``offload``, device 0
-        runs on a worker too and the calling thread only waits (long calls: the devices
-        then start together).
+        to their workers, and ``inline.handed_off`` is set.
 
         Returns one outcome (value or exception) per device, in device order.
         """
@@ -264,13 +262,13 @@ class Executor:
             if _JVP_STATE and _eager.JVP_NESTING == 0 and _fwad._current_level == -1:
                 level = _enter_shared_forward_level()
                 try:
-                    return self._run(devices, fn, inline, offload)
+                    return self._run(devices, fn, inline)
                 finally:
                     _exit_shared_forward_level(level)
-        return self._run(devices, fn, inline, offload)
+        return self._run(devices, fn, inline)
 
     def _run(self, devices: Sequence[Device], fn: Callable[[int], Any],
-             inline: Inline | None, offload: bool) -> list[_Outcome]:
+             inline: Inline | None) -> list[_Outcome]:
         n = len(devices)
         state = ThreadState()
         threads = self.threads_per_device(devices)
@@ -279,9 +277,6 @@ class Executor:
         outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
         if n > 1 and inline is not None:
             return self._run_sequential(devices, fn, inline, state, threads, depth, done)
-        if n > 1 and offload:
-            self._submit(devices, fn, range(n), state, threads, depth, done)
-            return _collect(done, outcomes, n)
         if n > 1:
             self._submit(devices, fn, range(1, n), state, threads, depth, done)
         outcomes[0] = self._run_inline(devices, 0, fn, threads, depth)

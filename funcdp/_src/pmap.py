@@ -418,12 +418,8 @@ class _ExecutionPolicy:
     waits for the others (a collective), the devices not started yet are handed to their
     workers at that moment, so results never depend on the choice. A call that had to
     hand off, or that took over ``LONG_S``, returns the plan to workers (for good after
-    a second hand-off: its collectives make running here pointless).
-
-    At the other end, when the last call took over ``LONG_S``, every device runs on a
-    worker and the calling thread only waits: running device 0 itself, the caller holds
-    the GIL through device 0's Python preamble while the other devices' workers wait for
-    it to start, and they finish later (measured 2-5 % on the 2-device MLP step).
+    a second hand-off: its collectives make running here pointless). On workers, the
+    calling thread still runs device 0 itself.
     """
 
     SMALL_S = 250e-6
@@ -431,20 +427,18 @@ class _ExecutionPolicy:
     STREAK = 3
     MAX_HANDOFFS = 2
 
-    __slots__ = ("on", "streak", "handoffs", "long")
+    __slots__ = ("on", "streak", "handoffs")
 
     def __init__(self) -> None:
         self.on = False
         self.streak = 0
         self.handoffs = 0
-        self.long = False
 
     def request(self) -> Inline | None:
         return Inline() if self.on else None
 
     def record(self, seconds: float, inline: Inline | None) -> None:
         if inline is None:
-            self.long = seconds > self.LONG_S
             self.streak = self.streak + 1 if seconds < self.SMALL_S else 0
             if self.streak >= self.STREAK and self.handoffs < self.MAX_HANDOFFS:
                 self.on = True
@@ -527,7 +521,6 @@ class _Call:
         self.track: list[bool] = []
         self.seeds: Any = None
         self.inline: Inline | None = None
-        self.offload = False  # every device on a worker, the caller waiting
 
     # -- inputs ------------------------------------------------------------------------
     def _device_inputs(self, leaves: list) -> list[list]:
@@ -624,11 +617,9 @@ class _Call:
                 # Called from a backward (or jvp) at some torch.func level: the calling
                 # thread runs device 0's share and must see no transforms, like the workers.
                 with pyfunctorch.temporarily_clear_interpreter_stack():
-                    outcomes = executor().run(plan.devices, per_device, self.inline,
-                                              self.offload)
+                    outcomes = executor().run(plan.devices, per_device, self.inline)
             else:
-                outcomes = executor().run(plan.devices, per_device, self.inline,
-                                          self.offload)
+                outcomes = executor().run(plan.devices, per_device, self.inline)
         errors = [(i, o.error) for i, o in enumerate(outcomes) if o.error is not None]
         if errors:
             _raise_device_error(plan, errors)
@@ -739,7 +730,6 @@ class _Call:
             with budget:
                 return self._run()
         self.inline = policy.request()
-        self.offload = self.inline is None and policy.long
         start = time.perf_counter()
         with budget:
             out = self._run()
