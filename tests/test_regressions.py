@@ -416,3 +416,17 @@ def test_forward_ad_state_is_restored_after_a_failing_call():
     assert _forward_ad_state() == (0, -1)
     _, tan = torch.func.jvp(lambda t: t * 2, (torch.ones(2),), (torch.ones(2),))
     assert torch.equal(tan, torch.full((2,), 2.0))
+
+
+def test_jvp_inside_pmap_within_a_callers_dual_level():
+    from torch.autograd import forward_ad
+
+    devs = funcdp.local_devices()[:4]
+    pf = funcdp.pmap(lambda x: torch.func.jvp(lambda t: (t ** 3).sum(), (x,),
+                                              (torch.ones_like(x),))[1], devices=devs)
+    with forward_ad.dual_level():
+        for size in (5, 20000, 100000):
+            x = torch.randn(4, size, dtype=torch.float64)
+            assert_trees_close(pf(x).to_tensor(), (3 * x ** 2).sum(1))
+        assert _forward_ad_state() == (0, 0)
+    assert _forward_ad_state() == (0, -1)

@@ -259,7 +259,7 @@ class Executor:
         if len(devices) > 1:
             if not _MALLOC_TUNED and devices[0].platform == "cpu":
                 _tune_malloc()
-            if _JVP_STATE and _eager.JVP_NESTING == 0 and _fwad._current_level == -1:
+            if _JVP_STATE and _eager.JVP_NESTING == 0:
                 level = _enter_shared_forward_level()
                 try:
                     return self._run(devices, fn, inline)
@@ -360,27 +360,31 @@ class _Budget:
 _JVP_STATE = hasattr(_eager, "JVP_NESTING") and hasattr(_fwad, "_current_level")
 
 
-def _enter_shared_forward_level() -> int:
-    """Opens one forward-AD level, shared by the jvps of the devices of a call.
+def _enter_shared_forward_level() -> int | None:
+    """Provides one forward-AD level, shared by the jvps of the devices of a call.
 
     ``torch.func.jvp`` keeps its nesting depth and the current forward-AD level in
     process-global variables: jvps running on several device threads at once each enter
     and exit "the" level in any order, and the first to exit wipes the others' tangents
     (silently wrong results). While a multi-device call runs (outside any jvp), funcdp
-    holds one level open and counts as an enclosing jvp, so that every device's jvp nests
-    inside it, as under ``jvp(pmap(f))``, which torch supports; the level is closed after
-    all devices finished.
+    counts as an enclosing jvp, so that every device's jvp nests inside the current level,
+    as under ``jvp(pmap(f))``, which torch supports; it opens that level itself (and
+    closes it after all devices finished) unless the caller has one open already.
+    Returns the level it opened, if any.
     """
-    level = torch._C._enter_dual_level()
-    _fwad._current_level = level
+    level = None
+    if _fwad._current_level == -1:
+        level = torch._C._enter_dual_level()
+        _fwad._current_level = level
     _eager.JVP_NESTING += 1
     return level
 
 
-def _exit_shared_forward_level(level: int) -> None:
+def _exit_shared_forward_level(level: int | None) -> None:
     _eager.JVP_NESTING -= 1
-    torch._C._exit_dual_level(level=level)
-    _fwad._current_level = level - 1
+    if level is not None:
+        torch._C._exit_dual_level(level=level)
+        _fwad._current_level = level - 1
 
 
 def _collect(done: queue.SimpleQueue, outcomes: list, count: int) -> list[_Outcome]:
