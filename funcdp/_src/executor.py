@@ -274,9 +274,9 @@ class Executor:
         threads = self.threads_per_device(devices)
         depth = current_depth()
         done: queue.SimpleQueue = queue.SimpleQueue()
-        outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
         if n > 1 and inline is not None:
             return self._run_sequential(devices, fn, inline, state, threads, depth, done)
+        outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
         if n > 1:
             self._submit(devices, fn, range(1, n), state, threads, depth, done)
         outcomes[0] = self._run_inline(devices, 0, fn, threads, depth)

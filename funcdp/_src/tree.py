@@ -27,13 +27,15 @@ TreeSpec = Any
 
 # The per-call hot path (flattening arguments and outputs) uses the fast library; the
 # plan-building helpers below work on torch's Python TreeSpec (see ``python_spec``).
-tree_flatten = _fast.tree_flatten
+tree_flatten: Callable[..., tuple[list[Any], Any]]
 if _fast is not _pt:
     import optree
 
-    # torch.utils._cxx_pytree's functions with one Python call less: pmap flattens and
-    # rebuilds trees several times per call and device.
+    # torch.utils._cxx_pytree's function with one Python call less: pmap flattens trees
+    # several times per call and device.
     tree_flatten = functools.partial(optree.tree_flatten, none_is_leaf=True, namespace="torch")
+else:  # pragma: no cover - optree not installed
+    tree_flatten = _pt.tree_flatten
 
 
 def tree_unflatten(leaves: Sequence[Any], spec: Any) -> Any:
