@@ -292,6 +292,8 @@ class Executor:
     def _run_sequential(self, devices: Sequence[Device], fn: Callable[[int], Any],
                         inline: Inline, state: ThreadState, threads: int, depth: int,
                         done: queue.SimpleQueue) -> list[_Outcome]:
+        # On every small call's path: _run_inline's work written out (the caller holds
+        # the thread budget already; sequential runs are for CPU devices only).
         n = len(devices)
         outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
         started = [0]  # devices started so far (here or on workers)
@@ -304,12 +306,22 @@ class Executor:
 
         hooks = _blocking_hooks()
         hooks.append(hand_off)
+        tls = _tls
+        grad = torch.is_grad_enabled()
         i = 0
         try:
             # Device i runs here unless it was handed off while an earlier one waited.
             while i < n and started[0] <= i:
                 started[0] = i + 1
-                outcomes[i] = self._run_inline(devices, i, fn, threads, depth)
+                tls.depth = depth + 1
+                try:
+                    outcomes[i] = _Outcome(fn(i))
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                    outcomes[i] = _Outcome(error=e)
+                finally:
+                    tls.depth = depth
+                    if torch.is_grad_enabled() != grad:  # see _run_inline_fn
+                        torch.set_grad_enabled(grad)
                 i += 1
         finally:
             hooks.remove(hand_off)

@@ -190,7 +190,15 @@ class Pmapped:
         along each mapped axis, the axis kept (``nn.DataParallel``'s scatter), and outputs
         with an integer ``out_axes`` are concatenated (its gather)."""
         statics, dyn_args = self._split_statics(args)
-        leaves, treedef = tree_util.tree_flatten((dyn_args, kwargs))
+        for a in dyn_args:
+            if type(a) is not torch.Tensor:
+                leaves, treedef = tree_util.tree_flatten((dyn_args, kwargs))
+                break
+        else:  # plain tensors only (the common call): the flattening known in advance
+            leaves = list(dyn_args)
+            treedef = _flat_args_treedef(len(leaves)) if not kwargs else None
+            if treedef is None:
+                leaves, treedef = tree_util.tree_flatten((dyn_args, kwargs))
         key = (treedef, statics, tuple(map(_signature, leaves)), _context(), chunks)
         try:
             plan = self._cache.get(key)
@@ -247,7 +255,7 @@ class Pmapped:
             static_idx = {j for j, _ in key[1]}
             in_axes = tuple(a for j, a in enumerate(in_axes) if j not in static_idx)
         axes = flat_in_axes(in_axes, dyn_args, kwargs, treedef, self._name)
-        plan = _Plan(self, treedef, leaves, axes, key[-1])
+        plan = _Plan(self, treedef, leaves, axes, key[-1], top_level=key[3] is None)
         with self._lock:
             self._cache[key] = plan
         return plan
@@ -258,6 +266,23 @@ class _NoSelf:
 
 
 _NO_SELF = _NoSelf()
+
+
+_FLAT_ARGS: dict[int, Any] = {}
+_NO_KWARGS: dict = {}  # (only ever unpacked)
+
+
+def _flat_args_treedef(n: int) -> Any:
+    """The structure of ``(args, {})`` for ``n`` positional leaves (what flattening
+    ``n`` tensors passed positionally gives)."""
+    spec = _FLAT_ARGS.get(n)
+    if spec is None:
+        spec = _FLAT_ARGS[n] = tree_util.tree_flatten((tuple(range(n)), {}))[1]
+    return spec
+
+
+# The structure of an output that is a single tensor.
+_LEAF = tree_util.tree_flatten(0)[1]
 
 
 def _signature(leaf: Any) -> Any:
@@ -292,7 +317,7 @@ class _Plan:
     """Everything about a call that depends only on the arguments' signature."""
 
     def __init__(self, owner: Pmapped, treedef, leaves: list, axes: list,
-                 chunks: tuple[int, ...] | None = None) -> None:
+                 chunks: tuple[int, ...] | None = None, top_level: bool = True) -> None:
         name = owner._name
         self.owner = owner
         self.name = name
@@ -386,12 +411,21 @@ class _Plan:
         self.kinds = kinds
         self.out_plans: dict = {}
         self.full_checks = 3
-        self.policy = (_ExecutionPolicy() if self.ndev > 1 and chunks is None
+        # Calls of a nested plan always run nested (the enclosing call is in its key).
+        self.top_level = top_level
+        self.policy = (_ExecutionPolicy() if self.ndev > 1 and chunks is None and top_level
                        and self.devices[0].platform == "cpu" and not self.spans_processes
                        else None)
+        self.threads = executor().threads_per_device(self.devices)
         self.label = f"{name} over {self.ndev} device{'s' if self.ndev > 1 else ''}"
         # The devices by coordinate, of a top-level call in one process (read-only).
         self.coords = {(i,): d for i, d in enumerate(self.devices)}
+        self.coord_list = list(self.coords)
+        # The names a top-level call in one process binds (copied per device).
+        self.names = ({} if owner._axis_name is None else
+                      {owner._axis_name: (axes_mod.DeviceComp(0, self.ndev),)})
+        # Arguments that are plain positional leaves need no unflattening per device.
+        self.flat_args = treedef == _flat_args_treedef(len(leaves))
 
     def out_axes_for(self, out_treedef) -> list:
         axes = self.out_plans.get(out_treedef)
@@ -556,8 +590,6 @@ class _Call:
         parent = axes_mod.current_pmap_frame()
         name = plan.owner._axis_name
         if parent is None:
-            if not plan.spans_processes:
-                return Mesh(plan.label, (name,), (plan.ndev,), plan.coords), (), {}
             proc = dist_mod.info()
             offset = proc.offset if proc is not None else 0
             size = proc.total if proc is not None else plan.ndev
@@ -589,15 +621,23 @@ class _Call:
     def _on_devices(self, work) -> list:
         """Runs ``work(i, frame)`` on every device with the axis name bound."""
         plan = self.plan
-        mesh, prefix, names = self._mesh()
-        name = plan.owner._axis_name
-        axis_pos = len(mesh.sizes) - 1
-        if name is not None:
-            names = dict(names)
-            names[name] = (axes_mod.DeviceComp(axis_pos, mesh.sizes[axis_pos]),)
+        # (Not plan.top_level: a backward pass may run where its forward did not.)
+        top = axes_mod.current_pmap_frame() is None
+        if top and not plan.spans_processes:
+            mesh = Mesh(plan.label, (plan.owner._axis_name,), (plan.ndev,), plan.coords)
+            coords = plan.coord_list
+            names = plan.names
+        else:
+            mesh, prefix, names = self._mesh()
+            coords = [prefix + (mesh.offset + i,) for i in range(plan.ndev)]
+            name = plan.owner._axis_name
+            axis_pos = len(mesh.sizes) - 1
+            if name is not None:
+                names = dict(names)
+                names[name] = (axes_mod.DeviceComp(axis_pos, mesh.sizes[axis_pos]),)
 
         def per_device(i: int) -> Any:
-            coord = prefix + (mesh.offset + i,)
+            coord = coords[i]
             # A dict per device: a device running several shards rebinds its name.
             frame = axes_mod.PmapFrame(dict(names), mesh, coord, plan.devices[i].torch_device)
             try:
@@ -612,7 +652,7 @@ class _Call:
         # Top-level calls from different threads take turns: a nested pmap queues its
         # inner devices' work from every outer device separately, and two calls
         # interleaved on the same workers could each wait for the other.
-        with _TOP_LEVEL if not prefix else contextlib.nullcontext():
+        with _TOP_LEVEL if top else contextlib.nullcontext():
             if _functorch.maybe_current_level() is not None:
                 # Called from a backward (or jvp) at some torch.func level: the calling
                 # thread runs device 0's share and must see no transforms, like the workers.
@@ -695,7 +735,10 @@ class _Call:
         plan = self.plan
         if record and not raw:
             flat = [_track(x) if t else x for x, t in zip(flat, self.track)]
-        args, kwargs = tree_util.tree_unflatten(flat, plan.treedef)
+        if plan.flat_args:
+            args, kwargs = flat, _NO_KWARGS
+        else:
+            args, kwargs = tree_util.tree_unflatten(flat, plan.treedef)
         if self.statics:
             args = _merge_statics(args, self.statics)
         # ``with rnd:`` without its two Python calls (every device of every call).
@@ -704,9 +747,12 @@ class _Call:
             out = self.fun(*args, **kwargs)
         finally:
             torch._C._pop_torch_function_stack()
-        leaves, treedef = tree_util.tree_flatten(out)
-        leaves = [x if type(x) is torch.Tensor else _to_output(x, plan, i)
-                  for i, x in enumerate(leaves)]
+        if type(out) is torch.Tensor:
+            leaves, treedef = [out], _LEAF
+        else:
+            leaves, treedef = tree_util.tree_flatten(out)
+            leaves = [x if type(x) is torch.Tensor else _to_output(x, plan, i)
+                      for i, x in enumerate(leaves)]
         if raw:
             return leaves, treedef
         axes = plan.out_plans.get(treedef) or plan.out_axes_for(treedef)
@@ -722,19 +768,24 @@ class _Call:
 
     # -- the plain path ------------------------------------------------------------------
     def run(self) -> Any:
-        ex = executor()
         plan = self.plan
-        budget = ex.thread_budget(ex.threads_per_device(plan.devices))
-        policy = plan.policy if axes_mod.current_pmap_frame() is None else None
-        if policy is None:
-            with budget:
+        policy = plan.policy
+        # The thread budget (Executor.thread_budget) without its context manager.
+        threads = plan.threads
+        old = torch.get_num_threads()
+        if threads and old != threads:
+            torch.set_num_threads(threads)
+        try:
+            if policy is None:
                 return self._run()
-        self.inline = policy.request()
-        start = time.perf_counter()
-        with budget:
+            self.inline = policy.request()
+            start = time.perf_counter()
             out = self._run()
-        policy.record(time.perf_counter() - start, self.inline)
-        return out
+            policy.record(time.perf_counter() - start, self.inline)
+            return out
+        finally:
+            if threads and old != threads:
+                torch.set_num_threads(old)
 
     def _run(self) -> Any:
         plan = self.plan
@@ -749,29 +800,38 @@ class _Call:
             if shards[0] is None:
                 outs.append(None)
                 continue
-            if any(s.requires_grad for s in shards):
-                if any(isinstance(x, ShardedValue) and x.shards[0].requires_grad
-                       for x in self.leaves):
-                    raise RuntimeError(
-                        f"{plan.name}: an argument is a sharded value whose tensors require "
-                        f"grad (funcdp.replicate of a parameter, say); sharded values carry "
-                        f"no gradients through pmap. Pass the tensor itself with "
-                        f"in_axes=None instead: on CPU devices it is shared, not copied.")
-                raise RuntimeError(
-                    f"{plan.name}: output out[{j}] requires grad but no argument of the call "
-                    f"does: the function closes over tensors that require grad (an nn.Module's "
-                    f"parameters, say). Pass them as arguments (funcdp.nn.functional(module) "
-                    f"gives a pure function of its parameters) so gradients flow through pmap.")
+            for s in shards:
+                if s.requires_grad:
+                    self._grad_output_error(j)
             if ax is None:
                 outs.append(_replicated(plan, shards, j))
             else:
-                o = normalize_axis(ax, shards[0].ndim - plan.keeps_axis, plan.name,
-                                   lambda: "an output", extra=1, what="out_axes entry")
+                nd = shards[0].ndim - plan.keeps_axis
+                o = ax if 0 <= ax <= nd else normalize_axis(
+                    ax, nd, plan.name, lambda: "an output", extra=1, what="out_axes entry")
                 if plan.chunks is not None:
                     outs.append(_concat(shards, o))
                 else:
                     outs.append(ShardedValue(shards, plan.devices, o, plan.block))
+        if treedef is _LEAF:
+            return outs[0]
         return tree_util.tree_unflatten(outs, treedef)
+
+    def _grad_output_error(self, j: int) -> None:
+        """Raises for output ``j`` requiring grad on the plain (non-differentiable) path."""
+        name = self.plan.name
+        if any(isinstance(x, ShardedValue) and x.shards[0].requires_grad
+               for x in self.leaves):
+            raise RuntimeError(
+                f"{name}: an argument is a sharded value whose tensors require grad "
+                f"(funcdp.replicate of a parameter, say); sharded values carry no gradients "
+                f"through pmap. Pass the tensor itself with in_axes=None instead: on CPU "
+                f"devices it is shared, not copied.")
+        raise RuntimeError(
+            f"{name}: output out[{j}] requires grad but no argument of the call does: the "
+            f"function closes over tensors that require grad (an nn.Module's parameters, "
+            f"say). Pass them as arguments (funcdp.nn.functional(module) gives a pure "
+            f"function of its parameters) so gradients flow through pmap.")
 
     # -- the differentiable path -----------------------------------------------------------
     def run_differentiable(self) -> Any:
