@@ -271,11 +271,11 @@ class Executor:
              inline: Inline | None) -> list[_Outcome]:
         n = len(devices)
         state = ThreadState()
-        threads = self.threads_per_device(devices)
         depth = current_depth()
         done: queue.SimpleQueue = queue.SimpleQueue()
         if n > 1 and inline is not None:
-            return self._run_sequential(devices, fn, inline, state, threads, depth, done)
+            return self._run_sequential(devices, fn, inline, state, depth, done)
+        threads = self.threads_per_device(devices)
         outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
         if n > 1:
             self._submit(devices, fn, range(1, n), state, threads, depth, done)
@@ -290,7 +290,7 @@ class Executor:
                 w.queue.put(_Task(fn, i, state, threads, done))
 
     def _run_sequential(self, devices: Sequence[Device], fn: Callable[[int], Any],
-                        inline: Inline, state: ThreadState, threads: int, depth: int,
+                        inline: Inline, state: ThreadState, depth: int,
                         done: queue.SimpleQueue) -> list[_Outcome]:
         # On every small call's path: _run_inline's work written out (the caller holds
         # the thread budget already; sequential runs are for CPU devices only).
@@ -300,6 +300,7 @@ class Executor:
 
         def hand_off() -> None:
             if started[0] < n:
+                threads = self.threads_per_device(devices)
                 self._submit(devices, fn, range(started[0], n), state, threads, depth, done)
                 inline.handed_off = True
                 started[0] = n

@@ -190,16 +190,21 @@ class Pmapped:
         along each mapped axis, the axis kept (``nn.DataParallel``'s scatter), and outputs
         with an integer ``out_axes`` are concatenated (its gather)."""
         statics, dyn_args = self._split_statics(args)
-        for a in dyn_args:
-            if type(a) is not torch.Tensor:
-                leaves, treedef = tree_util.tree_flatten((dyn_args, kwargs))
-                break
+        sig: Any = None
+        if not kwargs:
+            sig = []
+            for a in dyn_args:
+                if type(a) is not torch.Tensor:
+                    sig = None
+                    break
+                sig.append((0, a.shape))  # _signature's, for a tensor
+        if sig is None:
+            leaves, treedef = tree_util.tree_flatten((dyn_args, kwargs))
+            sig = map(_signature, leaves)
         else:  # plain tensors only (the common call): the flattening known in advance
             leaves = list(dyn_args)
-            treedef = _flat_args_treedef(len(leaves)) if not kwargs else None
-            if treedef is None:
-                leaves, treedef = tree_util.tree_flatten((dyn_args, kwargs))
-        key = (treedef, statics, tuple(map(_signature, leaves)), _context(), chunks)
+            treedef = _flat_args_treedef(len(leaves))
+        key = (treedef, statics, tuple(sig), _context(), chunks)
         try:
             plan = self._cache.get(key)
         except TypeError:
@@ -640,12 +645,15 @@ class _Call:
             coord = coords[i]
             # A dict per device: a device running several shards rebinds its name.
             frame = axes_mod.PmapFrame(dict(names), mesh, coord, plan.devices[i].torch_device)
+            frames = axes_mod.frames()  # (``with axes_mod.bind(frame)``, written out)
+            frames.append(frame)
             try:
-                with axes_mod.bind(frame):
-                    out = work(i, frame)
+                out = work(i, frame)
             except BaseException as e:
                 mesh.leave(coord, e)
                 raise
+            finally:
+                frames.pop()
             mesh.leave(coord)
             return out
 
@@ -735,6 +743,7 @@ class _Call:
         plan = self.plan
         if record and not raw:
             flat = [_track(x) if t else x for x, t in zip(flat, self.track)]
+        args: Sequence[Any]
         if plan.flat_args:
             args, kwargs = flat, _NO_KWARGS
         else:
@@ -1188,7 +1197,7 @@ def _track(x: Any) -> Any:
     return x
 
 
-def _merge_statics(args: tuple, statics: tuple) -> tuple:
+def _merge_statics(args: Sequence[Any], statics: tuple) -> tuple:
     out = list(args)
     for j, v in statics:
         out.insert(j, v)
