@@ -13,6 +13,7 @@ from torch import nn
 from torch.func import grad
 
 import funcdp
+from funcdp._src.axes import DeviceComp, VmapComp
 
 
 def test_backward_with_a_non_differentiable_argument_before_a_differentiable_one():
@@ -430,3 +431,18 @@ def test_jvp_inside_pmap_within_a_callers_dual_level():
             assert_trees_close(pf(x).to_tensor(), (3 * x ** 2).sum(1))
         assert _forward_ad_state() == (0, 0)
     assert _forward_ad_state() == (0, -1)
+
+
+def test_nested_pmap_running_more_shards_than_its_devices():
+    # Each of the 4 outer devices gets 2 devices for the inner pmap over 4 shards, which
+    # then runs a vmap of 2 per device: its name resolves to (mesh axis 1 of size 2, vmap
+    # level 1 of size 2). Compared as plain tuples those two were "the same axis twice".
+    def g(v):
+        return v * funcdp.psum(v, "j") + funcdp.axis_index("j") + funcdp.axis_index("i")
+
+    inner = funcdp.pmap(g, axis_name="j")
+    x = torch.arange(16.0).reshape(4, 4)
+    out = funcdp.pmap(lambda v: inner(v), axis_name="i")(x)
+    want = torch.stack([r * r.sum() + torch.arange(4) + i for i, r in enumerate(x)])
+    assert torch.equal(torch.as_tensor(out), want)
+    assert DeviceComp(1, 2) != VmapComp(1, 2) and len({DeviceComp(1, 2), VmapComp(1, 2)}) == 2

@@ -34,10 +34,30 @@ class DeviceComp(NamedTuple):
     axis: int  # position in the mesh's axes
     size: int
 
+    # Components of different kinds never compare equal (as plain tuples, a mesh axis
+    # and a vmap level with the same numbers would).
+    def __eq__(self, other: object) -> bool:
+        return type(other) is DeviceComp and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash((DeviceComp, self.axis, self.size))
+
 
 class VmapComp(NamedTuple):
     level: int  # functorch level of the vmap
     size: int
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is VmapComp and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash((VmapComp, self.level, self.size))
 
 
 class PmapFrame:
