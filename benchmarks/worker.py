@@ -158,13 +158,16 @@ def single_process(workload: str, quick: bool) -> dict:
     return out
 
 
-def funcdp_overhead(workload: str, quick: bool) -> dict:
-    """Per-call cost of pmap on a trivial function (dispatch, no real work)."""
+def funcdp_overhead(workload: str, quick: bool, sharded: bool = False) -> dict:
+    """Per-call cost of pmap on a trivial function (dispatch, no real work); with
+    ``sharded``, the argument is already on the devices (as jax_overhead's is)."""
     import funcdp
 
     n = funcdp.local_device_count()
     f = funcdp.pmap(lambda v: v + 1)
     x = torch.zeros(n, 4)
+    if sharded:
+        x = funcdp.pmap(lambda v: v)(x)
     s = settings(quick)
 
     def step(i: int) -> float:
@@ -275,6 +278,10 @@ def jax_pmap(workload: str, quick: bool) -> dict:
     return out
 
 
+def funcdp_overhead_sharded(workload: str, quick: bool) -> dict:
+    return funcdp_overhead(workload, quick, sharded=True)
+
+
 def jax_overhead(workload: str, quick: bool) -> dict:
     import jax
     import jax.numpy as jnp
@@ -327,6 +334,7 @@ CONFIGS = {
     "torch_func": torch_func,
     "funcdp_pmap": funcdp_pmap,
     "funcdp_overhead": funcdp_overhead,
+    "funcdp_overhead_sharded": funcdp_overhead_sharded,
     "funcdp_allreduce": funcdp_allreduce,
     "ddp_gloo": ddp_gloo,
     "jax_pmap": jax_pmap,

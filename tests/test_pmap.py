@@ -12,6 +12,7 @@ import torch.utils._pytree as pt
 from helpers import assert_trees_close
 from hypothesis import given
 from strategies import device_layout, mapped_tensor, take, unmapped_tensor
+from torch import nn
 from torch.func import grad, vmap
 
 import funcdp
@@ -176,6 +177,30 @@ def test_plan_cache_is_hit_for_repeated_calls(monkeypatch):
     assert len(built) == 1
     pf(torch.ones(4, 2), torch.ones(4, 2))
     assert len(built) == 2
+    # Plain tensors skip the pytree flattening; a tensor subclass is flattened: the same
+    # arguments' structure and signature, so the same plan.
+    pf(torch.ones(4, 2), nn.Parameter(torch.ones(4, 2), requires_grad=False))
+    assert len(built) == 2
+
+
+@given(device_layout(), st.integers(1, 3), st.sampled_from([0, 1, -1, -2, None]),
+       st.sampled_from(["tensor", "sharded", "subclass", "keyword"]))
+def test_single_tensor_outputs_for_every_input_form(layout, d, out_axes, form):
+    n, devs = layout
+    x = torch.randn(n, 2, d, dtype=torch.float64)
+
+    def f(v):
+        return torch.cos(v) * 3 if out_axes is not None else funcdp.pmean(v, "i")
+
+    pf = funcdp.pmap(f, axis_name="i", out_axes=out_axes, devices=devs)
+    if form == "keyword":
+        out = pf(v=x)
+    else:
+        arg = {"tensor": x, "sharded": funcdp.pmap(lambda v: v, devices=devs)(x),
+               "subclass": nn.Parameter(x, requires_grad=False)}[form]
+        out = pf(arg)
+    ref = x.mean(0) if out_axes is None else torch.stack([f(r) for r in x], out_axes)
+    assert_trees_close(torch.as_tensor(out), ref)
 
 
 def test_decorator_forms_and_wrapped():

@@ -194,14 +194,18 @@ class Pmapped:
         if not kwargs:
             sig = []
             for a in dyn_args:
-                if type(a) is not torch.Tensor:
+                t = type(a)
+                if t is torch.Tensor:
+                    sig.append((0, a.shape))  # _signature's, for a tensor
+                elif t is ShardedValue:
+                    sig.append(_signature(a))
+                else:
                     sig = None
                     break
-                sig.append((0, a.shape))  # _signature's, for a tensor
         if sig is None:
             leaves, treedef = tree_util.tree_flatten((dyn_args, kwargs))
             sig = map(_signature, leaves)
-        else:  # plain tensors only (the common call): the flattening known in advance
+        else:  # tensors and sharded values (leaves) only: the flattening known in advance
             leaves = list(dyn_args)
             treedef = _flat_args_treedef(len(leaves))
         key = (treedef, statics, tuple(sig), _context(), chunks)
