@@ -132,3 +132,24 @@ def test_long_calls_run_device_0_on_the_calling_thread(monkeypatch, devices):
     with pytest.raises(ValueError, match="negative shard") as info:
         f(-x)
     assert "device 0" in str(info.value)
+
+
+def test_devices_run_inline_keep_the_thread_budget(eager_inline, devices):
+    # Each device of a call runs with the call's intra-op thread budget, even when an
+    # earlier device run on the same thread changed torch's thread count.
+    seen = []
+    before = torch.get_num_threads()
+
+    def fn(x):
+        seen.append(torch.get_num_threads())
+        torch.set_num_threads(before + 1)
+        return x
+
+    f = funcdp.pmap(fn, devices=devices[:4])
+    for _ in range(6):
+        seen.clear()
+        f(torch.ones(4, 2))
+    assert policy(f).on
+    budget = max(1, before // 4)
+    assert seen == [budget] * 4
+    assert torch.get_num_threads() == before

@@ -293,7 +293,8 @@ class Executor:
                         inline: Inline, state: ThreadState, depth: int,
                         done: queue.SimpleQueue) -> list[_Outcome]:
         # On every small call's path: _run_inline's work written out (the caller holds
-        # the thread budget already; sequential runs are for CPU devices only).
+        # the thread budget already, and it is restored if a device changes it;
+        # sequential runs are for CPU devices only).
         n = len(devices)
         outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
         started = [0]  # devices started so far (here or on workers)
@@ -309,6 +310,7 @@ class Executor:
         hooks.append(hand_off)
         tls = _tls
         grad = torch.is_grad_enabled()
+        budget = torch.get_num_threads()  # the caller's thread budget, held for the call
         i = 0
         try:
             # Device i runs here unless it was handed off while an earlier one waited.
@@ -323,6 +325,8 @@ class Executor:
                     tls.depth = depth
                     if torch.is_grad_enabled() != grad:  # see _run_inline_fn
                         torch.set_grad_enabled(grad)
+                    if torch.get_num_threads() != budget:  # a device changed it
+                        torch.set_num_threads(budget)
                 i += 1
         finally:
             hooks.remove(hand_off)
