@@ -137,6 +137,49 @@ def test_reductions_within_axis_index_groups(cs, data):
           ref_with(lambda t: t.mean(0)), x, devs)
 
 
+@given(st.sampled_from([(2, 2), (2, 4), (4, 2), (1, 4), (3, 2)]), st.data())
+def test_reductions_within_groups_over_two_axes(sizes, data):
+    # A tuple of axes with axis_index_groups over the row-major index: nested pmaps (all
+    # device axes: one round) and a pmap of a named vmap (mixed components).
+    n1, n2 = sizes
+    n = n1 * n2
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**30)))
+    x = _rand((n1, n2, 2), torch.float64, gen)
+    perm = data.draw(st.permutations(range(n)))
+    cuts = sorted(data.draw(st.sets(st.integers(1, n - 1), max_size=3)))
+    groups = [list(perm[a:b]) for a, b in zip([0] + cuts, cuts + [n]) if a < b]
+    group_of = {m: g for g in groups for m in g}
+    w = _rand((n1, n2, 2), torch.float64, gen)
+    for name, red in (("psum", lambda t: t.sum(0)), ("pmax", lambda t: t.amax(0)),
+                      ("pmin", lambda t: t.amin(0)), ("pmean", lambda t: t.mean(0))):
+        def c(v, name=name):
+            return getattr(funcdp, name)(v, ("i", "j"), axis_index_groups=groups)
+
+        def ref(X, red=red):
+            flat = X.reshape(n, 2)
+            return torch.stack([red(flat[group_of[i]]) for i in range(n)]).reshape(X.shape)
+
+        for how, fn in (("pmap(pmap)", funcdp.pmap(funcdp.pmap(c, "j"), "i")),
+                        ("pmap(vmap)", funcdp.pmap(funcdp.vmap(c, axis_name="j"), "i"))):
+            assert_trees_close(torch.as_tensor(fn(x)), ref(x)), (name, how)
+            got = grad(lambda t: (torch.as_tensor(fn(t)) * w).sum())(x)
+            want = grad(lambda t: (ref(t) * w).sum())(x)
+            assert_trees_close(got, want), (name, how)
+
+
+@given(st.integers(2, 8), st.sampled_from([torch.float32, torch.float64]),
+       st.integers(0, 2**30))
+def test_pmean_is_psum_divided_by_n_to_the_bit(n, dtype, seed):
+    # Values of very different magnitudes: a mean computed as a + (b - a) / 2, or as a
+    # product with a rounded 1 / n, differs from psum / n in the last bit.
+    gen = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** torch.randint(-3, 4, (n, 1), generator=gen)
+    x = (torch.randn(n, 2000, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    mean, total = funcdp.pmap(lambda v: (funcdp.pmean(v, AX), funcdp.psum(v, AX)),
+                              axis_name=AX, devices=funcdp.local_devices()[:n])(x)
+    assert torch.equal(mean.to_tensor()[n - 1], total.to_tensor()[0] / n)
+
+
 def test_python_numbers_and_unmapped_values():
     n = 4
 

@@ -145,3 +145,24 @@ def test_prefetch_to_device_yields_sharded_values_in_order():
         list(funcdp.prefetch_to_device([torch.ones(3, 2)]))
     with pytest.raises(ValueError, match="`size` must be a positive int"):
         list(funcdp.prefetch_to_device([], size=0))
+
+
+@pytest.mark.parametrize("out_axis", [0, 1, -1])
+def test_pad_shard_unpad_under_transforms_and_any_out_axis(out_axis):
+    # Which outputs are per device comes from the pmap's out_axes, so outputs under
+    # vmap, jvp and grad (plain stacked tensors) are unsharded as well.
+    f = funcdp.pad_shard_unpad(funcdp.pmap(
+        lambda w, x: (x * w, funcdp.psum((x * w).sum(), "i")), axis_name="i",
+        in_axes=(None, 0), out_axes=(out_axis, None)), num_devices=4)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    w = torch.tensor(2.0, dtype=torch.float64)
+    per_example, total = f(w, x)
+    assert_trees_close(per_example, x * w)
+    assert_trees_close(total, (x * w).sum())
+    xs = torch.randn(2, 5, 3, dtype=torch.float64)
+    batched = torch.func.vmap(lambda xx: f(w, xx)[0])(xs)
+    assert_trees_close(batched, xs * w)
+    _, tangent = torch.func.jvp(lambda ww: f(ww, x), (w,), (torch.ones_like(w),))
+    assert_trees_close(tangent, (x, x.sum()))
+    g = torch.func.grad(lambda ww: f(ww, x)[0].square().sum())(w)
+    assert_trees_close(g, (2 * w * x * x).sum())

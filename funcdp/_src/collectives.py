@@ -147,7 +147,7 @@ def _comp_rule(spec: Spec, pos: int, x: torch.Tensor, batched: bool, lead: int):
         out = red(x) if batched else (x * k if op == "psum" else x)
         scale = _scale_of(spec)
         if scale is not None and len(spec.done) + 1 == len(spec.comps):
-            out = out * scale  # the last component of a pmean
+            out = _scaled(out, scale)  # the last component of a pmean
         return out, False
     if op == "gather":
         axis, present = spec.params
@@ -282,7 +282,7 @@ def _device_collective(spec: Spec, dev_pos: list[int], leaves: list[torch.Tensor
         if op in ("psum", "pmax", "pmin"):
             # One participant: the reduction is the value itself (no copy of a gradient).
             scale = _scale_of(spec)
-            return [x.detach() if scale is None or scale == 1.0 else x * scale
+            return [x.detach() if scale is None or scale == 1.0 else _scaled(x, scale)
                     for x in leaves]
         result = _compute(spec, dev_pos, [leaves], 1)
         return _take(spec, dev_pos, result, 0, coord, comps)
@@ -372,7 +372,18 @@ def _reduction_outputs(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _scale_of(spec: Spec) -> float | None:
+    """``1 / n`` for the sum of a ``pmean`` over ``n`` (divided inside the collective)."""
     return spec.params[0] if spec.op == "psum" and spec.params else None
+
+
+def _scaled(t: torch.Tensor, scale: float, inplace: bool = False) -> torch.Tensor:
+    """``t / n`` for ``scale == 1 / n``, exactly (``pmean`` is ``psum / n`` to the bit):
+    a multiplication where ``1 / n`` is exact (``n`` a power of two; it is faster), a
+    division otherwise."""
+    n = round(1.0 / scale)
+    if n & (n - 1) == 0:
+        return t.mul_(scale) if inplace else t * scale
+    return t.div_(n) if inplace else t / n
 
 
 def _chunked_reduce(op: str, scale: float | None):
@@ -404,10 +415,6 @@ def _fold_into(op: str, dst: torch.Tensor, srcs: list[torch.Tensor],
         srcs = [x if x.device == dst.device else x.to(dst.device) for x in srcs]
     if len(srcs) == 1:
         dst.copy_(srcs[0])
-    elif op == "psum" and len(srcs) == 2 and scale == 0.5 and dst.is_floating_point():
-        # The mean of two in one pass over memory (the reduction is bandwidth-bound).
-        torch.lerp(srcs[0], srcs[1], 0.5, out=dst)
-        return
     elif op == "psum":
         torch.add(srcs[0], srcs[1], out=dst)
         for s in srcs[2:]:
@@ -421,7 +428,7 @@ def _fold_into(op: str, dst: torch.Tensor, srcs: list[torch.Tensor],
         for s in srcs[2:]:
             torch.minimum(dst, s, out=dst)
     if scale is not None:
-        dst.mul_(scale)
+        _scaled(dst, scale, inplace=True)
 
 
 def _compute(spec: Spec, dev_pos: list[int], items: list[list[torch.Tensor]], size: int):
@@ -677,7 +684,7 @@ def _reduction(op: str, x: Any, axis_name: Any, axis_index_groups: Any, call: st
     if groups is not None and not _is_simple(comps):
         res = [_grouped_fallback(prim, t, comps, groups, label) for t in tensors]
     elif prim in ("pmax", "pmin") and len(comps) > 1:
-        res = _extremum_over_components(prim, tensors, comps, label)
+        res = _extremum_over_components(prim, tensors, comps, groups, label)
     else:
         res = _run(prim, comps, params, tensors, groups, label)
     for j, i in enumerate(idx):
@@ -708,26 +715,28 @@ def _gather_flat(t: torch.Tensor, comps: tuple, label: str) -> torch.Tensor:
     return g.flatten(0, len(comps) - 1) if len(comps) > 1 else g
 
 
-def _extremum_over_components(op: str, tensors: list, comps: tuple, label: str) -> list:
+def _extremum_over_components(op: str, tensors: list, comps: tuple, groups: Any,
+                              label: str) -> list:
     """pmax/pmin over several components (a pmap axis and a vmap axis, say).
 
     Reducing component by component would split a tie's gradient level by level (half
     to each device, then halves within a device); instead the value comes from the
     reductions and the derivative from one sum over the whole axis: every participant
     holding the extremum gets ``cotangent / (number of ties)``, as ``torch.amax`` does.
+    With ``groups`` (only here for components that are all device axes), within each group.
     """
-    values = [t.detach() for t in _run(op, comps, (), tensors, None, label)]
+    values = [t.detach() for t in _run(op, comps, (), tensors, groups, label)]
     out = []
     for t, m in zip(tensors, values):
         if not (t.is_floating_point() or t.is_complex()):
             out.append(m)
             continue
         mask = t == m
-        count = _run("psum", comps, (), [mask.to(t.dtype)], None, label)[0]
+        count = _run("psum", comps, (), [mask.to(t.dtype)], groups, label)[0]
         delta = torch.where(mask, t - t.detach(), torch.zeros((), dtype=t.dtype,
                                                                device=t.device))
         # Equal to m in value (delta is exactly 0); d/dx_j = [x_j is extremal] / count.
-        out.append(m + _run("psum", comps, (), [delta], None, label)[0] / count)
+        out.append(m + _run("psum", comps, (), [delta], groups, label)[0] / count)
     return out
 
 

@@ -8,11 +8,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+from torch._C import _functorch
 
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import public
 from funcdp._src.devices import Device, local_devices
+from funcdp._src.pmap import Pmapped
 from funcdp._src.sharded import ShardedValue, _devices_or_local, to_devices
+from funcdp._src.transform_util import is_axis_leaf
 
 
 @public
@@ -25,10 +28,13 @@ def pad_shard_unpad(fn: Callable, static_argnums: Sequence[int] = (0,),
     keyword argument not in ``static_argnames``) has the global batch on dimension 0; its
     size ``B`` need not divide by the device count ``n``. The wrapper zero-pads it to a
     multiple of ``n``, reshapes it to ``[n, B' / n, ...]`` (``funcdp.shard``), calls
-    ``fn``, and turns every per-device output (``[n, B' / n, ...]``) back into
-    ``[B, ...]`` with the padding dropped; other outputs (``out_axes=None`` values) are
-    returned as they are. Static arguments are passed unchanged (e.g. replicated parameters,
-    mapped by ``fn`` with ``in_axes=None``).
+    ``fn``, and turns every per-device output (``[n, B' / n, ...]``, or its device axis
+    elsewhere as ``fn``'s ``out_axes`` put it) back into ``[B, ...]`` with the padding
+    dropped; other outputs (``out_axes=None`` values) are returned as they are. Which
+    outputs are per device is read from ``fn``'s ``out_axes`` when ``fn`` is a pmapped
+    function (so this works under ``torch.func`` transforms too); for another function,
+    sharded values and stacked tensors recording gradients are. Static arguments are
+    passed unchanged (e.g. replicated parameters, mapped by ``fn`` with ``in_axes=None``).
 
     Args:
         fn: a pmapped function whose batch arguments are mapped over axis 0.
@@ -84,21 +90,37 @@ def pad_shard_unpad(fn: Callable, static_argnums: Sequence[int] = (0,),
         if static_return:
             return out
 
-        def unprep(x: Any) -> Any:
-            # Per-device outputs ([n, B' / n, ...]: sharded values, or stacked tensors when
-            # the call records gradients) become [B, ...]; out_axes=None values (plain
-            # tensors) come back as they are.
-            per_device = isinstance(x, ShardedValue) or (
-                isinstance(x, torch.Tensor) and x.requires_grad)
+        def unprep(x: Any, axis: Any) -> Any:
+            # Per-device outputs (the device axis at ``axis``, each device's batch first)
+            # become [B, ...]; out_axes=None values come back as they are.
             t = x.to_tensor() if isinstance(x, ShardedValue) else x
-            if (not per_device or t.ndim < 2 or t.shape[0] != n
-                    or t.shape[1] != padded // n):
+            if axis is None or not isinstance(t, torch.Tensor):
+                return t
+            if axis:
+                t = t.movedim(axis, 0)
+            if t.ndim < 2 or t.shape[0] != n or t.shape[1] != padded // n:
                 return t
             return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])[:batch]
 
-        return tree_util.tree_map(unprep, out)
+        leaves, treedef = tree_util.tree_flatten(out)
+        return tree_util.tree_unflatten(
+            [unprep(x, a) for x, a in zip(leaves, _output_axes(fn, leaves, treedef))], treedef)
 
     return wrapped
+
+
+def _output_axes(fn: Callable, leaves: list, treedef: Any) -> list:
+    """Where each output leaf of ``fn`` has its device axis (None: not per device)."""
+    if isinstance(fn, Pmapped):
+        axes = tree_util.broadcast_prefix(fn._out_axes, treedef, is_axis_leaf)
+        # (Normalized against the stacked output's rank: the device axis included.)
+        return [a if a is None or a >= 0 or not isinstance(x, (torch.Tensor, ShardedValue))
+                else a + len(x.shape) for x, a in zip(leaves, axes)]
+    # Some other function: its sharded values are per device, and so are tensors that a
+    # pmap returned stacked (recording gradients, or under a torch.func transform).
+    return [0 if isinstance(x, ShardedValue) or (isinstance(x, torch.Tensor) and (
+        x.requires_grad or _functorch.is_functorch_wrapped_tensor(x))) else None
+        for x in leaves]
 
 
 @public

@@ -70,7 +70,7 @@ def _global_compute(spec: Any, dev_pos: list[int], items: list, info: ProcessInf
             scale = C._scale_of(spec)
             if scale is not None:
                 for o in outs:
-                    o.mul_(scale)
+                    C._scaled(o, scale, inplace=True)
             return outs
         everyone = _all_gather_items(items, info, spec.label)
         if spec.groups is not None:
