@@ -70,11 +70,10 @@ class ThreadState:
     def __init__(self) -> None:
         self.grad = torch.is_grad_enabled()
         self.inference = torch.is_inference_mode_enabled()
-        autocast = []
-        for kind in ("cpu", "cuda"):
-            if torch.is_autocast_enabled(kind):
-                autocast.append((kind, torch.get_autocast_dtype(kind)))
-        self.autocast = tuple(autocast)
+        self.autocast: tuple = ()
+        if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+            self.autocast = tuple((kind, torch.get_autocast_dtype(kind))
+                                  for kind in ("cpu", "cuda") if torch.is_autocast_enabled(kind))
         self.default = self.grad and not self.inference and not self.autocast
 
     def enter(self) -> list:

@@ -58,7 +58,12 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
     return g
 
 
-_tls = threading.local()
+class _Forced(threading.local):
+    def __init__(self) -> None:
+        self.forced: CallSeeds | None = None  # the seeds the next call must reuse, if any
+
+
+_tls = _Forced()
 
 
 class CallSeeds:
@@ -72,7 +77,8 @@ class CallSeeds:
 
     def __init__(self, base: int | None = None) -> None:
         self.base = base
-        self.outer = _active_mode()
+        # (_active_mode's first test inline: a top-level call has no mode to look for.)
+        self.outer = _active_mode() if torch._C._len_torch_function_stack() else None
 
     def get(self) -> int:
         if self.base is None:
@@ -103,7 +109,7 @@ def _active_mode() -> DeviceRandomness | None:
 
 def call_seeds() -> CallSeeds:
     """The seeds of a new call: those of the call being recomputed, if any (see reuse)."""
-    forced = getattr(_tls, "forced", None)
+    forced = _tls.forced
     if forced is None:
         return CallSeeds()
     _tls.forced = None  # for the one call being recomputed, not for pmaps nested in it
@@ -120,7 +126,7 @@ class reuse:
         self.seeds = seeds
 
     def __enter__(self) -> None:
-        self.old = getattr(_tls, "forced", None)
+        self.old = _tls.forced
         _tls.forced = self.seeds
 
     def __exit__(self, *exc: Any) -> None:
