@@ -34,30 +34,30 @@ class DeviceComp(NamedTuple):
     axis: int  # position in the mesh's axes
     size: int
 
-    # Components of different kinds never compare equal (as plain tuples, a mesh axis
-    # and a vmap level with the same numbers would).
-    def __eq__(self, other: object) -> bool:
-        return type(other) is DeviceComp and tuple.__eq__(self, other)
-
-    def __ne__(self, other: object) -> bool:
-        return not self == other
-
-    def __hash__(self) -> int:
-        return hash((DeviceComp, self.axis, self.size))
-
 
 class VmapComp(NamedTuple):
     level: int  # functorch level of the vmap
     size: int
 
-    def __eq__(self, other: object) -> bool:
-        return type(other) is VmapComp and tuple.__eq__(self, other)
 
-    def __ne__(self, other: object) -> bool:
-        return not self == other
+# Components of different kinds never compare equal (as plain tuples, a mesh axis and a
+# vmap level with the same numbers would).
+def _same_kind_eq(self: tuple, other: object) -> bool:
+    return type(other) is type(self) and tuple.__eq__(self, other)
 
-    def __hash__(self) -> int:
-        return hash((VmapComp, self.level, self.size))
+
+def _same_kind_ne(self: tuple, other: object) -> bool:
+    return not _same_kind_eq(self, other)
+
+
+def _kind_hash(self: tuple) -> int:
+    return hash((type(self), tuple(self)))
+
+
+for _cls in (DeviceComp, VmapComp):
+    _cls.__eq__ = _same_kind_eq  # type: ignore[method-assign,assignment]
+    _cls.__ne__ = _same_kind_ne  # type: ignore[method-assign,assignment]
+    _cls.__hash__ = _kind_hash  # type: ignore[method-assign,assignment]
 
 
 class PmapFrame:
