@@ -446,3 +446,18 @@ def test_nested_pmap_running_more_shards_than_its_devices():
     want = torch.stack([r * r.sum() + torch.arange(4) + i for i, r in enumerate(x)])
     assert torch.equal(torch.as_tensor(out), want)
     assert DeviceComp(1, 2) != VmapComp(1, 2) and len({DeviceComp(1, 2), VmapComp(1, 2)}) == 2
+
+
+def test_nested_pmaps_given_the_same_inner_devices_do_not_deadlock():
+    # Both outer devices run their inner pmap on devices 0 and 1: the two inner calls'
+    # device-1 shares used to queue on one worker, the first waiting in the collective
+    # for the second, which waited behind it (until the collective timeout).
+    devs = funcdp.local_devices()
+    inner = funcdp.pmap(lambda u: funcdp.psum(u, ("i", "j")) + funcdp.axis_index(("i", "j")),
+                        axis_name="j", devices=devs[:2])
+    outer = funcdp.pmap(lambda v: inner(v), axis_name="i", devices=devs[2:4])
+    x = torch.arange(4.0).reshape(2, 2)
+    with funcdp.config.override(collective_timeout=10):
+        for _ in range(3):
+            out = torch.as_tensor(outer(x))
+    assert torch.equal(out, x.sum() + torch.arange(4.0).reshape(2, 2))

@@ -206,7 +206,7 @@ class Executor:
     """The pool of per-device workers of this process."""
 
     def __init__(self) -> None:
-        self._workers: dict[tuple[Device, int], _Worker] = {}
+        self._workers: dict[tuple[Device, int, tuple], _Worker] = {}
         self._lock = threading.Lock()
         # Tasks of one call are queued on all its workers atomically, so two calls made
         # at once from different threads are ordered the same way on every worker.
@@ -229,8 +229,8 @@ class Executor:
         for w in workers:
             w.thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _worker(self, device: Device, depth: int) -> _Worker:
-        key = (device, depth)
+    def _worker(self, device: Device, depth: int, lane: tuple = ()) -> _Worker:
+        key = (device, depth, lane)
         w = self._workers.get(key)
         if w is None:
             with self._lock:
@@ -245,8 +245,13 @@ class Executor:
         return max(1, self._cores // len(devices))
 
     def run(self, devices: Sequence[Device], fn: Callable[[int], Any],
-            inline: Inline | None = None) -> list[_Outcome]:
+            inline: Inline | None = None, lane: tuple = ()) -> list[_Outcome]:
         """Calls ``fn(i)`` for every device ``i``; device 0 in the calling thread.
+
+        ``lane`` selects the workers among those of the same device and depth: nested
+        calls made by different outer devices pass different lanes, so that two of them
+        given the same inner device (``devices=`` in a nested pmap) do not queue behind
+        each other on one worker (a deadlock when their collectives need each other).
 
         With ``inline``, the calling thread runs the devices one after another (small
         calls cost less than waking the workers) until one of them would block waiting
@@ -261,13 +266,13 @@ class Executor:
             if _JVP_STATE and _eager.JVP_NESTING == 0:
                 level = _enter_shared_forward_level()
                 try:
-                    return self._run(devices, fn, inline)
+                    return self._run(devices, fn, inline, lane)
                 finally:
                     _exit_shared_forward_level(level)
-        return self._run(devices, fn, inline)
+        return self._run(devices, fn, inline, lane)
 
     def _run(self, devices: Sequence[Device], fn: Callable[[int], Any],
-             inline: Inline | None) -> list[_Outcome]:
+             inline: Inline | None, lane: tuple) -> list[_Outcome]:
         n = len(devices)
         state = ThreadState()
         depth = current_depth()
@@ -277,13 +282,14 @@ class Executor:
         threads = self.threads_per_device(devices)
         outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
         if n > 1:
-            self._submit(devices, fn, range(1, n), state, threads, depth, done)
+            self._submit(devices, fn, range(1, n), state, threads, depth, done, lane)
         outcomes[0] = self._run_inline(devices, 0, fn, threads, depth)
         return _collect(done, outcomes, n - 1)
 
     def _submit(self, devices: Sequence[Device], fn: Callable[[int], Any], which: range,
-                state: ThreadState, threads: int, depth: int, done: queue.SimpleQueue) -> None:
-        workers = [self._worker(devices[i], depth) for i in which]
+                state: ThreadState, threads: int, depth: int, done: queue.SimpleQueue,
+                lane: tuple = ()) -> None:
+        workers = [self._worker(devices[i], depth, lane) for i in which]
         with self._submit_lock:
             for i, w in zip(which, workers):
                 w.queue.put(_Task(fn, i, state, threads, done))

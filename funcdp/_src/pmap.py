@@ -636,6 +636,7 @@ class _Call:
             mesh = Mesh(plan.label, (plan.owner._axis_name,), (plan.ndev,), plan.coords)
             coords = plan.coord_list
             names = plan.names
+            prefix = ()
         else:
             mesh, prefix, names = self._mesh()
             coords = [prefix + (mesh.offset + i,) for i in range(plan.ndev)]
@@ -669,9 +670,9 @@ class _Call:
                 # Called from a backward (or jvp) at some torch.func level: the calling
                 # thread runs device 0's share and must see no transforms, like the workers.
                 with pyfunctorch.temporarily_clear_interpreter_stack():
-                    outcomes = executor().run(plan.devices, per_device, self.inline)
+                    outcomes = executor().run(plan.devices, per_device, self.inline, prefix)
             else:
-                outcomes = executor().run(plan.devices, per_device, self.inline)
+                outcomes = executor().run(plan.devices, per_device, self.inline, prefix)
         errors = [(i, o.error) for i, o in enumerate(outcomes) if o.error is not None]
         if errors:
             _raise_device_error(plan, errors)
