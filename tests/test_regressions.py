@@ -461,3 +461,24 @@ def test_nested_pmaps_given_the_same_inner_devices_do_not_deadlock():
         for _ in range(3):
             out = torch.as_tensor(outer(x))
     assert torch.equal(out, x.sum() + torch.arange(4.0).reshape(2, 2))
+
+
+def test_save_checkpoint_keeps_the_device_axis_of_empty_shards(tmp_path):
+    # Empty shards share an address without sharing a value: not taken as replicated.
+    path = tmp_path / "c.pt"
+    funcdp.save_checkpoint(path, {"v": funcdp.pmap(lambda a: a)(torch.zeros(4, 0))})
+    assert funcdp.load_checkpoint(path)["v"].shape == (4, 0)
+
+
+def test_global_norm_in_the_promoted_dtype_of_the_leaves():
+    torch.manual_seed(0)
+    grads = {"a": torch.randn(10).bfloat16(), "b": torch.randn(1000, dtype=torch.float64)}
+    norm = funcdp.optim.global_norm(grads)
+    want = torch.linalg.vector_norm(torch.cat([g.double() for g in grads.values()]))
+    assert norm.dtype == torch.float64
+    torch.testing.assert_close(norm, want, rtol=1e-3, atol=0)
+    # Clipping scales every leaf by the factor from that norm (clip_grad_norm_'s rule).
+    factor = (1.0 / (norm + 1e-6)).clamp(max=1.0)
+    clipped, _ = funcdp.optim.clip_by_global_norm(1.0).update(grads, {})
+    for got, g in zip(clipped.values(), grads.values()):
+        torch.testing.assert_close(got, g * factor.to(g.dtype))

@@ -27,8 +27,10 @@ def _is_replicated(v: ShardedValue) -> bool:
         return False
     first = v.shards[0]
     for s in v.shards[1:]:
-        if s is first or (s.data_ptr() == first.data_ptr() and s.device == first.device
-                          and s.shape == first.shape and s.stride() == first.stride()):
+        # (Empty shards all have the same address without sharing anything.)
+        if s is first or (s.numel() and s.data_ptr() == first.data_ptr()
+                          and s.device == first.device and s.shape == first.shape
+                          and s.stride() == first.stride()):
             continue
         if s.device == first.device or not torch.equal(first, s.to(first.device)):
             return False

@@ -13,6 +13,7 @@ Learning rates may be numbers or schedules (``step -> lr`` functions, see
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -421,8 +422,11 @@ def global_norm(tree: Any) -> torch.Tensor:
     if not leaves:
         return torch.zeros(())
     norms = _foreach.norm(leaves)
+    # In the leaves' promoted dtype, as torch.nn.utils.clip_grad_norm_ gives it (not the
+    # first leaf's: a bfloat16 leaf first would round the norm of float64 ones).
+    dtype = functools.reduce(torch.promote_types, [x.dtype for x in leaves])
     return torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms])).to(
-        leaves[0].dtype)
+        dtype)
 
 
 @_public
