@@ -186,3 +186,33 @@ def test_matches_nn_data_parallel_on_gpu():
     ref(x).sum().backward()
     for a, b in zip(model.parameters(), ref.module.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_replicas_follow_the_module_as_it_is_now():
+    # As nn.DataParallel replicates on every call: a BatchNorm set to eval inside a
+    # training model stays in eval (its running statistics untouched), and attributes
+    # set after wrapping are used.
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, dtype=torch.float64)
+    m = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).double()
+    dp = funcdp.DataParallel(m, device_ids=[0, 1])
+    dp(x)
+    m[1].eval()
+    before = m[1].running_mean.clone()
+    assert_trees_close(dp(x), m(x))
+    assert torch.equal(m[1].running_mean, before)
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3).double()
+            self.scale = 1.0
+
+        def forward(self, v):
+            return self.lin(v) * self.scale
+
+    s = Scaled()
+    ds = funcdp.DataParallel(s, device_ids=[0, 1])
+    ds(x)
+    s.scale = 5.0
+    assert_trees_close(ds(x), s(x))

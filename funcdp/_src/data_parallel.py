@@ -101,8 +101,9 @@ class DataParallel(nn.Module):
 
     def _run_replica(self, params: dict, buffers: dict, args: tuple, kwargs: dict,
                      holder: _Holder) -> Any:
-        out, new_buffers = self._net.apply(params, buffers, *args, train=self.training,
-                                           **kwargs)
+        # Each layer in its own mode, as the wrapped module has it (nn.DataParallel's
+        # replicas copy every submodule's flag).
+        out, new_buffers = self._net.apply(params, buffers, *args, **kwargs)
         if not self.sync_batchnorm and new_buffers:
             # Per-replica statistics; the running averages are averaged over replicas.
             new_buffers = {k: pmean(v, _AXIS) if v.is_floating_point() else v

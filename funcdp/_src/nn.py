@@ -164,14 +164,25 @@ class FunctionalModule:
     def buffers(self) -> dict[str, torch.Tensor]:
         return {n: b.detach().clone() for n, b in self.module.named_buffers()}
 
-    def _thread_module(self, train: bool) -> tuple[nn.Module, list, list]:
+    def _thread_module(self, train: bool | None) -> tuple[nn.Module, list, list]:
         local = self._local
         m = getattr(local, "module", None)
         if m is None:
             m = local.module = _replica(self._template)
             local.param_slots = [_slot(m, n, "_parameters") for n, _ in self._param_aliases]
             local.buffer_slots = [_slot(m, n, "_buffers") for n, _ in self._buffer_aliases]
-        if m.training != train:
+            # Each module with its replica (the same traversal: the replica has the
+            # module's structure, BatchNorm layers converted in place).
+            local.pairs = [(a.__dict__, b.__dict__)
+                           for a, b in zip(self.module.modules(), m.modules())]
+        # The module as it is now, as nn.DataParallel replicates it on every call: every
+        # submodule's own mode (a BatchNorm set to eval inside a training model) and
+        # attributes set since (tensors and submodules are the replica's own).
+        for live, mine in local.pairs:
+            own = mine["_parameters"], mine["_buffers"], mine["_modules"]
+            mine.update(live)
+            mine["_parameters"], mine["_buffers"], mine["_modules"] = own
+        if train is not None:
             m.train(train)
         return m, local.param_slots, local.buffer_slots
 
@@ -184,15 +195,13 @@ class FunctionalModule:
             buffers: buffers by name; never modified.
             *args: the module's forward arguments.
             **kwargs: the module's forward keyword arguments.
-            train: training mode (BatchNorm batch statistics, dropout); default: the
-                wrapped module's mode.
+            train: training mode (BatchNorm batch statistics, dropout) for every layer;
+                default: each layer's own mode in the wrapped module, as it is now.
 
         Returns:
             ``(output, new_buffers)``: BatchNorm running statistics come back updated in
             ``new_buffers`` (new tensors) instead of being written into ``buffers``.
         """
-        if train is None:
-            train = self.module.training
         module, pslots, bslots = self._thread_module(train)
         new_buffers = {}
         for (_, canonical), (_, _, original) in zip(self._buffer_aliases, bslots):
