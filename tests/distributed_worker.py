@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 from torch import nn
@@ -125,6 +126,33 @@ def main() -> int:
             return funcdp.psum(v, AX)
 
         funcdp.pmap(g, axis_name=AX)(torch.ones(k, 2))
+    elif scenario == "edges":
+        # An in-place write to a large shared result is reported, as in one process.
+        def write(v):
+            y = funcdp.psum(v.expand(5000).clone(), AX)
+            y.add_(funcdp.axis_index(AX).to(y.dtype))
+            return y[:1]
+
+        try:
+            funcdp.pmap(write, axis_name=AX)(torch.ones(k))
+            result["inplace"] = "no error"
+        except funcdp.CollectiveError as e:
+            result["inplace"] = str(e)
+        # In a nested pmap: a collective over the process-spanning axis alone goes across
+        # processes; one over both axes is refused at once (not left to time out).
+        def nested(v, axes):
+            return funcdp.pmap(lambda u: funcdp.psum(u, axes), axis_name="j")(v[None] + 1)
+
+        x = torch.arange(float(offset), float(offset + k))
+        result["nested_i"] = torch.as_tensor(
+            funcdp.pmap(lambda v: nested(v, AX), axis_name=AX)(x))
+        start = time.monotonic()
+        try:
+            funcdp.pmap(lambda v: nested(v, (AX, "j")), axis_name=AX)(x)
+            result["nested"] = "no error"
+        except Exception as e:  # noqa: BLE001 - recorded for the test
+            result["nested"] = f"{type(e).__name__}: {e}"
+        result["nested_s"] = time.monotonic() - start
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     funcdp.distributed.shutdown()
     return 0

@@ -122,6 +122,17 @@ def test_processes_that_reach_different_collectives_are_reported(tmp_path):
         assert "process 1: psum(axis_name='i') with values (1,)" in r.stderr
 
 
+def test_shared_results_watched_and_nested_collectives_refused_across_processes(tmp_path):
+    runs = launch("edges", 2, 2, tmp_path, test_timeout="30")
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    for res in results(tmp_path, 2):
+        assert "was modified in place on a device" in res["inplace"]
+        # 4 devices holding 1, 2, 3, 4: the sum over the process-spanning axis, everywhere.
+        assert res["nested_i"].flatten().tolist() == [10.0, 10.0]
+        assert res["nested"].startswith("NotImplementedError"), res["nested"]
+        assert "nested pmap" in res["nested"] and res["nested_s"] < 10
+
+
 def test_initialize_errors(monkeypatch):
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)

@@ -615,7 +615,10 @@ class _Call:
         pmesh = parent.mesh
 
         def make() -> Mesh:
-            return Mesh(plan.label, pmesh.names + (name,), pmesh.sizes + (plan.ndev,), {})
+            # The process layout along axis 0 too (a collective over it then goes across
+            # processes; the offset is that of the new, innermost axis: none).
+            return Mesh(plan.label, pmesh.names + (name,), pmesh.sizes + (plan.ndev,), {},
+                        pmesh.proc)
 
         mesh = pmesh.child(seq, make)
         if mesh.sizes[-1] != plan.ndev:

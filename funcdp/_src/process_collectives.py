@@ -45,7 +45,9 @@ def process_collective(spec: Any, dev_pos: list[int], leaves: list[torch.Tensor]
     desc = (spec.label, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
 
     def compute(items: list) -> Any:
-        return _global_compute(spec, dev_pos, items, info, n)
+        res = _global_compute(spec, dev_pos, items, info, n)
+        # Large shared results are watched for in-place writes, as within one process.
+        return res if isinstance(res, PerRank) else C._watched(mesh, spec, res)
 
     result = mesh.exchange(coord, (0,), (None, members), grank - info.offset, local,
                            spec.label, desc, leaves, compute)
