@@ -153,6 +153,13 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - recorded for the test
             result["nested"] = f"{type(e).__name__}: {e}"
         result["nested_s"] = time.monotonic() - start
+        # Processes mapping different numbers of shards per device disagree on the axis.
+        try:
+            m = 2 * k if rank == 0 else k
+            funcdp.pmap(lambda v: funcdp.pmean(v, AX), axis_name=AX)(torch.ones(m))
+            result["shards"] = "no error"
+        except funcdp.CollectiveError as e:
+            result["shards"] = str(e)
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     funcdp.distributed.shutdown()
     return 0

@@ -118,8 +118,8 @@ def test_processes_that_reach_different_collectives_are_reported(tmp_path):
     assert all(r.returncode != 0 for r in runs)
     for r in runs:
         assert "processes reached different collectives" in r.stderr, r.stderr[-2000:]
-        assert "process 0: psum(axis_name='i') with values (2,)" in r.stderr
-        assert "process 1: psum(axis_name='i') with values (1,)" in r.stderr
+        assert "process 0: psum(axis_name='i') over 2 shards with values (2,)" in r.stderr
+        assert "process 1: psum(axis_name='i') over 2 shards with values (1,)" in r.stderr
 
 
 def test_shared_results_watched_and_nested_collectives_refused_across_processes(tmp_path):
@@ -131,6 +131,8 @@ def test_shared_results_watched_and_nested_collectives_refused_across_processes(
         assert res["nested_i"].flatten().tolist() == [10.0, 10.0]
         assert res["nested"].startswith("NotImplementedError"), res["nested"]
         assert "nested pmap" in res["nested"] and res["nested_s"] < 10
+        assert "process 0: pmean(axis_name='i') over 8 shards" in res["shards"], res["shards"]
+        assert "process 1: pmean(axis_name='i') over 4 shards" in res["shards"]
 
 
 def test_initialize_errors(monkeypatch):

@@ -147,7 +147,13 @@ def _all_gather_items(items: list, info: ProcessInfo, label: str) -> list:
 def _check_same_program(spec: Any, leaves: list, info: ProcessInfo) -> None:
     import torch.distributed as dist
 
-    text = f"{spec.label} with values " + ", ".join(
+    # The axis size counts each device's shards (a vmap per device when a process maps
+    # more shards than it has devices): processes that disagree on it compute different
+    # things.
+    size = 1
+    for c in spec.comps:
+        size *= c.size
+    text = f"{spec.label} over {size} shards with values " + ", ".join(
         f"{tuple(x.shape)}:{x.dtype}" for x in leaves)
     mine = torch.tensor([zlib.crc32(text.encode())], dtype=torch.int64)
     if info.backend == "nccl":
@@ -158,7 +164,8 @@ def _check_same_program(spec: Any, leaves: list, info: ProcessInfo) -> None:
         return
     texts: list[Any] = [None] * info.count
     dist.all_gather_object(texts, text, group=info.group)
-    lines = ["processes reached different collectives (or passed different shapes):"]
+    lines = ["processes reached different collectives (or passed different shapes, or "
+             "mapped different numbers of shards per device):"]
     lines += [f"  - process {p}: {t}" for p, t in enumerate(texts)]
     lines.append("Every process must run the same program with the same shapes.")
     raise CollectiveError("\n".join(lines))
