@@ -198,3 +198,19 @@ def test_checkpoint_errors(tmp_path):
 def test_functional_errors():
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         funcdp.nn.functional(lambda x: x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sync_batchnorm_keeps_low_precision_statistics_in_float32(dtype):
+    # Statistics accumulate in float32 as torch's batch_norm does: a float16 count of
+    # 70000 examples would overflow, bfloat16 sums would lose the mean; the output keeps
+    # the input's dtype.
+    torch.manual_seed(0)
+    x = (torch.randn(70000, 2) * 3 + 5).to(dtype)
+    bn = nn.BatchNorm1d(2).to(dtype)
+    out = funcdp.DataParallel(bn, device_ids=[0, 1, 2, 3])(x)
+    ref = nn.BatchNorm1d(2).to(dtype)(x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0.05)
+    torch.testing.assert_close(bn.running_mean.float(), x.float().mean(0) * 0.1,
+                               rtol=1e-2, atol=1e-2)

@@ -81,20 +81,24 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                                 self.bias, False, 0.0, self.eps)
         dims = [0] + list(range(2, input.dim()))
         shape = [1, -1] + [1] * (input.dim() - 2)
+        # Statistics in at least float32, as torch's batch_norm keeps them (a float16
+        # count overflows past 65504 examples; bfloat16 sums lose the mean's digits); the
+        # output in the input's dtype.
+        acc = torch.promote_types(input.dtype, torch.float32)
         # Sums and counts (not means), so participants may hold different numbers of
         # examples (funcdp.DataParallel's uneven chunks).
-        local = torch.tensor(float(input.numel() // input.shape[1]), dtype=input.dtype,
+        local = torch.tensor(float(input.numel() // input.shape[1]), dtype=acc,
                              device=input.device)
-        total, count = psum((input.sum(dims), local), self.axis_name)
+        total, count = psum((input.sum(dims, dtype=acc), local), self.axis_name)
         mean = total / count
-        centered = input - mean.view(shape)
+        centered = input.to(acc) - mean.view(shape)
         var = psum(centered.pow(2).sum(dims), self.axis_name) / count
         out = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         if self.training and self.track_running_stats:
             self._update_running(mean, var, count)
-        return out
+        return out.to(input.dtype)
 
     def _update_running(self, mean: torch.Tensor, var: torch.Tensor,
                         count: torch.Tensor) -> None:
