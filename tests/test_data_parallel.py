@@ -216,3 +216,23 @@ def test_replicas_follow_the_module_as_it_is_now():
     ds(x)
     s.scale = 5.0
     assert_trees_close(ds(x), s(x))
+
+
+def test_state_dict_round_trip_as_a_submodule():
+    # A parent saves and loads its children itself: the plain keys must work there too.
+    torch.manual_seed(0)
+    parent = nn.Module()
+    parent.dp = funcdp.DataParallel(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    sd = parent.state_dict()
+    assert list(sd) == ["dp.0.weight", "dp.0.bias", "dp.1.weight", "dp.1.bias",
+                        "dp.1.running_mean", "dp.1.running_var", "dp.1.num_batches_tracked"]
+    other = nn.Module()
+    other.dp = funcdp.DataParallel(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    other.load_state_dict(sd)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    # nn.DataParallel's layout (dp.module.*) loads as well.
+    ref = nn.Module()
+    ref.dp = nn.DataParallel(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    other.load_state_dict(ref.state_dict())
+    assert torch.equal(other.dp.module[0].weight, ref.dp.module[0].weight)

@@ -22,7 +22,7 @@ What it does differently from ``nn.DataParallel``:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -96,6 +96,8 @@ class DataParallel(nn.Module):
         self.output_device = torch.device(output_device)
         self.sync_batchnorm = sync_batchnorm
         self._net = functional(module, sync_batchnorm=_AXIS if sync_batchnorm else None)
+        self.register_state_dict_post_hook(DataParallel._plain_keys)
+        self.register_load_state_dict_pre_hook(DataParallel._wrapped_keys)
         # One pmapped replica function per input structure (which leaves are tensors).
         self._replicas: dict = {}
 
@@ -189,16 +191,30 @@ class DataParallel(nn.Module):
         return tree_util.tree_map(move, out)
 
     # -- state dicts -----------------------------------------------------------------
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict:  # type: ignore[override]
-        """The wrapped module's ``state_dict``: plain keys, loadable into the bare module."""
-        return self.module.state_dict(*args, **kwargs)
+    # As hooks rather than overrides of state_dict/load_state_dict, so that they also
+    # apply where a DataParallel is a submodule (a parent saves and loads its children
+    # through these hooks, never through the children's own methods).
+    @staticmethod
+    def _plain_keys(module: nn.Module, state_dict: dict, prefix: str, _meta: Any) -> None:
+        """``state_dict`` gives the wrapped module's keys without ``module.``: loadable
+        into the bare module."""
+        inner = prefix + "module."
+        for k in [k for k in state_dict if k.startswith(inner)]:
+            state_dict[prefix + k[len(inner):]] = state_dict.pop(k)
+        meta = getattr(state_dict, "_metadata", None)
+        if meta is not None:
+            for k in [k for k in meta if k == inner[:-1] or k.startswith(inner)]:
+                meta[prefix + k[len(inner):] if k != inner[:-1] else prefix[:-1]] = meta.pop(k)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
-                        assign: bool = False):  # type: ignore[override]
-        """Loads the plain module's keys or ``nn.DataParallel``'s ``module.`` keys."""
-        names = list(self.module.state_dict())
-        return self.module.load_state_dict(strip_prefix(state_dict, names), strict=strict,
-                                           assign=assign)
+    @staticmethod
+    def _wrapped_keys(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
+        """Loading takes the plain module's keys or ``nn.DataParallel``'s ``module.`` keys."""
+        assert isinstance(module, DataParallel)
+        mine = [k for k in state_dict if k.startswith(prefix)]
+        plain = strip_prefix({k[len(prefix):]: None for k in mine},
+                             list(module.module.state_dict()))
+        for k, rel in zip(mine, plain):
+            state_dict[prefix + "module." + rel] = state_dict.pop(k)
 
     def extra_repr(self) -> str:
         return (f"device_ids={self.device_ids}, output_device={self.output_device}, "
