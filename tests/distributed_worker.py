@@ -153,6 +153,8 @@ def main() -> int:
         except Exception as e:  # noqa: BLE001 - recorded for the test
             result["nested"] = f"{type(e).__name__}: {e}"
         result["nested_s"] = time.monotonic() - start
+        result["gathered"] = funcdp.distributed.process_allgather(
+            {"none": None, "rank": torch.tensor(rank)})
         # Processes mapping different numbers of shards per device disagree on the axis.
         try:
             m = 2 * k if rank == 0 else k

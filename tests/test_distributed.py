@@ -133,6 +133,8 @@ def test_shared_results_watched_and_nested_collectives_refused_across_processes(
         assert "nested pmap" in res["nested"] and res["nested_s"] < 10
         assert "process 0: pmean(axis_name='i') over 8 shards" in res["shards"], res["shards"]
         assert "process 1: pmean(axis_name='i') over 4 shards" in res["shards"]
+        assert res["gathered"]["none"] is None
+        assert res["gathered"]["rank"].tolist() == [0, 1]
 
 
 def test_initialize_errors(monkeypatch):

@@ -166,3 +166,10 @@ def test_pad_shard_unpad_under_transforms_and_any_out_axis(out_axis):
     assert_trees_close(tangent, (x, x.sum()))
     g = torch.func.grad(lambda ww: f(ww, x)[0].square().sum())(w)
     assert_trees_close(g, (2 * w * x * x).sum())
+
+
+def test_pad_shard_unpad_without_a_batch_argument_says_so():
+    f = funcdp.pad_shard_unpad(funcdp.pmap(lambda w: w, in_axes=0))
+    with pytest.raises(ValueError, match=r"no batch argument: every argument is static "
+                                         r"\(static_argnums=\(0,\)"):
+        f(torch.ones(4))

@@ -65,6 +65,12 @@ def pad_shard_unpad(fn: Callable, static_argnums: Sequence[int] = (0,),
                         for leaf in tree_util.tree_leaves(a)]
         batch_leaves += [leaf for k, a in kwargs.items() if k not in static_names
                          for leaf in tree_util.tree_leaves(a)]
+        if not batch_leaves:
+            raise ValueError(
+                "funcdp.pad_shard_unpad: no batch argument: every argument is static "
+                f"(static_argnums={tuple(sorted(statics))}, static_argnames="
+                f"{tuple(sorted(static_names))}); pass the batch as an argument that is not "
+                "static.")
         sizes = {int(torch.as_tensor(x).shape[0]) for x in batch_leaves}
         if len(sizes) != 1:
             raise ValueError(f"funcdp.pad_shard_unpad: the batch arguments have different "

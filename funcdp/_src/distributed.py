@@ -249,8 +249,11 @@ def process_allgather(tree: Any) -> Any:
     info = _require("process_allgather")
     leaves, spec = tree_util.tree_flatten(tree)
     dev = _device_for_comm(info)
-    out = []
+    out: list[torch.Tensor | None] = []
     for leaf in leaves:
+        if leaf is None:  # (as broadcast passes it)
+            out.append(None)
+            continue
         t = leaf.to_tensor() if isinstance(leaf, ShardedValue) else torch.as_tensor(leaf)
         t = t.detach().to(dev).contiguous()
         parts = [torch.empty_like(t) for _ in range(info.count)]
