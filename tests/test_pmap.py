@@ -410,7 +410,8 @@ def test_error_axis_size_mismatch():
 
 def test_error_out_axes_none_on_a_differing_value():
     with pytest.raises(ValueError, match=r"out_axes=None for output 0, but its value differs "
-                                         r"across devices \(device 0 vs device 1"):
+                                         r"across devices \(device 0 \(CpuDevice\(id=0\)\) "
+                                         r"vs device 1 \(CpuDevice\(id=1\)\)"):
         funcdp.pmap(lambda a: a, out_axes=None)(torch.arange(4.0))
     with funcdp.config.override(check_replicated=False):
         assert_trees_close(funcdp.pmap(lambda a: a, out_axes=None)(torch.arange(4.0)),

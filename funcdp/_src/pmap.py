@@ -1301,8 +1301,12 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> str:
 
 def _not_replicated_msg(plan: _Plan, j: int, a: int, b: int, detail: str,
                         unit: str = "device") -> str:
+    if unit == "device":  # which devices (their ids are global in a multi-process run)
+        which = f"device {a} ({plan.devices[a]!r}) vs device {b} ({plan.devices[b]!r})"
+    else:
+        which = f"{unit} {a} vs {unit} {b}"
     return (f"{plan.name}: out_axes=None for output {j}, but its value differs across devices "
-            f"({unit} {a} vs {unit} {b}: {detail}). Make it the same everywhere (for example "
+            f"({which}: {detail}). Make it the same everywhere (for example "
             f"funcdp.pmean(x, axis_name) or psum) or give it an integer out_axes to get one "
             f"value per device. funcdp.config.check_replicated=False skips this check.")
 
