@@ -2,8 +2,10 @@
 
 Every local device has a persistent worker thread per nesting depth (a pmap inside a
 pmap runs on the next depth's workers, so an outer call never waits on a worker it is
-itself occupying). The calling thread runs the first device's share itself, so a call on
-one device costs no thread hand-off at all.
+itself occupying), and per outer device at depths past the first (two outer devices
+whose nested calls use the same device do not queue behind each other). The calling
+thread runs the first device's share itself, so a call on one device costs no thread
+hand-off at all.
 
 Workers run under the caller's thread-local state: grad mode, inference mode and
 autocast (enabled flag *and* dtype, for CPU and CUDA) are carried in. On CPU devices,
