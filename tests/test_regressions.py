@@ -482,3 +482,51 @@ def test_global_norm_in_the_promoted_dtype_of_the_leaves():
     clipped, _ = funcdp.optim.clip_by_global_norm(1.0).update(grads, {})
     for got, g in zip(clipped.values(), grads.values()):
         torch.testing.assert_close(got, g * factor.to(g.dtype))
+
+
+def test_device_exceptions_keep_their_type_and_attributes():
+    import errno
+
+    class Coded(Exception):
+        def __init__(self, code, detail):
+            super().__init__(code, detail)
+
+    def raise_on_1(exc):
+        def f(a):
+            if int(funcdp.axis_index("i")) == 1:
+                raise exc()
+            return a
+        return funcdp.pmap(f, "i")
+
+    with pytest.raises(Coded) as info:
+        raise_on_1(lambda: Coded(7, "detail"))(torch.ones(4))
+    assert info.value.args == (7, "detail")
+    with pytest.raises(FileNotFoundError) as info2:
+        raise_on_1(lambda: FileNotFoundError(errno.ENOENT, "missing", "/x"))(torch.ones(4))
+    assert info2.value.errno == errno.ENOENT and info2.value.filename == "/x"
+    if hasattr(info2.value, "__notes__"):
+        assert "on device 1 (CpuDevice(id=1))" in info2.value.__notes__[-1]
+
+
+def test_out_axes_none_accepts_a_nan_that_is_the_same_everywhere():
+    # Replicas are compared bit for bit: a diverged loss (NaN on every device) is returned,
+    # not reported as differing across devices.
+    x = torch.ones(4)
+    x[2] = float("nan")
+    f = funcdp.pmap(lambda a: funcdp.pmean(a, "i"), "i", out_axes=None)
+    assert torch.isnan(f(x))
+    assert torch.isnan(funcdp.pmap(lambda a: funcdp.pmean(a, "i"), "i", out_axes=None)(
+        torch.cat([x, x])))  # more shards than devices: the per-device block check
+    with pytest.raises(ValueError, match="differs across devices"):
+        funcdp.pmap(lambda a: a, "i", out_axes=None)(torch.arange(4.0))
+
+
+def test_dict_prefixes_match_by_key_not_insertion_order():
+    f = funcdp.pmap(lambda d: d["a"] * d["b"], in_axes=({"a": 0, "b": None},))
+    out = f({"b": torch.tensor(2.0), "a": torch.arange(4.0)})
+    assert torch.equal(out.to_tensor(), torch.arange(4.0) * 2)
+    g = funcdp.pmap(lambda v: {"z": v * 2, "y": funcdp.psum(v, "i")}, "i",
+                    out_axes={"y": None, "z": 0})
+    res = g(torch.arange(4.0))
+    assert torch.equal(res["z"].to_tensor(), torch.arange(4.0) * 2)
+    assert float(res["y"]) == 6.0

@@ -1277,7 +1277,7 @@ def _replicated(plan: _Plan, shards: list, j: int) -> torch.Tensor:
                                                      f" vs {tuple(s.shape)}"))
             other = s if s.device == first.device else s.to(first.device)
             a, b = (first, other) if full else (_sample(first), _sample(other))
-            if not torch.equal(a, b):
+            if not _same_bits(a, b):
                 raise ValueError(_not_replicated_msg(plan, j, 0, i, _diff(a, b)))
     return first
 
@@ -1286,10 +1286,24 @@ def _check_block_replicated(plan: _Plan, t: torch.Tensor, treedef, j: int) -> to
     first = t[0]
     if config.check_replicated and t.shape[0] > 1 and t.stride(0) != 0:
         for v in range(1, t.shape[0]):
-            if not torch.equal(first, t[v]):
+            if not _same_bits(first, t[v]):
                 raise ValueError(_not_replicated_msg(plan, j, 0, v, _diff(first, t[v]),
                                                      unit="shard"))
     return first
+
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (a NaN equals the same NaN; replicas are bitwise identical)."""
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    if a.is_floating_point():
+        bits = _BITS.get(a.element_size())
+        if bits is not None:
+            return torch.equal(a.view(bits), b.view(bits))
+    return torch.equal(a, b)
 
 
 def _diff(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -1335,10 +1349,21 @@ def _raise_device_error(plan: _Plan, errors: list) -> None:
     dev = plan.devices[i]
     others = [j for j, _ in errors if j != i and not isinstance(_, CollectiveError)]
     also = f" (devices {others} raised too)" if others else ""
-    msg = (f"Caught {type(e).__name__} on device {i} ({dev!r}) in {plan.name}{also}: {e}\n"
-           f"(the device's own traceback is shown above, as the cause)")
-    try:
-        new = type(e)(msg)
-    except Exception:  # noqa: BLE001 - exception types with unusual constructors
-        new = RuntimeError(msg)
-    raise new from e
+    where = f"on device {i} ({dev!r}) in {plan.name}{also}"
+    if len(e.args) <= 1 and not e.__dict__ and not isinstance(e, OSError):
+        # A plain exception (one message, no attributes): the same type again, its
+        # message naming the device, the device's own traceback kept as the cause.
+        msg = (f"Caught {type(e).__name__} {where}: {e}\n"
+               f"(the device's own traceback is shown above, as the cause)")
+        try:
+            new = type(e)(msg)
+        except Exception:  # noqa: BLE001 - exception types with unusual constructors
+            new = None
+        if new is not None and type(new) is type(e) and new.args == (msg,):
+            raise new from e
+    # Anything else (several arguments, attributes such as OSError's errno and filename,
+    # an unusual constructor) is re-raised itself, so that `except` clauses and
+    # attributes work as if the function had run here; the device goes in a note.
+    if hasattr(e, "add_note"):
+        e.add_note(f"(raised {where})")
+    raise e

@@ -117,6 +117,11 @@ def broadcast_prefix(
                 path,
                 f"the prefix has {_describe_node(pre_spec)} where the value is a leaf",
             )
+        if (pre_spec.type is dict and spec.type is dict and pre_spec.context != spec.context
+                and set(pre_spec.context) == set(spec.context)):
+            # Plain dicts match by key, whatever their insertion order (as in JAX).
+            pre_children = [pre[k] for k in spec.context]
+            pre_spec = spec
         if pre_spec.type is not spec.type or pre_spec.context != spec.context or len(
             pre_children
         ) != spec.num_children:
