@@ -530,3 +530,33 @@ def test_dict_prefixes_match_by_key_not_insertion_order():
     res = g(torch.arange(4.0))
     assert torch.equal(res["z"].to_tensor(), torch.arange(4.0) * 2)
     assert float(res["y"]) == 6.0
+
+
+def test_the_callers_torch_modes_reach_every_device():
+    # Function and dispatch modes around a call (a torch.device context, a FLOP counter)
+    # apply to every device, whether a plan runs its devices on the calling thread or
+    # on the workers.
+    from torch.overrides import TorchFunctionMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class CountMul(TorchFunctionMode):
+        n = 0
+
+        def __torch_function__(self, fn, types, args=(), kwargs=None):
+            CountMul.n += fn is torch.Tensor.mul
+            return fn(*args, **(kwargs or {}))
+
+    f = funcdp.pmap(lambda a: a * 2)
+    for call in range(8):  # the plan runs inline after its first calls
+        CountMul.n = 0
+        with CountMul():
+            f(torch.ones(4))
+        assert CountMul.n == 4, call
+    x = torch.ones(4)
+    with torch.device("meta"):
+        out = funcdp.pmap(lambda a: torch.zeros(2))(x)
+    assert all(s.device.type == "meta" for s in out.shards)
+    w = torch.randn(4, 8, 8)
+    with FlopCounterMode(display=False) as counter:
+        funcdp.pmap(lambda m: m @ m)(w)
+    assert counter.get_total_flops() == 4 * 2 * 8 ** 3

@@ -7,8 +7,9 @@ whose nested calls use the same device do not queue behind each other). The call
 thread runs the first device's share itself, so a call on one device costs no thread
 hand-off at all.
 
-Workers run under the caller's thread-local state: grad mode, inference mode and
-autocast (enabled flag *and* dtype, for CPU and CUDA) are carried in. On CPU devices,
+Workers run under the caller's thread-local state: grad mode, inference mode, autocast
+(enabled flag *and* dtype, for CPU and CUDA) and torch function and dispatch modes are
+carried in. On CPU devices,
 which share the host's cores, each worker uses ``cores // devices`` intra-op threads
 while a call runs: oversubscribing the cores makes everyone slower.
 """
@@ -65,9 +66,13 @@ class Inline:
 
 
 class ThreadState:
-    """The caller's thread-local torch state, to be re-created on workers."""
+    """The caller's thread-local torch state, to be re-created on workers: grad and
+    inference mode, autocast, and the torch function and dispatch modes in effect (a
+    ``torch.device`` context, a FLOP counter), so that every device runs under what the
+    calling thread's own device does. Modes marked ``funcdp_per_device`` (each device's
+    random routing) belong to one device and stay behind."""
 
-    __slots__ = ("grad", "inference", "autocast", "default")
+    __slots__ = ("grad", "inference", "autocast", "fmodes", "dmodes", "default")
 
     def __init__(self) -> None:
         self.grad = torch.is_grad_enabled()
@@ -76,7 +81,15 @@ class ThreadState:
         if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
             self.autocast = tuple((kind, torch.get_autocast_dtype(kind))
                                   for kind in ("cpu", "cuda") if torch.is_autocast_enabled(kind))
-        self.default = self.grad and not self.inference and not self.autocast
+        self.fmodes: tuple = ()
+        if torch._C._len_torch_function_stack():
+            self.fmodes = tuple(m for m in _function_mode_stack()
+                                if not getattr(m, "funcdp_per_device", False))
+        self.dmodes: tuple = ()
+        if torch._C._len_torch_dispatch_stack():
+            self.dmodes = tuple(_dispatch_mode_stack())
+        self.default = (self.grad and not self.inference and not self.autocast
+                        and not self.fmodes and not self.dmodes)
 
     def enter(self) -> list:
         """Applies the state in the current thread; returns what to undo."""
@@ -95,12 +108,52 @@ class ThreadState:
             cm = torch.autocast(kind, dtype=dtype)
             cm.__enter__()
             undo.append(cm)
+        if self.fmodes or self.dmodes:
+            modes = _Modes(self.fmodes, self.dmodes)
+            modes.__enter__()
+            undo.append(modes)
         return undo
 
     @staticmethod
     def exit(undo: list) -> None:
         for cm in reversed(undo):
             cm.__exit__(None, None, None)
+
+
+def _function_mode_stack() -> list:
+    from torch.overrides import _get_current_function_mode_stack
+
+    return _get_current_function_mode_stack()
+
+
+def _dispatch_mode_stack() -> list:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return _get_current_dispatch_mode_stack()
+
+
+class _Modes:
+    """Pushes torch function and dispatch modes on this thread's stacks (bottom first)."""
+
+    def __init__(self, fmodes: tuple, dmodes: tuple) -> None:
+        self.fmodes = fmodes
+        self.dmodes = dmodes
+
+    def __enter__(self) -> None:
+        from torch.utils._python_dispatch import _push_mode
+
+        for m in self.fmodes:
+            torch._C._push_on_torch_function_stack(m)
+        for m in self.dmodes:
+            _push_mode(m)
+
+    def __exit__(self, *exc: Any) -> None:
+        from torch.utils._python_dispatch import _pop_mode
+
+        for _ in self.dmodes:
+            _pop_mode()
+        for _ in self.fmodes:
+            torch._C._pop_torch_function_stack()
 
 
 class _Task:

@@ -221,6 +221,7 @@ class DeviceRandomness(TorchFunctionMode):
     """
 
     internal_code_bypasses = True
+    funcdp_per_device = True  # not carried to other devices' threads (executor.ThreadState)
 
     def __init__(self, seeds: CallSeeds, index: int, device: torch.device) -> None:
         # (TorchFunctionMode.__init__ does nothing; this is on every device's call path.)
