@@ -422,6 +422,13 @@ def test_error_out_axes_none_within_a_block():
     with pytest.raises(ValueError, match=r"differs across devices \(shard 0 vs shard 1"):
         funcdp.pmap(lambda a: a, out_axes=None, devices=funcdp.local_devices()[:2])(
             torch.arange(4.0))
+    # Reported as an error of the call (not "caught on device 2"), with the call's shard
+    # numbers: device 2 of 4 holds shards 4 and 5.
+    x = torch.tensor([0.0, 0, 0, 0, 1, 2, 0, 0])
+    with pytest.raises(ValueError, match=r"^pmap\([\w.<>]+\): out_axes=None for output 0, "
+                                         r"but its value differs across devices \(shard 4 "
+                                         r"vs shard 5"):
+        funcdp.pmap(lambda a: a, out_axes=None, devices=funcdp.local_devices()[:4])(x)
 
 
 def test_error_devices_return_different_structures():

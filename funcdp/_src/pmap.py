@@ -739,7 +739,8 @@ class _Call:
             if t is None:
                 final.append(None)
             elif ax is None:
-                final.append(_check_block_replicated(plan, t, treedef, len(final)))
+                final.append(_check_block_replicated(plan, t, len(final),
+                                                     frame.coord[-1] * k))
             else:
                 o = normalize_axis(ax, t.ndim - 1, plan.name,
                                    lambda: "an output", extra=1, what="out_axes entry")
@@ -1282,13 +1283,16 @@ def _replicated(plan: _Plan, shards: list, j: int) -> torch.Tensor:
     return first
 
 
-def _check_block_replicated(plan: _Plan, t: torch.Tensor, treedef, j: int) -> torch.Tensor:
+def _check_block_replicated(plan: _Plan, t: torch.Tensor, j: int, base: int) -> torch.Tensor:
+    """The value of an ``out_axes=None`` output over one device's ``block`` shards
+    (numbered from ``base`` in the call), checked to be the same for each."""
     first = t[0]
     if config.check_replicated and t.shape[0] > 1 and t.stride(0) != 0:
         for v in range(1, t.shape[0]):
             if not _same_bits(first, t[v]):
-                raise ValueError(_not_replicated_msg(plan, j, 0, v, _diff(first, t[v]),
-                                                     unit="shard"))
+                # About the call's output, not this device: reported as it is.
+                raise _call_error(ValueError(_not_replicated_msg(
+                    plan, j, base, base + v, _diff(first, t[v]), unit="shard")))
     return first
 
 
