@@ -448,3 +448,15 @@ def test_error_output_requires_grad_from_a_closure():
 def test_error_fun_not_callable():
     with pytest.raises(TypeError, match=re.escape("@pmap(axis_name=...)")):
         funcdp.pmap("i")
+
+
+def test_none_arguments_numpy_with_negative_strides_and_scalar_keywords():
+    f = funcdp.pmap(lambda x, mask=None: x * 2 if mask is None else x * mask)
+    assert torch.equal(f(torch.ones(4), mask=None).to_tensor(), torch.full((4,), 2.0))
+    g = funcdp.pmap(lambda x, m: x if m is None else m)
+    assert torch.equal(g(torch.ones(4), None).to_tensor(), torch.ones(4))
+    rev = np.arange(4.0)[::-1]  # negative strides: copied (torch has none)
+    assert funcdp.pmap(lambda x: x + 1)(rev).to_tensor().tolist() == [4.0, 3.0, 2.0, 1.0]
+    with pytest.raises(ValueError, match=r"kwargs\['mask'\] is a scalar \(rank 0\) and cannot "
+                                         r"be mapped: keyword arguments are always mapped"):
+        f(torch.ones(4), mask=torch.tensor(1.0))

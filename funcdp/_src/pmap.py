@@ -340,20 +340,25 @@ class _Plan:
         sizes: dict[int, int] = {}
         a: int | None
         for i, (leaf, ax) in enumerate(zip(leaves, axes)):
-            if ax is None:
+            # None holds nothing to map (an empty subtree in JAX): every device gets it,
+            # so f(x, mask=None) works.
+            if ax is None or leaf is None:
                 norm_axes.append(None)
                 continue
             if isinstance(leaf, np.ndarray):
-                leaf = torch.as_tensor(leaf)
+                leaf = _from_numpy(leaf)
+            is_kw = tree_util.keystr(paths[i]).startswith("[1]")
+            fix = ("keyword arguments are always mapped over axis 0: pass it positionally "
+                   "with in_axes=None, or bind it with functools.partial" if is_kw else
+                   "give it in_axes=None to pass it to every device, or list it in "
+                   "static_broadcasted_argnums")
             if not isinstance(leaf, (torch.Tensor, ShardedValue)):
-                is_kw = tree_util.keystr(paths[i]).startswith("[1]")
-                fix = ("keyword arguments are always mapped over axis 0: pass it positionally "
-                       "with in_axes=None, or bind it with functools.partial" if is_kw else
-                       "give it in_axes=None to pass it to every device, or list it in "
-                       "static_broadcasted_argnums")
                 raise TypeError(
                     f"{name}: {where(i)} is {a_type(leaf)} mapped over axis {ax}; only "
                     f"tensors can be mapped: {fix}.")
+            if is_kw and leaf.ndim == 0:
+                raise ValueError(
+                    f"{name}: {where(i)} is a scalar (rank 0) and cannot be mapped: {fix}.")
             a = normalize_axis(ax, leaf.ndim, name, functools.partial(where, i))
             norm_axes.append(a)
             sizes[i] = leaf.shape[a]
@@ -583,7 +588,7 @@ class _Call:
             if kind == _RESHARD:
                 leaf = leaf.to_tensor()
             elif isinstance(leaf, np.ndarray):
-                leaf = torch.as_tensor(leaf)
+                leaf = _from_numpy(leaf)
             if plan.chunks is not None:
                 parts = leaf.split(plan.chunks, a)
             elif k == 1:
@@ -1204,6 +1209,14 @@ def _track(x: Any) -> Any:
     if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
         return x.detach().requires_grad_()
     return x
+
+
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    """A numpy argument as a tensor (sharing its memory unless it has negative strides,
+    which torch does not support: then copied)."""
+    if any(s < 0 for s in a.strides):
+        a = np.ascontiguousarray(a)
+    return torch.as_tensor(a)
 
 
 def _merge_statics(args: Sequence[Any], statics: tuple) -> tuple:
