@@ -236,3 +236,29 @@ def test_state_dict_round_trip_as_a_submodule():
     ref.dp = nn.DataParallel(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
     other.load_state_dict(ref.state_dict())
     assert torch.equal(other.dp.module[0].weight, ref.dp.module[0].weight)
+
+
+def test_load_state_dict_reports_keys_as_state_dict_names_them():
+    dp = funcdp.DataParallel(nn.Linear(2, 2))
+    sd = dict(dp.state_dict())
+    sd["bogus"] = torch.ones(1)
+    del sd["bias"]
+    result = dp.load_state_dict(sd, strict=False)
+    assert result.missing_keys == ["bias"] and result.unexpected_keys == ["bogus"]
+    parent = nn.Module()
+    parent.dp = funcdp.DataParallel(nn.Linear(2, 2))
+    psd = {f"dp.{k}": v for k, v in sd.items()}
+    result = parent.load_state_dict(psd, strict=False)
+    assert result.missing_keys == ["dp.bias"] and result.unexpected_keys == ["dp.bogus"]
+
+
+def test_replicas_follow_layers_by_name_when_modules_are_added_later():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).double()
+    dp = funcdp.DataParallel(net, device_ids=[0, 1])
+    dp(torch.randn(8, 3, dtype=torch.float64))
+    net[0].probe = nn.Identity()  # a module added after wrapping
+    net.eval()
+    net[0].probe.train()
+    x = torch.randn(8, 3, dtype=torch.float64) * 5 + 3
+    assert_trees_close(dp(x), net(x))

@@ -560,3 +560,8 @@ def test_the_callers_torch_modes_reach_every_device():
     with FlopCounterMode(display=False) as counter:
         funcdp.pmap(lambda m: m @ m)(w)
     assert counter.get_total_flops() == 4 * 2 * 8 ** 3
+
+
+def test_out_axes_none_takes_signed_zeros_as_equal():
+    x = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]])
+    assert float(funcdp.pmap(lambda v: v.sum() * 0, out_axes=None)(x)) == 0.0

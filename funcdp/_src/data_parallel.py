@@ -98,6 +98,7 @@ class DataParallel(nn.Module):
         self._net = functional(module, sync_batchnorm=_AXIS if sync_batchnorm else None)
         self.register_state_dict_post_hook(DataParallel._plain_keys)
         self.register_load_state_dict_pre_hook(DataParallel._wrapped_keys)
+        self.register_load_state_dict_post_hook(DataParallel._plain_missing)
         # One pmapped replica function per input structure (which leaves are tensors).
         self._replicas: dict = {}
 
@@ -208,13 +209,24 @@ class DataParallel(nn.Module):
 
     @staticmethod
     def _wrapped_keys(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
-        """Loading takes the plain module's keys or ``nn.DataParallel``'s ``module.`` keys."""
+        """Loading takes the plain module's keys or ``nn.DataParallel``'s ``module.`` keys
+        (keys the module does not have are left as they are, and reported so)."""
         assert isinstance(module, DataParallel)
+        module.__dict__["_load_prefix"] = prefix  # for _plain_missing
+        names = set(module.module.state_dict())
         mine = [k for k in state_dict if k.startswith(prefix)]
-        plain = strip_prefix({k[len(prefix):]: None for k in mine},
-                             list(module.module.state_dict()))
+        plain = strip_prefix({k[len(prefix):]: None for k in mine}, list(names))
         for k, rel in zip(mine, plain):
-            state_dict[prefix + "module." + rel] = state_dict.pop(k)
+            if rel in names:
+                state_dict[prefix + "module." + rel] = state_dict.pop(k)
+
+    @staticmethod
+    def _plain_missing(module: nn.Module, incompatible: Any) -> None:
+        """Missing keys named as ``state_dict`` names them (without ``module.``)."""
+        prefix = module.__dict__.get("_load_prefix", "")
+        inner = prefix + "module."
+        incompatible.missing_keys[:] = [prefix + k[len(inner):] if k.startswith(inner) else k
+                                        for k in incompatible.missing_keys]
 
     def extra_repr(self) -> str:
         return (f"device_ids={self.device_ids}, output_device={self.output_device}, "

@@ -175,10 +175,11 @@ class FunctionalModule:
             m = local.module = _replica(self._template)
             local.param_slots = [_slot(m, n, "_parameters") for n, _ in self._param_aliases]
             local.buffer_slots = [_slot(m, n, "_buffers") for n, _ in self._buffer_aliases]
-            # Each module with its replica (the same traversal: the replica has the
-            # module's structure, BatchNorm layers converted in place).
-            local.pairs = [(a.__dict__, b.__dict__)
-                           for a, b in zip(self.module.modules(), m.modules())]
+            # Each module with its replica, by name (the replica has the module's
+            # structure as it was when wrapped, BatchNorm layers converted in place).
+            mine = dict(m.named_modules())
+            local.pairs = [(a.__dict__, mine[n].__dict__)
+                           for n, a in self.module.named_modules() if n in mine]
         # The module as it is now, as nn.DataParallel replicates it on every call: every
         # submodule's own mode (a BatchNorm set to eval inside a training model) and
         # attributes set since (tensors and submodules are the replica's own).

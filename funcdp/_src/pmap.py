@@ -1313,7 +1313,9 @@ _BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality (a NaN equals the same NaN; replicas are bitwise identical)."""
+    """Equal values (``-0.0`` and ``0.0`` included), or equal bits (a NaN everywhere)."""
+    if torch.equal(a, b):
+        return True
     if a.is_complex():
         a, b = torch.view_as_real(a), torch.view_as_real(b)
     if a.is_floating_point():
