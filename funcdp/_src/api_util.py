@@ -27,7 +27,8 @@ def public_in(module: str) -> Callable[[F], F]:
 
 
 def internal(fn: F) -> F:
-    """Runs ``fn`` with pmap's random-routing mode set aside, if it is the innermost mode.
+    """Runs ``fn`` with pmap's random-routing mode set aside, if it is the innermost mode
+    (a mode marked ``funcdp_per_device``).
 
     For funcdp's own tensor code that calls no user code and draws no random numbers
     (collectives, shared optimizer updates). Inside ``pmap`` every tensor operation and
@@ -41,7 +42,7 @@ def internal(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         n = _stack_len()
-        if n and getattr(_stack_at(n - 1), "internal_code_bypasses", False):
+        if n and getattr(_stack_at(n - 1), "funcdp_per_device", False):
             mode = _stack_pop()
             try:
                 return fn(*args, **kwargs)

@@ -352,9 +352,8 @@ class Executor:
     def _run_sequential(self, devices: Sequence[Device], fn: Callable[[int], Any],
                         inline: Inline, state: ThreadState, depth: int,
                         done: queue.SimpleQueue) -> list[_Outcome]:
-        # On every small call's path: _run_inline's work written out (the caller holds
-        # the thread budget already, and it is restored if a device changes it;
-        # sequential runs are for CPU devices only).
+        # (The caller holds the thread budget already; it is restored if a device changes
+        # it. Sequential runs are for CPU devices only.)
         n = len(devices)
         outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
         started = [0]  # devices started so far (here or on workers)
@@ -368,25 +367,15 @@ class Executor:
 
         hooks = _blocking_hooks()
         hooks.append(hand_off)
-        tls = _tls
-        grad = torch.is_grad_enabled()
         budget = torch.get_num_threads()  # the caller's thread budget, held for the call
         i = 0
         try:
             # Device i runs here unless it was handed off while an earlier one waited.
             while i < n and started[0] <= i:
                 started[0] = i + 1
-                tls.depth = depth + 1
-                try:
-                    outcomes[i] = _Outcome(fn(i))
-                except BaseException as e:  # noqa: BLE001 - re-raised in the caller
-                    outcomes[i] = _Outcome(error=e)
-                finally:
-                    tls.depth = depth
-                    if torch.is_grad_enabled() != grad:  # see _run_inline_fn
-                        torch.set_grad_enabled(grad)
-                    if torch.get_num_threads() != budget:  # a device changed it
-                        torch.set_num_threads(budget)
+                outcomes[i] = _run_inline_fn(fn, i, depth)
+                if torch.get_num_threads() != budget:  # a device changed it
+                    torch.set_num_threads(budget)
                 i += 1
         finally:
             hooks.remove(hand_off)

@@ -77,8 +77,7 @@ class CallSeeds:
 
     def __init__(self, base: int | None = None) -> None:
         self.base = base
-        # (_active_mode's first test inline: a top-level call has no mode to look for.)
-        self.outer = _active_mode() if torch._C._len_torch_function_stack() else None
+        self.outer = _active_mode()
 
     def get(self) -> int:
         if self.base is None:
@@ -220,8 +219,9 @@ class DeviceRandomness(TorchFunctionMode):
     funcdp's own code that draws nothing sets it aside (``api_util.internal``).
     """
 
-    internal_code_bypasses = True
-    funcdp_per_device = True  # not carried to other devices' threads (executor.ThreadState)
+    # One device's mode: set aside by funcdp's own code (api_util.internal), not carried
+    # to other devices' threads (executor.ThreadState).
+    funcdp_per_device = True
 
     def __init__(self, seeds: CallSeeds, index: int, device: torch.device) -> None:
         # (TorchFunctionMode.__init__ does nothing; this is on every device's call path.)
