@@ -262,3 +262,26 @@ def test_replicas_follow_layers_by_name_when_modules_are_added_later():
     net[0].probe.train()
     x = torch.randn(8, 3, dtype=torch.float64) * 5 + 3
     assert_trees_close(dp(x), net(x))
+
+
+def test_state_dict_versions_reach_the_wrapped_layers():
+    # Each layer's _load_from_state_dict reads its version from the metadata: a
+    # BatchNorm state without num_batches_tracked is then reported as the bare module
+    # reports it (an old-format state would have it added silently).
+    def bn():
+        return nn.Sequential(nn.BatchNorm1d(3))
+
+    sd = bn().state_dict()
+    del sd["0.num_batches_tracked"]
+    want = bn().load_state_dict(sd, strict=False).missing_keys
+    assert want == ["0.num_batches_tracked"]
+    dp = funcdp.DataParallel(bn())
+    assert dp.load_state_dict(sd, strict=False).missing_keys == want
+    own = dp.state_dict()
+    del own["0.num_batches_tracked"]
+    assert dp.load_state_dict(own, strict=False).missing_keys == want
+    parent = nn.Module()
+    parent.dp = funcdp.DataParallel(bn())
+    psd = parent.state_dict()
+    del psd["dp.0.num_batches_tracked"]
+    assert parent.load_state_dict(psd, strict=False).missing_keys == ["dp.0.num_batches_tracked"]

@@ -199,13 +199,7 @@ class DataParallel(nn.Module):
     def _plain_keys(module: nn.Module, state_dict: dict, prefix: str, _meta: Any) -> None:
         """``state_dict`` gives the wrapped module's keys without ``module.``: loadable
         into the bare module."""
-        inner = prefix + "module."
-        for k in [k for k in state_dict if k.startswith(inner)]:
-            state_dict[prefix + k[len(inner):]] = state_dict.pop(k)
-        meta = getattr(state_dict, "_metadata", None)
-        if meta is not None:
-            for k in [k for k in meta if k == inner[:-1] or k.startswith(inner)]:
-                meta[prefix + k[len(inner):] if k != inner[:-1] else prefix[:-1]] = meta.pop(k)
+        _move_prefix(state_dict, prefix + "module.", prefix)
 
     @staticmethod
     def _wrapped_keys(module: nn.Module, state_dict: dict, prefix: str, *_: Any) -> None:
@@ -213,12 +207,11 @@ class DataParallel(nn.Module):
         (keys the module does not have are left as they are, and reported so)."""
         assert isinstance(module, DataParallel)
         module.__dict__["_load_prefix"] = prefix  # for _plain_missing
-        names = set(module.module.state_dict())
-        mine = [k for k in state_dict if k.startswith(prefix)]
-        plain = strip_prefix({k[len(prefix):]: None for k in mine}, list(names))
-        for k, rel in zip(mine, plain):
-            if rel in names:
-                state_dict[prefix + "module." + rel] = state_dict.pop(k)
+        names = list(module.module.state_dict())
+        rel = [k[len(prefix):] for k in state_dict if k.startswith(prefix)]
+        if list(strip_prefix(dict.fromkeys(rel), names)) != rel:
+            return  # nn.DataParallel's keys: what the wrapped module's loading expects
+        _move_prefix(state_dict, prefix, prefix + "module.", only=set(names))
 
     @staticmethod
     def _plain_missing(module: nn.Module, incompatible: Any) -> None:
@@ -231,6 +224,21 @@ class DataParallel(nn.Module):
     def extra_repr(self) -> str:
         return (f"device_ids={self.device_ids}, output_device={self.output_device}, "
                 f"dim={self.dim}, sync_batchnorm={self.sync_batchnorm}")
+
+
+def _move_prefix(state_dict: dict, old: str, new: str, only: set | None = None) -> None:
+    """Renames the keys under ``old`` (those in ``only``, if given, relative to it) to
+    the same under ``new``. The version metadata of the modules there is copied, not
+    moved (each module's ``_load_from_state_dict`` reads its own, and a parent loading a
+    nested DataParallel passes no metadata to its hooks: a state dict keeps both)."""
+    for k in [k for k in state_dict if k.startswith(old)]:
+        if only is None or k[len(old):] in only:
+            state_dict[new + k[len(old):]] = state_dict.pop(k)
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        # The module at ``old`` itself is keyed without the trailing dot.
+        for k in [k for k in meta if k == old[:-1] or k.startswith(old)]:
+            meta[new[:-1] if k == old[:-1] else new + k[len(old):]] = meta[k]
 
 
 class _Holder:
