@@ -120,6 +120,79 @@ def test_value_and_grad_averages_and_the_trap_does_not():
         assert_trees_close(trap[i], grad(loss)(w, x[i]))
 
 
+class _GivesBack(torch.autograd.Function):
+    """``sum((w * c).sum() for w in ws)`` whose backward returns ``c`` as the gradient of
+    every ``w`` in ways that share memory with the caller's ``c`` or between gradients:
+    ``c`` itself, a view of it, a tensor sharing its storage, or one new tensor for all."""
+
+    @staticmethod
+    def forward(c, mode, *ws):
+        return sum((w * c).sum() for w in ws)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.c, ctx.mode, ctx.n = inputs[0], inputs[1], len(inputs) - 2
+
+    @staticmethod
+    def backward(ctx, g):
+        c = ctx.c
+        if ctx.mode == "view":
+            c = c[:]
+        elif ctx.mode == "storage":
+            c = c.detach()  # not a view, but the same memory
+        elif ctx.mode == "new":
+            c = c * 1
+        return (None, None, *[c] * ctx.n)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_value_and_grad_reduces_into_its_own_gradients(n, monkeypatch):
+    # Large enough for the parallel reduction, which writes the average into device 0's
+    # fresh gradients: the result must be pmean's, and must not touch anyone's tensors.
+    from funcdp._src import collectives
+
+    reused = []
+    real = collectives._reusable
+    monkeypatch.setattr(collectives, "_reusable",
+                        lambda items: reused.append(real(items)) or reused[-1])
+    torch.manual_seed(6)
+    w = {"a": torch.randn(500, 300, dtype=torch.float64),
+         "b": torch.randn(300, dtype=torch.float64)}
+    x = torch.randn(n, 8, 300, dtype=torch.float64)
+
+    def loss(w, x):
+        return torch.tanh(x @ w["a"].T).pow(2).mean() + (x @ w["b"]).mean()
+
+    devices = funcdp.local_devices()[:n]
+    got = funcdp.pmap(lambda w, x: funcdp.value_and_grad(loss, "i")(w, x), axis_name="i",
+                      in_axes=(None, 0), out_axes=None, devices=devices)(w, x)
+    ref = funcdp.pmap(lambda w, x: funcdp.pmean(torch.func.grad_and_value(loss)(w, x)[::-1],
+                                                 "i"),
+                      axis_name="i", in_axes=(None, 0), out_axes=None, devices=devices)(w, x)
+    assert_trees_close(got, ref, exact=True)
+    assert reused and reused[0] == frozenset({1, 2})  # both gradients, not the loss
+    full = torch.func.grad_and_value(loss)(w, x.reshape(-1, 300))
+    assert_trees_close(got, (full[1], full[0]))
+
+    # Gradients that are the user's own tensors (here each device's shard of the input),
+    # share memory with them, or are one tensor for two parameters, are never written to.
+    for mode, nparams in (("same", 1), ("view", 1), ("storage", 1), ("new", 2)):
+        c = torch.randn(n, 400, 400, dtype=torch.float64)
+        c_before = c.clone()
+        ws = (torch.randn(400, 400, dtype=torch.float64),) * nparams
+
+        def loss2(ws, c, mode=mode):
+            return _GivesBack.apply(c, mode, *ws)
+
+        reused.clear()
+        (_, grads) = funcdp.pmap(lambda ws, c: funcdp.value_and_grad(loss2, "i")(ws, c),
+                                 axis_name="i", in_axes=(None, 0), out_axes=None,
+                                 devices=devices)(ws, c)
+        assert torch.equal(c, c_before), mode
+        assert_trees_close(grads, (c_before.mean(0),) * nparams)
+        assert reused == [frozenset()], mode
+
+
 def test_state_dict_round_trip_and_module_prefix():
     m = bn_model()
     fm = funcdp.nn.functional(m)

@@ -99,12 +99,17 @@ class _CollectiveFn(torch.autograd.Function):
         return _vmap_rule(info, in_dims[1:], spec, list(leaves))
 
 
-def _apply(spec: Spec, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Runs a primitive, through the autograd.Function only when it has to."""
+def _apply(spec: Spec, leaves: list[torch.Tensor],
+           owned: frozenset[int] = frozenset()) -> list[torch.Tensor]:
+    """Runs a primitive, through the autograd.Function only when it has to.
+
+    ``owned``: positions of leaves that no one else refers to, which a reduction may
+    overwrite with its result (see ``_Owned``); only outside autograd and transforms.
+    """
     if _functorch.maybe_current_level() is None and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
     ):
-        return _bottom(spec, leaves)
+        return _bottom(spec, leaves, owned)
     return list(_CollectiveFn.apply(spec, *leaves))
 
 
@@ -231,9 +236,11 @@ def _vmap_rule(info, in_dims, spec: Spec, leaves: list):
 # ----------------------------------------------------------------------------------
 # The bottom level: leftover (unbatched) vmap comps, then the devices
 # ----------------------------------------------------------------------------------
-def _bottom(spec: Spec, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+def _bottom(spec: Spec, leaves: list[torch.Tensor],
+            owned: frozenset[int] = frozenset()) -> list[torch.Tensor]:
     for pos, c in enumerate(spec.comps):
         if type(c) is VmapComp and pos not in spec.done:
+            owned = frozenset()  # the leaves are replaced by the vmap rule's results
             lead = list(spec.lead)
             out = []
             for i, x in enumerate(leaves):
@@ -246,10 +253,11 @@ def _bottom(spec: Spec, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
     dev_pos = [p for p, c in enumerate(spec.comps) if p not in spec.done]
     if not dev_pos:
         return [x.detach() if x.requires_grad else x for x in leaves]
-    return _device_collective(spec, dev_pos, leaves)
+    return _device_collective(spec, dev_pos, leaves, owned)
 
 
-def _device_collective(spec: Spec, dev_pos: list[int], leaves: list[torch.Tensor]):
+def _device_collective(spec: Spec, dev_pos: list[int], leaves: list[torch.Tensor],
+                       owned: frozenset[int] = frozenset()):
     frame = axes_mod.current_pmap_frame()
     assert frame is not None, "device collective outside pmap"
     mesh: Mesh = frame.mesh
@@ -292,8 +300,11 @@ def _device_collective(spec: Spec, dev_pos: list[int], leaves: list[torch.Tensor
     # must take the same path. Non-contiguous inputs are copied chunk by chunk.
     if (op in ("psum", "pmax", "pmin") and numel >= _PARALLEL_MIN_NUMEL
             and leaves[0].device.type == "cpu"):
+        if owned:
+            leaves = _Owned(leaves, owned)
+
         def compute(items):
-            return _reduction_outputs(items[0])
+            return _reduction_outputs(items[0], _reusable(items))
         chunked = _chunked_reduce(op, _scale_of(spec))
     else:
         def compute(items):
@@ -354,21 +365,63 @@ _pool = _BufferPool()
 _POOL_MIN_NUMEL = 1 << 14
 
 
-def _reduction_outputs(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Contiguous outputs shaped like ``leaves``: views of one flat buffer per dtype."""
+def _reduction_outputs(leaves: list[torch.Tensor],
+                       reuse: frozenset[int] = frozenset()) -> list[torch.Tensor]:
+    """Contiguous outputs shaped like ``leaves``: the leaves at positions ``reuse``
+    themselves, the others views of one flat buffer per dtype."""
     if leaves[0].device.type != "cpu":
         return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in leaves]
     by_dtype: dict[torch.dtype, int] = {}
-    for x in leaves:
-        by_dtype[x.dtype] = by_dtype.get(x.dtype, 0) + x.numel()
+    for i, x in enumerate(leaves):
+        if i not in reuse:
+            by_dtype[x.dtype] = by_dtype.get(x.dtype, 0) + x.numel()
     flat = {dt: _pool.get(n, dt) for dt, n in by_dtype.items()}
     offset = dict.fromkeys(by_dtype, 0)
     outs = []
-    for x in leaves:
+    for i, x in enumerate(leaves):
+        if i in reuse:
+            outs.append(x)
+            continue
         o = offset[x.dtype]
         outs.append(flat[x.dtype][o:o + x.numel()].view(x.shape))
         offset[x.dtype] = o + x.numel()
     return outs
+
+
+class _Owned(list):
+    """A participant's leaves of a reduction, with the positions of those it owns: no one
+    else refers to them (``value_and_grad``'s fresh gradients), so the reduction may write
+    its result into them.
+
+    The first participant's owned leaves become the result: each participant sums its
+    chunk straight into them. That saves a fresh output buffer, and above all the writes
+    to it: the gradients were just written by the backward pass and are still in cache,
+    where a pooled buffer is not (0.65 ms of the 2-device MLP step on 2 cores).
+    """
+
+    owned: frozenset[int]
+
+    def __init__(self, leaves: list[torch.Tensor], owned: frozenset[int]) -> None:
+        super().__init__(leaves)
+        self.owned = owned
+
+
+def _reusable(items: list[list[torch.Tensor]]) -> frozenset[int]:
+    """Positions of the first participant's owned leaves that can hold the result: plain,
+    dense, writable CPU tensors that are not another participant's input."""
+    first = items[0]
+    if not isinstance(first, _Owned):
+        return frozenset()
+    others = {id(t) for it in items[1:] for t in it}
+    ok = []
+    for i in first.owned:
+        t = first[i]
+        if (type(t) is torch.Tensor and t.device.type == "cpu" and t.is_contiguous()
+                and not (t.requires_grad or t.is_inference() or t.is_conj() or t.is_neg()
+                         or _functorch.is_functorch_wrapped_tensor(t))
+                and id(t) not in others):
+            ok.append(i)
+    return frozenset(ok)
 
 
 def _scale_of(spec: Spec) -> float | None:
@@ -636,13 +689,17 @@ def _spec(op: str, comps: tuple, params: tuple, nleaves: int, groups, label: str
     return Spec(op, comps, frozenset(), params, (0,) * nleaves, groups, label)
 
 
-def _run(op: str, comps: tuple, params: tuple, tensors: list, groups, label: str):
+def _run(op: str, comps: tuple, params: tuple, tensors: list, groups, label: str,
+         owned: frozenset[int] = frozenset()):
     if not tensors:
         return []
-    return _apply(_spec(op, comps, params, len(tensors), groups, label), tensors)
+    return _apply(_spec(op, comps, params, len(tensors), groups, label), tensors, owned)
 
 
-def _reduction(op: str, x: Any, axis_name: Any, axis_index_groups: Any, call: str) -> Any:
+def _reduction(op: str, x: Any, axis_name: Any, axis_index_groups: Any, call: str,
+               owned: frozenset[int] = frozenset()) -> Any:
+    """``owned``: ids of tensor leaves of ``x`` that only the caller refers to, which the
+    reduction may overwrite with its result (see ``_Owned``)."""
     comps, _ = axes_mod.resolve(axis_name, call)
     n = axes_mod.size_of(comps)
     groups = _check_groups(axis_index_groups, n, call)
@@ -686,7 +743,8 @@ def _reduction(op: str, x: Any, axis_name: Any, axis_index_groups: Any, call: st
     elif prim in ("pmax", "pmin") and len(comps) > 1:
         res = _extremum_over_components(prim, tensors, comps, groups, label)
     else:
-        res = _run(prim, comps, params, tensors, groups, label)
+        mine = frozenset(j for j, t in enumerate(tensors) if id(t) in owned) if owned else owned
+        res = _run(prim, comps, params, tensors, groups, label, mine)
     for j, i in enumerate(idx):
         r = res[j]
         if op == "pmean" and not fused:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from funcdp._src.api_util import public
-from funcdp._src.collectives import pmean
+from funcdp._src import tree as tree_util
+from funcdp._src.api_util import internal, public
+from funcdp._src.collectives import _reduction
 
 
 @public
@@ -50,7 +52,55 @@ def value_and_grad(fun: Callable, axis_name: Any = None, *, argnums: int | tuple
         if has_aux:
             value, aux = value
         if axis_name is not None:
-            value, grads = pmean((value, grads), axis_name)
+            value, grads = _pmean_owned(value, grads, axis_name)
         return ((value, aux) if has_aux else value), grads
 
     return wrapped
+
+
+@internal
+def _pmean_owned(value: Any, grads: Any, axis_name: Any) -> tuple[Any, Any]:
+    """``pmean((value, grads), axis_name)``, free to write the result into the gradients
+    that only this call refers to (fresh from ``torch.func``), instead of a new buffer."""
+    return _reduction("pmean", (value, grads), axis_name, None, "pmean",
+                      _sole(tree_util.tree_leaves(grads)))
+
+
+def _sole(leaves: list) -> frozenset[int]:
+    """ids of the tensors in ``leaves`` that nothing else refers to: neither the tensor
+    (beyond ``leaves`` and one container, the gradients' pytree) nor its memory (beyond
+    the unreachable base of a view, as a transposed matmul gradient is).
+
+    A gradient from ``torch.func`` is almost always a fresh tensor, but not always: a
+    custom ``autograd.Function`` may return a tensor of the user's (or a view of one) as
+    a gradient, and one tensor may be the gradient of two parameters. Those have more
+    references than probe tensors held the same way, and are left alone.
+    """
+    ref, uses, view_uses, base_ref = _probe()
+    sole = []
+    for t, n in zip(leaves, _refcounts(leaves)):
+        if n != ref or type(t) is not torch.Tensor:
+            continue
+        u = _storage_uses(t)
+        if u == uses if not t._is_view() else (
+                u == view_uses and sys.getrefcount(t._base) == base_ref):
+            sole.append(id(t))
+    return frozenset(sole)
+
+
+@functools.cache
+def _probe() -> tuple[int, int, int, int]:
+    """The reference counts of tensors that nothing else refers to, held as ``_sole``
+    sees them (they depend on the interpreter, not on the tensors)."""
+    box = (torch.empty(1),)
+    view = torch.empty(1, 1).t()
+    return (_refcounts(list(box))[0], _storage_uses(box[0]), _storage_uses(view),
+            sys.getrefcount(view._base))
+
+
+def _storage_uses(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+def _refcounts(xs: list) -> list[int]:
+    return [sys.getrefcount(x) for x in xs]
