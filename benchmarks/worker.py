@@ -95,16 +95,12 @@ def funcdp_step(workload: str, n: int | None = None, compiled: bool = False):
 
     # With `compiled`, torch.compile compiles the model's gradient; the collective and the
     # optimizer stay eager (compiling them too only adds graph breaks).
-    grad_fn = torch.compile(torch.func.grad_and_value(loss_fn)) if compiled else None
+    value_and_grad = funcdp.value_and_grad(loss_fn, "batch", compile=compiled)
 
     @funcdp.pmap(axis_name="batch", in_axes=(None, None, 0, 0), out_axes=None,
                  devices=devices)
     def train_step(params, opt_state, x, y):
-        if grad_fn is None:
-            loss, grads = funcdp.value_and_grad(loss_fn, "batch")(params, x, y)
-        else:
-            grads, loss = grad_fn(params, x, y)
-            loss, grads = funcdp.pmean((loss, grads), "batch")
+        loss, grads = value_and_grad(params, x, y)
         params, opt_state = opt.step(grads, opt_state, params, axis_name="batch")
         return params, opt_state, loss
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -30,6 +31,30 @@ def test_compiled_gradient_inside_pmap_equals_eager(devices):
         torch.testing.assert_close(got[0], want[0])
         for k in want[1]:
             torch.testing.assert_close(got[1][k], want[1][k])
+
+
+def test_value_and_grad_compile_equals_eager(devices):
+    torch.manual_seed(1)
+    net = funcdp.nn.functional(nn.Sequential(nn.Linear(300, 500), nn.Tanh(), nn.Linear(500, 3)))
+
+    def loss(p, x, y):
+        return nn.functional.cross_entropy(net.apply(p, {}, x)[0], y)
+
+    def step(**kw):
+        return funcdp.pmap(lambda p, x, y: funcdp.value_and_grad(loss, "batch", **kw)(p, x, y),
+                           axis_name="batch", in_axes=(None, 0, 0), out_axes=None,
+                           devices=devices[:2])
+
+    eager, compiled = step(), step(compile={"backend": "aot_eager"})
+    x, y = torch.randn(2, 5, 300), torch.randint(0, 3, (2, 5))
+    for _ in range(2):
+        want, got = eager(net.params, x, y), compiled(net.params, x, y)
+        torch.testing.assert_close(got[0], want[0])
+        for k in want[1]:
+            torch.testing.assert_close(got[1][k], want[1][k])
+    with pytest.raises(TypeError, match="compile must be True, False or a dict.*got 'max-autotune' \\(a str\\).*"
+                       "compile={'mode': 'max-autotune'}"):
+        funcdp.value_and_grad(loss, "batch", compile="max-autotune")
 
 
 def test_random_draws_in_compiled_code_use_the_device_generators(devices):

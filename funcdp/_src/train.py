@@ -12,11 +12,12 @@ import torch
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import internal, public
 from funcdp._src.collectives import _reduction
+from funcdp._src.transform_util import a_type
 
 
 @public
 def value_and_grad(fun: Callable, axis_name: Any = None, *, argnums: int | tuple[int, ...] = 0,
-                   has_aux: bool = False) -> Callable:
+                   has_aux: bool = False, compile: bool | dict[str, Any] = False) -> Callable:
     """Like ``torch.func.grad_and_value``, returning ``(value, grads)`` averaged over devices.
 
     With ``axis_name``, the loss and the gradients are averaged over that axis (one
@@ -31,6 +32,13 @@ def value_and_grad(fun: Callable, axis_name: Any = None, *, argnums: int | tuple
         axis_name: the named axis to average over (inside ``pmap`` or ``vmap``), or None.
         argnums: which positional arguments to differentiate.
         has_aux: ``fun`` returns ``(loss, aux)``; ``aux`` is returned as is (not averaged).
+        compile: compile the gradient computation with ``torch.compile`` (True, or a dict
+            of ``torch.compile`` keyword arguments); the average stays eager, as a
+            collective must. The first call compiles.
+
+    The average is computed into the gradients themselves where nothing else refers to
+    them (as a rule: they come fresh from the backward pass), which on CPU devices is
+    faster than a separate ``pmean`` of gradients you hold.
 
     Returns:
         A function returning ``(loss, grads)`` (``((loss, aux), grads)`` with ``has_aux``).
@@ -44,6 +52,16 @@ def value_and_grad(fun: Callable, axis_name: Any = None, *, argnums: int | tuple
         (tensor([5., 5.]), tensor([10., 10.]))
     """
     gv = torch.func.grad_and_value(fun, argnums=argnums, has_aux=has_aux)
+    if compile is True:
+        gv = torch.compile(gv)
+    elif isinstance(compile, dict):
+        gv = torch.compile(gv, **compile)
+    elif compile is not False:
+        raise TypeError(
+            f"value_and_grad: compile must be True, False or a dict of torch.compile "
+            f"keyword arguments; got {compile!r} ({a_type(compile)}). For a compile mode "
+            f"or backend write compile={{'mode': 'max-autotune'}} or "
+            f"compile={{'backend': 'aot_eager'}}.")
 
     @functools.wraps(fun)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
