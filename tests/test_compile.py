@@ -52,8 +52,8 @@ def test_value_and_grad_compile_equals_eager(devices):
         torch.testing.assert_close(got[0], want[0])
         for k in want[1]:
             torch.testing.assert_close(got[1][k], want[1][k])
-    with pytest.raises(TypeError, match="compile must be True, False or a dict.*got 'max-autotune' \\(a str\\).*"
-                       "compile={'mode': 'max-autotune'}"):
+    with pytest.raises(TypeError, match="compile must be True, False or a dict.*got "
+                       "'max-autotune' \\(a str\\).*compile={'mode': 'max-autotune'}"):
         funcdp.value_and_grad(loss, "batch", compile="max-autotune")
 
 
