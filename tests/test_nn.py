@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 
+import hypothesis.strategies as st
 import pytest
 import torch
 from helpers import assert_trees_close
+from hypothesis import given
 from torch import nn
 from torch.func import grad
 
@@ -118,6 +120,93 @@ def test_value_and_grad_averages_and_the_trap_does_not():
                        axis_name="i", in_axes=(None, 0))(w, x)
     for i in range(4):
         assert_trees_close(trap[i], grad(loss)(w, x[i]))
+
+
+def _same(a, b):
+    """Equal pytrees, bit for bit, with the same requires_grad on every tensor."""
+    assert_trees_close(a, b, exact=True)
+    fa, fb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    assert [getattr(x, "requires_grad", None) for x in fa] == \
+        [getattr(x, "requires_grad", None) for x in fb]
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([torch.float32, torch.float64]),
+       st.sampled_from([0, 1, (0,), (1, 0), (0, 2)]), st.booleans(), st.integers(1, 5))
+def test_value_and_grad_equals_torch_func_bit_for_bit(seed, dtype, argnums, has_aux, width):
+    # Outside transforms value_and_grad differentiates with torch.autograd; the result
+    # must be torch.func.grad_and_value's exactly (values, structure, requires_grad).
+    g = torch.Generator().manual_seed(seed)
+    w = {"w": torch.randn(width, 3, generator=g, dtype=dtype),
+         "b": [torch.randn(width, generator=g, dtype=dtype)]}
+    v = torch.randn(width, generator=g, dtype=dtype)
+    x = torch.randn(4, 3, generator=g, dtype=dtype)
+
+    def loss(w, v, x):
+        h = torch.tanh(x @ w["w"].T + w["b"][0])
+        out = (h @ v).pow(2).mean() + x.sum() * 0
+        return (out, {"h": h, "x": [x]}) if has_aux else out
+
+    got = funcdp.value_and_grad(loss, argnums=argnums, has_aux=has_aux)(w, v, x)
+    gv = torch.func.grad_and_value(loss, argnums=argnums, has_aux=has_aux)(w, v, x)
+    _same(got, (gv[1], gv[0]))
+
+
+def test_value_and_grad_keeps_what_torch_func_connects():
+    torch.manual_seed(7)
+    w, x = torch.randn(3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    outer = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def captured(w, x):  # a captured tensor that requires grad: gradients depend on it
+        return ((x @ (w * outer)) ** 2).mean(), {"aux": x @ outer, "local": x @ w}
+
+    def additive(w, x):  # the loss depends on it, the gradient does not
+        return torch.sin(x @ w).sum() + outer.sum()
+
+    def unused(w, x):  # nothing depends on w
+        return (x @ outer).sum()
+
+    for fun, aux in ((captured, True), (additive, False), (unused, False)):
+        got = funcdp.value_and_grad(fun, has_aux=aux)(w, x)
+        want = torch.func.grad_and_value(fun, has_aux=aux)(w, x)
+        _same(got, (want[1], want[0]))
+        # The outer graph is the same: differentiating the results w.r.t. ``outer``.
+        def total(res):
+            return sum(t.sum() for t in torch.utils._pytree.tree_leaves(res)
+                       if isinstance(t, torch.Tensor) and t.requires_grad)
+        g_got, = torch.autograd.grad(total(got), outer, allow_unused=True)
+        g_want, = torch.autograd.grad(total((want[1], want[0])), outer, allow_unused=True)
+        assert_trees_close(g_got, g_want, exact=True)
+
+    # Arguments that require grad (meta-learning) and enclosing transforms take the
+    # torch.func path; so do inputs torch.func rejects, with its own messages.
+    wr = w.clone().requires_grad_()
+    g = funcdp.value_and_grad(lambda w, x: (x @ w).pow(2).sum())(wr, x)[1]
+    assert g.requires_grad
+    # g = 2 x^T x w, so d(sum g)/dw = 2 x^T x 1.
+    torch.testing.assert_close(torch.autograd.grad(g.sum(), wr)[0], 2 * (x.T @ x).sum(1))
+    with torch.autograd.forward_ad.dual_level():  # forward-mode tangents go through
+        xd = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        f = lambda w, x: torch.sin(x @ w).sum()  # noqa: E731
+        tangents = [torch.autograd.forward_ad.unpack_dual(r).tangent
+                    for r in (funcdp.value_and_grad(f)(w, xd)[1],
+                              torch.func.grad_and_value(f)(w, xd)[0])]
+    assert tangents[0] is not None
+    assert_trees_close(tangents[0], tangents[1], exact=True)
+    per_ex = torch.func.vmap(funcdp.value_and_grad(lambda w, x: (x @ w).sin()),
+                             in_dims=(None, 0))(w, x)
+    torch.testing.assert_close(per_ex[1], x * torch.cos(x @ w)[:, None])
+    cases = [
+        (lambda w, x: x @ w, {}, "Expected f\\(\\*args\\) to return a scalar Tensor"),
+        (lambda w, x: (x @ w).sum(), {"has_aux": True}, "should be a tuple"),
+        (lambda w, x: (x @ w).sum(), {"argnums": 2}, "argnum=2, but only 2 positional"),
+    ]
+    for fun, kw, msg in cases:
+        with pytest.raises(Exception, match=msg):
+            funcdp.value_and_grad(fun, **kw)(w, x)
+        with pytest.raises(Exception, match=msg):
+            torch.func.grad_and_value(fun, **kw)(w, x)
+    with pytest.raises(RuntimeError, match="floating point"):
+        funcdp.value_and_grad(lambda n, x: x.sum())(torch.arange(3), x)
 
 
 class _GivesBack(torch.autograd.Function):
