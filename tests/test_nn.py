@@ -184,14 +184,16 @@ def test_value_and_grad_keeps_what_torch_func_connects():
     assert g.requires_grad
     # g = 2 x^T x w, so d(sum g)/dw = 2 x^T x 1.
     torch.testing.assert_close(torch.autograd.grad(g.sum(), wr)[0], 2 * (x.T @ x).sum(1))
-    with torch.autograd.forward_ad.dual_level():  # forward-mode tangents go through
-        xd = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+    fwad = torch.autograd.forward_ad
+    with fwad.dual_level():  # forward-mode tangents go through, on any argument
         f = lambda w, x: torch.sin(x @ w).sum()  # noqa: E731
-        tangents = [torch.autograd.forward_ad.unpack_dual(r).tangent
-                    for r in (funcdp.value_and_grad(f)(w, xd)[1],
-                              torch.func.grad_and_value(f)(w, xd)[0])]
-    assert tangents[0] is not None
-    assert_trees_close(tangents[0], tangents[1], exact=True)
+        for args in ((w, fwad.make_dual(x, torch.ones_like(x))),
+                     (fwad.make_dual(w, torch.ones_like(w)), x)):
+            tangents = [fwad.unpack_dual(r).tangent
+                        for r in (funcdp.value_and_grad(f)(*args)[1],
+                                  torch.func.grad_and_value(f)(*args)[0])]
+            assert tangents[0] is not None
+            assert_trees_close(tangents[0], tangents[1], exact=True)
     per_ex = torch.func.vmap(funcdp.value_and_grad(lambda w, x: (x @ w).sin()),
                              in_dims=(None, 0))(w, x)
     torch.testing.assert_close(per_ex[1], x * torch.cos(x @ w)[:, None])

@@ -92,8 +92,8 @@ def _by_autograd(fun: Callable, argnums: Any, has_aux: bool, args: tuple,
                  kwargs: dict) -> tuple[Any, Any] | None:
     """``torch.func.grad_and_value(fun, argnums, has_aux)(*args, **kwargs)``, computed
     with ``torch.autograd`` where that gives the same result: outside ``torch.func``
-    transforms, with no argument that requires grad (or carries a forward-mode tangent),
-    and plain floating-point tensors to differentiate. Returns None (having run nothing)
+    transforms, with no argument that requires grad, and plain floating-point tensors
+    without forward-mode tangents to differentiate. Returns None (having run nothing)
     elsewhere.
 
     The same kernels run either way, so the values are the same bit for bit; ``torch.func``
@@ -110,15 +110,16 @@ def _by_autograd(fun: Callable, argnums: Any, has_aux: bool, args: tuple,
     if (type(nums) is not tuple or not nums or len(set(nums)) != len(nums)
             or any(type(i) is not int or not 0 <= i < len(args) for i in nums)):
         return None  # torch.func words the error
-    dual = _fwad._current_level >= 0
     for t in tree_util.tree_leaves((args, kwargs)):
-        if isinstance(t, torch.Tensor) and (
-                t.requires_grad or (dual and _fwad.unpack_dual(t).tangent is not None)):
+        if isinstance(t, torch.Tensor) and t.requires_grad:
             return None
     diff = [tree_util.tree_flatten(args[i]) for i in nums]
+    # (A forward-mode tangent on another argument carries through by itself.)
+    dual = _fwad._current_level >= 0
     for leaves, _ in diff:
         for t in leaves:
-            if type(t) not in _PLAIN or not t.is_floating_point():
+            if (type(t) not in _PLAIN or not t.is_floating_point()
+                    or (dual and _fwad.unpack_dual(t).tangent is not None)):
                 return None
     new_args = list(args)
     xs: list[torch.Tensor] = []
