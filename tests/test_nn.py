@@ -211,6 +211,103 @@ def test_value_and_grad_keeps_what_torch_func_connects():
         funcdp.value_and_grad(lambda n, x: x.sum())(torch.arange(3), x)
 
 
+def test_value_and_grad_matches_torch_func_at_the_edges():
+    # Found in review: each case once differed from torch.func.grad_and_value.
+    torch.manual_seed(8)
+    w, c = torch.randn(3), torch.randn(3, requires_grad=True)
+
+    def both(fun, *args, **kw):
+        return (funcdp.value_and_grad(fun, **kw)(*args),
+                (lambda r: (r[1], r[0]))(torch.func.grad_and_value(fun, **kw)(*args)))
+
+    # Under no_grad, results do not connect to captured tensors.
+    with torch.no_grad():
+        _same(*both(lambda w: (w * c).sum() + (w ** 2).sum(), w))
+    # aux that shares graph nodes with the loss keeps a usable graph to c.
+    def shared(w):
+        h = w.exp()
+        return h.sum(), (h * c).sum()
+    got, want = both(shared, w, has_aux=True)
+    _same(got, want)
+    got[0][1].backward()
+    torch.testing.assert_close(c.grad, w.exp())
+    c.grad = None
+    # aux returning an input gives the caller's own tensor back.
+    assert funcdp.value_and_grad(lambda w: ((w ** 2).sum(), w), has_aux=True)(w)[0][1] is w
+    # An integer loss runs once (the same random draws as torch.func) with zero gradients.
+    f = lambda w: (torch.rand(1000) < w.sigmoid().mean()).sum()  # noqa: E731
+    torch.manual_seed(0)
+    got = funcdp.value_and_grad(f)(torch.randn(1000))
+    after = torch.rand(())
+    torch.manual_seed(0)
+    want = torch.func.grad_and_value(f)(torch.randn(1000))
+    assert torch.equal(got[0], want[1]) and torch.equal(got[1], want[0])
+    assert torch.equal(after, torch.rand(()))
+    # An inference tensor can be differentiated, as with torch.func.
+    with torch.inference_mode():
+        wi = torch.randn(3)
+    _same(*both(lambda w: (w ** 2).sum(), wi))
+    # backward() inside the loss is an error, as inside torch.func.
+    with pytest.raises(RuntimeError, match="called backward"):
+        funcdp.value_and_grad(lambda w: ((w * c).sum().backward(), (w ** 2).sum())[1])(w)
+    # A captured forward-mode tangent reaches the value too.
+    fwad = torch.autograd.forward_ad
+    with fwad.dual_level():
+        cd = fwad.make_dual(torch.randn(3), torch.ones(3))
+        got, want = both(lambda w: (w * cd).sum(), w)
+        for a, b in zip(got, want):
+            assert_trees_close(fwad.unpack_dual(a).tangent, fwad.unpack_dual(b).tangent)
+
+
+def test_value_and_grad_under_transforms_and_with_foreign_memory():
+    # Averaging into the gradients must not touch wrapped tensors (vmap, more shards than
+    # devices, an enclosing grad) or memory torch did not allocate (found in review).
+    import numpy as np
+
+    loss = lambda w, x: ((x * w["a"]) ** 2).mean()  # noqa: E731
+    w, x = {"a": torch.tensor(1.0)}, torch.tensor([[1.0], [3.0]])
+    got = funcdp.vmap(funcdp.value_and_grad(loss, "b"), in_axes=(None, 0), axis_name="b")(w, x)
+    assert_trees_close(got, (torch.tensor([5.0, 5.0]), {"a": torch.tensor([10.0, 10.0])}))
+    big = {"a": torch.randn(400, 400, dtype=torch.float64)}
+    xs = torch.randn(6, 2, 400, dtype=torch.float64)
+    lin = lambda w, x: (x @ w["a"]).pow(2).mean()  # noqa: E731
+    got = funcdp.pmap(lambda w, x: funcdp.value_and_grad(lin, "i")(w, x), axis_name="i",
+                      in_axes=(None, 0), out_axes=None,
+                      devices=funcdp.local_devices()[:3])(big, xs)
+    full = torch.func.grad_and_value(lin)(big, xs.reshape(12, 400))
+    assert_trees_close(got, (full[1], full[0]))
+    def outer(inner):
+        return funcdp.pmap(lambda w, x: torch.func.grad(lambda w: inner(w, x).sum())(w),
+                           axis_name="i", in_axes=(None, 0),
+                           devices=funcdp.local_devices()[:2])(big, xs[:2])
+
+    assert_trees_close(
+        outer(lambda w, x: funcdp.value_and_grad(lin, "i")(w, x)[1]["a"]),
+        outer(lambda w, x: funcdp.pmean(torch.func.grad(lin)(w, x), "i")["a"]))
+
+    bufs = [np.full((400, 400), float(i + 1)) for i in range(3)]
+
+    class NumpyGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(w, i):
+            return (w * 0).sum()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            ctx.i = inputs[1]
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.from_numpy(bufs[int(ctx.i)]), None
+
+    got = funcdp.pmap(
+        lambda w, i: funcdp.value_and_grad(lambda w, i: NumpyGrad.apply(w["w"], i), "i")(w, i),
+        axis_name="i", in_axes=(None, 0), out_axes=None, devices=funcdp.local_devices()[:3])(
+            {"w": torch.randn(400, 400, dtype=torch.float64)}, torch.arange(3))
+    assert all((b == i + 1).all() for i, b in enumerate(bufs))
+    assert torch.equal(got[1]["w"], torch.full((400, 400), 2.0, dtype=torch.float64))
+
+
 class _GivesBack(torch.autograd.Function):
     """``sum((w * c).sum() for w in ws)`` whose backward returns ``c`` as the gradient of
     every ``w`` in ways that share memory with the caller's ``c`` or between gradients:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.autograd.forward_ad as _fwad
+import torch.utils._pytree as _pt
 from torch._C import _functorch
 
 from funcdp._src import tree as tree_util
@@ -92,19 +93,20 @@ def _by_autograd(fun: Callable, argnums: Any, has_aux: bool, args: tuple,
                  kwargs: dict) -> tuple[Any, Any] | None:
     """``torch.func.grad_and_value(fun, argnums, has_aux)(*args, **kwargs)``, computed
     with ``torch.autograd`` where that gives the same result: outside ``torch.func``
-    transforms, with no argument that requires grad, and plain floating-point tensors
-    without forward-mode tangents to differentiate. Returns None (having run nothing)
-    elsewhere.
+    transforms and inference mode, with no argument that requires grad, and plain
+    floating-point tensors (not inference tensors, without forward-mode tangents) to
+    differentiate. Returns None, having run nothing, elsewhere.
 
     The same kernels run either way, so the values are the same bit for bit; ``torch.func``
     adds a layer around every operation and its derivative, and its own Python around
-    the call, which with several devices contending for the GIL cost about 0.7 ms of the
-    2-device MLP benchmark step (4 %). What ``torch.func`` would connect to an enclosing
-    autograd graph (tensors captured by ``fun`` that require grad) is found by walking the
-    graph from the outputs, and stays connected (gradients are then made with
-    ``create_graph``); everything else is detached, as ``torch.func`` unwraps it.
+    the call, which with several devices contending for the GIL cost about 0.5 ms of the
+    2-device MLP benchmark step (3 %). What ``torch.func`` would leave connected to the
+    caller's autograd graph (results that depend on captured tensors that require grad,
+    when grad mode is on) is found by walking the graph, and stays connected (gradients
+    are then made with ``create_graph``); everything else is detached, as ``torch.func``
+    unwraps it. Errors are ``torch.func``'s, raised at the same points.
     """
-    if (_functorch.maybe_current_level() is not None or torch.is_inference_mode_enabled()):
+    if _functorch.maybe_current_level() is not None or torch.is_inference_mode_enabled():
         return None
     nums = (argnums,) if type(argnums) is int else argnums
     if (type(nums) is not tuple or not nums or len(set(nums)) != len(nums)
@@ -118,36 +120,35 @@ def _by_autograd(fun: Callable, argnums: Any, has_aux: bool, args: tuple,
     dual = _fwad._current_level >= 0
     for leaves, _ in diff:
         for t in leaves:
-            if (type(t) not in _PLAIN or not t.is_floating_point()
+            if (type(t) not in _PLAIN or not t.is_floating_point() or t.is_inference()
                     or (dual and _fwad.unpack_dual(t).tangent is not None)):
                 return None
     new_args = list(args)
+    graph = _Graph(torch.is_grad_enabled())
     xs: list[torch.Tensor] = []
     for i, (leaves, spec) in zip(nums, diff):
-        mine = [t.detach().requires_grad_() for t in leaves]
+        mine = [graph.own(t) for t in leaves]
         xs += mine
         new_args[i] = tree_util.tree_unflatten(mine, spec)
     with torch.enable_grad():
         out = fun(*new_args, **kwargs)
-        if has_aux:
-            if not (isinstance(out, tuple) and len(out) == 2):
-                return None  # torch.func words the error (running fun once more)
-            loss, aux = out
-            if not all(isinstance(t, torch.Tensor) for t in tree_util.tree_leaves(aux)):
-                return None  # likewise (torch.func takes tensors only)
-        else:
-            loss, aux = out, None
-        if type(loss) is not torch.Tensor or loss.dim() != 0 or not loss.is_floating_point():
-            return None  # likewise
-        graph = _Graph({id(x) for x in xs})
-        outer = graph.reaches_outer(loss)
-        found = (torch.autograd.grad(loss, xs, allow_unused=True, create_graph=outer)
+        loss, aux = _split_output(out, has_aux)
+        if any(x.grad is not None for x in xs):
+            raise RuntimeError(
+                "value_and_grad: the loss function called backward() on a result that "
+                "depends on the differentiated arguments; as inside torch.func transforms, "
+                "that is not supported. Return the loss instead: value_and_grad computes "
+                "the gradients.")
+        aux_leaves = _pt.tree_leaves(aux) if has_aux else []
+        keep = graph.recording and (graph.reaches_outer(loss)
+                                    or any(graph.reaches_outer(a) for a in aux_leaves))
+        found = (torch.autograd.grad(loss, xs, allow_unused=True, create_graph=keep)
                  if loss.requires_grad else (None,) * len(xs))
-    grads = [torch.zeros_like(x) if g is None else graph.unwrap(g) if outer else g
+    grads = [torch.zeros_like(x) if g is None else graph.unwrap(g) if keep else g
              for g, x in zip(found, xs)]
     value = graph.unwrap(loss)
     if has_aux:
-        value = (value, tree_util.tree_map(graph.unwrap, aux))
+        value = (value, _pt.tree_map(graph.unwrap, aux))
     per_arg = []
     start = 0
     for leaves, spec in diff:
@@ -156,18 +157,49 @@ def _by_autograd(fun: Callable, argnums: Any, has_aux: bool, args: tuple,
     return (per_arg[0] if type(argnums) is int else tuple(per_arg)), value
 
 
-class _Graph:
-    """The autograd graph of one ``_by_autograd`` call: which of its tensors reach leaves
-    other than the call's own inputs (tensors that ``fun`` captured, which require grad)."""
+def _split_output(out: Any, has_aux: bool) -> tuple[torch.Tensor, Any]:
+    """``(loss, aux)`` of the loss function's output, checked as ``torch.func`` does."""
+    aux = None
+    if has_aux:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise RuntimeError(
+                "grad_and_value(f)(*args): output of function f should be a tuple: "
+                "(output, aux) if has_aux is True")
+        out, aux = out
+    if not isinstance(out, torch.Tensor):
+        raise RuntimeError(
+            f"grad_and_value(f)(*args): Expected f(*args) to return a Tensor, got {type(out)}")
+    if out.dim() != 0:
+        raise RuntimeError(
+            f"grad_and_value(f)(*args): Expected f(*args) to return a scalar Tensor, got "
+            f"tensor with {out.dim()} dims. Maybe you wanted to use the vjp or jacrev APIs "
+            f"instead?")
+    for a in _pt.tree_leaves(aux) if has_aux else ():
+        if not isinstance(a, torch.Tensor):
+            raise RuntimeError(f"Expected tensors, got unsupported type {type(a)}")
+    return out, aux
 
-    def __init__(self, ours: set[int]) -> None:
-        self.ours = ours
-        self.inner: set[Any] = set()  # nodes known to reach none
+
+class _Graph:
+    """The autograd graph of one ``_by_autograd`` call: its own inputs (detached aliases
+    of the caller's tensors, which require grad), and which tensors reach leaves other
+    than those (captured tensors that require grad)."""
+
+    def __init__(self, recording: bool) -> None:
+        self.recording = recording  # the caller's grad mode
+        self.originals: dict[int, torch.Tensor] = {}
+        self.inner: set[Any] = set()  # nodes known to reach no other leaf
+
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        x = t.detach().requires_grad_()
+        self.originals[id(x)] = t
+        return x
 
     def reaches_outer(self, t: Any) -> bool:
         fn = t.grad_fn if isinstance(t, torch.Tensor) else None
         if fn is None:
-            return isinstance(t, torch.Tensor) and t.requires_grad and id(t) not in self.ours
+            return (isinstance(t, torch.Tensor) and t.requires_grad
+                    and id(t) not in self.originals)
         seen: set[Any] = set()
         stack: list[Any] = [fn]
         while stack:
@@ -176,18 +208,26 @@ class _Graph:
                 continue
             seen.add(fn)
             var = getattr(fn, "variable", None)  # an AccumulateGrad node: a leaf
-            if var is not None and id(var) not in self.ours:
+            if var is not None and id(var) not in self.originals:
                 return True
             stack.extend(f for f, _ in fn.next_functions)
         self.inner |= seen
         return False
 
     def unwrap(self, x: Any) -> Any:
-        """``x`` as ``torch.func`` returns it: detached unless it depends on captured
-        tensors that require grad."""
-        if isinstance(x, torch.Tensor) and x.requires_grad and not self.reaches_outer(x):
-            return x.detach()
-        return x
+        """``x`` as ``torch.func`` returns it: the caller's own tensor for an input;
+        detached (keeping a forward-mode tangent) unless the caller records and it
+        depends on captured tensors that require grad."""
+        if not isinstance(x, torch.Tensor):
+            return x
+        original = self.originals.get(id(x))
+        if original is not None:
+            return original
+        if not x.requires_grad or (self.recording and self.reaches_outer(x)):
+            return x
+        tangent = _fwad.unpack_dual(x).tangent if _fwad._current_level >= 0 else None
+        x = x.detach()
+        return x if tangent is None else _fwad.make_dual(x, tangent)
 
 
 @internal
@@ -203,15 +243,21 @@ def _sole(leaves: list) -> frozenset[int]:
     (beyond ``leaves`` and one container, the gradients' pytree) nor its memory (beyond
     the unreachable base of a view, as a transposed matmul gradient is).
 
-    A gradient from ``torch.func`` is almost always a fresh tensor, but not always: a
-    custom ``autograd.Function`` may return a tensor of the user's (or a view of one) as
-    a gradient, and one tensor may be the gradient of two parameters. Those have more
-    references than probe tensors held the same way, and are left alone.
+    A gradient from the backward pass is almost always a fresh tensor, but not always: a
+    custom ``autograd.Function`` may return a tensor of the user's (or a view of one, or
+    a NumPy array's memory) as a gradient, and one tensor may be the gradient of two
+    parameters. Those have more references than probe tensors held the same way (or
+    memory torch did not allocate), and are left alone.
     """
+    if _functorch.maybe_current_level() is not None:
+        return frozenset()  # wrapped tensors (and the reduction is not the direct one)
     ref, uses, view_uses, base_ref = _probe()
     sole = []
     for t, n in zip(leaves, _refcounts(leaves)):
-        if n != ref or type(t) is not torch.Tensor:
+        # (Memory torch did not allocate, such as a NumPy array's, is never anyone's
+        # alone: its storage is not resizable.)
+        if (n != ref or type(t) is not torch.Tensor or t.device.type != "cpu"
+                or not t.untyped_storage().resizable()):
             continue
         u = _storage_uses(t)
         if u == uses if not t._is_view() else (
