@@ -182,3 +182,84 @@ def test_weight_decay_needs_params():
     opt = optim.sgd(0.1, weight_decay=0.1)
     with pytest.raises(ValueError, match="`params` is needed for weight_decay"):
         opt.update({"w": torch.ones(2)}, opt.init({"w": torch.ones(2)}))
+
+
+def donated_steps(opt, sizes, steps, devices, params=None, grads_of=None):
+    """``steps`` shared steps with the parameters and state donated; also reports, per
+    step, whether each parameter was updated in its own memory."""
+    f = funcdp.pmap(lambda _, g, s, p: opt.step(g, s, p, axis_name="i"), axis_name="i",
+                    in_axes=(0, None, None, None), out_axes=None, devices=devices,
+                    donate_argnums=(2, 3))
+    params = tree(sizes, 0) if params is None else params
+    state = opt.init(params)
+    in_place = []
+    for t in range(steps):
+        ptrs = {k: v.data_ptr() for k, v in params.items()}
+        grads = tree(sizes, 100 + t) if grads_of is None else grads_of(params)
+        params, state = f(torch.zeros(len(devices)), grads, state, params)
+        in_place.append({k: params[k].data_ptr() == ptrs[k] for k in ptrs})
+    return (params, state), in_place
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("n", [2, 3])
+def test_donated_step_updates_in_place_bit_for_bit(name, n, devices):
+    sizes = [(BIG + 7,), (3, BIG // 2 + 5), (11,)]
+    got, in_place = donated_steps(OPTIMIZERS[name](), sizes, 4, devices[:n])
+    assert_equal_trees(got, reference(OPTIMIZERS[name](), sizes, 4))
+    # The large leaves in place; not under `chain`, whose clipped gradients are computed
+    # per device (so the devices do not share the update at all).
+    shares = name != "chain"
+    for step in in_place:
+        assert step == {"p0": shares, "p1": shares, "p2": False}
+
+
+def test_donated_memory_shared_with_other_arguments_is_not_written(devices):
+    opt = optim.sgd(0.1, momentum=0.9)
+    sizes = [(BIG,), (BIG,)]
+    # Two parameters that are one tensor (tied weights): each gets its own update.
+    w = torch.randn(BIG, dtype=torch.float64)
+    got, in_place = donated_steps(opt, sizes, 2, devices[:2], params={"p0": w, "p1": w})
+    want = reference_from(opt, {"p0": w.clone(), "p1": w.clone()}, sizes, 2)
+    assert_equal_trees(got, want)
+    assert not any(in_place[0].values())  # (then they are two tensors)
+    # The donated parameters also passed as (non-donated) gradients.
+    p = tree(sizes, 0)
+    got, in_place = donated_steps(opt, sizes, 2, devices[:2], params=p,
+                                  grads_of=lambda params: params)
+    want = reference_from(opt, tree(sizes, 0), sizes, 2, grads_of=lambda params: params)
+    assert_equal_trees(got, want)
+    assert not any(any(s.values()) for s in in_place)
+    assert torch.equal(p["p0"], tree(sizes, 0)["p0"])  # first step's input untouched
+
+
+def test_donated_values_that_differ_per_device_are_updated_per_device(devices):
+    opt = optim.sgd(0.1)
+    f = funcdp.pmap(lambda g, p: opt.step(g, opt.init(p), p, axis_name="i")[0],
+                    axis_name="i", in_axes=(None, 0), devices=devices[:2], donate_argnums=1)
+    p = torch.randn(2, BIG, dtype=torch.float64)
+    g = torch.randn(BIG, dtype=torch.float64)
+    want = torch.stack([opt.step(g, opt.init(q), q)[0] for q in p.clone()])
+    assert torch.equal(f(g, p).to_tensor(), want)
+
+
+def reference_from(opt, params, sizes, steps, grads_of=None):
+    state = opt.init(params)
+    for t in range(steps):
+        grads = tree(sizes, 100 + t) if grads_of is None else grads_of(params)
+        params, state = opt.step(grads, state, params)
+    return params, state
+
+
+def test_a_tensor_also_passed_undonated_keeps_its_value(devices):
+    # `old` is the donated parameter tensor passed once more, not donated: read after the
+    # step, it must still hold the old values.
+    opt = optim.sgd(0.1)
+    f = funcdp.pmap(lambda _, g, p, old: (opt.step(g, opt.init(p), p, axis_name="i")[0],
+                                          old * 1),
+                    axis_name="i", in_axes=(0, None, None, None), out_axes=None,
+                    devices=devices[:2], donate_argnums=2)
+    p, g = tree([(BIG,)], 0), tree([(BIG,)], 1)
+    new, old = f(torch.zeros(2), g, p, p["p0"])
+    assert torch.equal(old, tree([(BIG,)], 0)["p0"])
+    assert torch.equal(new["p0"], opt.step(g, opt.init(p), tree([(BIG,)], 0))[0]["p0"])
