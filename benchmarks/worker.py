@@ -80,8 +80,7 @@ def torch_func_step(workload: str):
     return step
 
 
-def funcdp_step(workload: str, n: int | None = None, compiled: bool = False,
-                donate: bool = True):
+def funcdp_step(workload: str, n: int | None = None, compiled: bool = False):
     import funcdp
     from funcdp import optim
 
@@ -98,23 +97,18 @@ def funcdp_step(workload: str, n: int | None = None, compiled: bool = False,
     # optimizer stay eager (compiling them too only adds graph breaks).
     value_and_grad = funcdp.value_and_grad(loss_fn, "batch", compile=compiled)
 
-    # The parameters and optimizer state are donated (the loop replaces them), so the
-    # optimizer updates them in place, as torch.optim does (and JAX with donate_argnums).
     @funcdp.pmap(axis_name="batch", in_axes=(None, None, 0, 0), out_axes=None,
-                 devices=devices, donate_argnums=(0, 1) if donate else ())
+                 devices=devices)
     def train_step(params, opt_state, x, y):
         loss, grads = value_and_grad(params, x, y)
         params, opt_state = opt.step(grads, opt_state, params, axis_name="batch")
         return params, opt_state, loss
 
-    # (Copies: the step writes into the donated tensors, and net.params are the module's.)
-    params = {k: v.clone() for k, v in net.params.items()}
-    state = {"p": params, "s": opt.init(params)}
+    state = {"p": net.params, "s": opt.init(net.params)}
     if compiled:
-        # Compile now (on copies of the state, which the call may write into), so that a
-        # missing compiler shows here and the compilation stays out of the timed windows.
-        copy = {k: v.clone() for k, v in params.items()}
-        train_step(copy, opt.init(copy), *data[0])
+        # Compile now (the step is pure: the state does not move), so that a missing
+        # compiler shows here and the compilation stays out of the timed windows.
+        train_step(state["p"], state["s"], *data[0])
 
     def step(i: int) -> float:
         x, y = data[i % 8]
@@ -260,7 +254,7 @@ def jax_pmap(workload: str, quick: bool) -> dict:
         loss = jax.lax.pmean(loss, "batch")
         return jax.tree_util.tree_map(lambda p, g: p - lr * g, params, grads), loss
 
-    pstep = jax.pmap(train_step, axis_name="batch", donate_argnums=(0,))
+    pstep = jax.pmap(train_step, axis_name="batch")
     place = jax.pmap(lambda v: v)  # pmap outputs stay sharded over the devices
     rep = place(jax.tree_util.tree_map(lambda a: jnp.stack([a] * n), params))
     data = []

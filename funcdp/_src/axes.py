@@ -63,19 +63,16 @@ for _cls in (DeviceComp, VmapComp):
 class PmapFrame:
     """Bindings made by one pmap on one device."""
 
-    __slots__ = ("names", "mesh", "coord", "kind", "device", "nested", "donated")
+    __slots__ = ("names", "mesh", "coord", "kind", "device", "nested")
 
     def __init__(self, names: dict, mesh: Any, coord: tuple[int, ...],
-                 device: torch.device, donated: frozenset[int] = frozenset()) -> None:
+                 device: torch.device) -> None:
         self.names = names
         self.mesh = mesh
         self.coord = coord
         self.kind = "pmap"
         self.device = device
         self.nested = 0  # how many nested pmap calls this participant has made
-        # ids of the call's donated argument tensors (``donate_argnums``) that no other
-        # argument shares memory with: funcdp may write results into them.
-        self.donated = donated
 
 
 class VmapFrame:

@@ -192,9 +192,8 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
             state["momentum"] = tree_util.tree_unflatten(_zeros_like(p), _flat(params)[1])
         return state
 
-    def direction(step: torch.Tensor, g: list, p: list, *buf: list, inplace: bool = False):
-        """The descent direction and the new momentum buffers (elementwise per leaf;
-        ``inplace``: the new buffers are written into ``buf``)."""
+    def direction(step: torch.Tensor, g: list, p: list, *buf: list):
+        """The descent direction and the new momentum buffers (elementwise per leaf)."""
         if maximize:
             g = list(_foreach.neg(g))
         if weight_decay:
@@ -202,18 +201,10 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
         if not momentum:
             return g, ()
         (old,) = buf
+        first = step == 1
+        blended = _foreach.add(_foreach.mul(old, momentum), g, alpha=1 - dampening)
         # torch.optim.SGD starts the buffer at the first gradient (no dampening).
-        if inplace:  # (on plain CPU tensors: the step is a number)
-            if bool(step == 1):
-                torch._foreach_copy_(old, g)
-            else:
-                torch._foreach_mul_(old, momentum)
-                torch._foreach_add_(old, g, alpha=1 - dampening)
-            new_buf = old
-        else:
-            first = step == 1
-            blended = _foreach.add(_foreach.mul(old, momentum), g, alpha=1 - dampening)
-            new_buf = [torch.where(first, gi, bi) for gi, bi in zip(g, blended)]
+        new_buf = [torch.where(first, gi, bi) for gi, bi in zip(g, blended)]
         g = list(_foreach.add(g, new_buf, alpha=momentum)) if nesterov else new_buf
         return g, (new_buf,)
 
@@ -241,15 +232,8 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
         g, spec, p, pspec, bufs, step, lr_t = flat_state(grads, state, params)
         _same_spec(spec, pspec)
 
-        def kernel(g: list, p: list, *buf: list, inplace: bool = False):
-            d, new_bufs = direction(step, g, p, *buf, inplace=inplace)
-            if inplace:
-                if isinstance(lr_t, torch.Tensor):
-                    for pi, di in zip(p, d):
-                        pi.sub_(lr_t * di)
-                else:
-                    torch._foreach_add_(p, d, alpha=-lr_t)
-                return (p, *new_bufs)
+        def kernel(g: list, p: list, *buf: list):
+            d, new_bufs = direction(step, g, p, *buf)
             if isinstance(lr_t, torch.Tensor):
                 return ([pi - lr_t * di for pi, di in zip(p, d)], *new_bufs)
             return (list(_foreach.add(p, d, alpha=-lr_t)), *new_bufs)
@@ -310,29 +294,18 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
         moments = [_flat(state[k])[0] for k in keys]
         return g, spec, p, pspec, moments, step, lr_t, bc1, bc2_sqrt
 
-    def moments_of(g: list, p: list, mu: list, nu: list, *nu_max: list, bc2_sqrt: Any,
-                   inplace: bool = False):
-        """The new moments and the denominator (elementwise per leaf; ``inplace``: the
-        new moments are written into ``mu``, ``nu`` and ``nu_max``)."""
+    def moments_of(g: list, p: list, mu: list, nu: list, *nu_max: list, bc2_sqrt: Any):
+        """The new moments and the denominator (elementwise per leaf)."""
         if maximize:
             g = list(_foreach.neg(g))
         if weight_decay and not decoupled:
             g = list(_foreach.add(g, p, alpha=weight_decay))
-        if inplace:  # the same arithmetic, into the old moments
-            torch._foreach_lerp_(mu, g, 1 - b1)
-            torch._foreach_mul_(nu, b2)
-            torch._foreach_add_(nu, torch._foreach_mul(g, g), alpha=1 - b2)
-        else:
-            mu = list(_foreach.lerp(mu, g, 1 - b1))
-            nu = list(_foreach.add(_foreach.mul(nu, b2), _foreach.mul(g, g), alpha=1 - b2))
+        mu = list(_foreach.lerp(mu, g, 1 - b1))
+        nu = list(_foreach.add(_foreach.mul(nu, b2), _foreach.mul(g, g), alpha=1 - b2))
         new = [mu, nu]
         v = nu
         if amsgrad:
-            if inplace:
-                torch._foreach_maximum_(nu_max[0], nu)
-                v = nu_max[0]
-            else:
-                v = list(_foreach.maximum(nu_max[0], nu))
+            v = list(_foreach.maximum(nu_max[0], nu))
             new.append(v)
         sqrt_v = list(_foreach.sqrt(v))
         denom = _foreach.add(
@@ -360,20 +333,9 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
         _same_spec(spec, pspec)
         size = -lr_t / bc1
 
-        def kernel(g: list, p: list, *moments: list, inplace: bool = False):
-            new, denom = moments_of(g, p, *moments, bc2_sqrt=bc2_sqrt, inplace=inplace)
+        def kernel(g: list, p: list, *moments: list):
+            new, denom = moments_of(g, p, *moments, bc2_sqrt=bc2_sqrt)
             mu = new[0]
-            if inplace:
-                if isinstance(size, torch.Tensor):
-                    for pi, m, d in zip(p, mu, denom):
-                        if decoupled and weight_decay:
-                            pi.mul_(1 - lr_t * weight_decay)
-                        pi.add_(size * (m / d))
-                else:
-                    if decoupled and weight_decay:
-                        torch._foreach_mul_(p, 1 - lr_t * weight_decay)
-                    torch._foreach_addcdiv_(p, mu, denom, value=size)
-                return (p, *new)
             if isinstance(size, torch.Tensor):
                 out = [pi * (1 - lr_t * weight_decay) if decoupled and weight_decay else pi
                        for pi in p]

@@ -85,13 +85,8 @@ def pmap(fun: Any = None, axis_name: Any = None, *, in_axes: Any = 0, out_axes: 
         devices: the devices to use (default: the first ``n`` local devices, ``n`` the
             mapped size).
         axis_size: the global mapped size, checked against the arguments.
-        donate_argnums: positional arguments the caller will not use again, as in JAX:
-            funcdp may write results into their tensors. ``opt.step(...,
-            axis_name=...)`` then updates donated parameters and optimizer state in place
-            (on CPU devices, where the devices share one update), saving a copy of them
-            per step and its memory traffic. Afterwards the donated tensors may hold the
-            new values: use the returned ones. Tensors that another argument also uses
-            are not donated.
+        donate_argnums: arguments the caller will not use again (accepted for
+            compatibility; funcdp never mutates inputs either way).
 
     Returns:
         The mapped function. With a mapped size ``n`` larger than the number of devices
@@ -225,8 +220,6 @@ class Pmapped:
         call = _Call(plan, fun, statics, leaves)
         if _needs_autograd(leaves):
             return call.run_differentiable()
-        if self._donate:
-            call.donated = _donated(args, kwargs, self._donate, self._statics)
         return call.run()
 
     # -- static arguments ------------------------------------------------------------
@@ -576,7 +569,6 @@ class _Call:
         self.track: list[bool] = []
         self.seeds: Any = None
         self.inline: Inline | None = None
-        self.donated: frozenset[int] = frozenset()
 
     # -- inputs ------------------------------------------------------------------------
     def _device_inputs(self, leaves: list) -> list[list]:
@@ -665,8 +657,7 @@ class _Call:
         def per_device(i: int) -> Any:
             coord = coords[i]
             # A dict per device: a device running several shards rebinds its name.
-            frame = axes_mod.PmapFrame(dict(names), mesh, coord, plan.devices[i].torch_device,
-                                       self.donated)
+            frame = axes_mod.PmapFrame(dict(names), mesh, coord, plan.devices[i].torch_device)
             frames = axes_mod.frames()  # (``with axes_mod.bind(frame)``, written out)
             frames.append(frame)
             try:
@@ -1233,24 +1224,6 @@ def _merge_statics(args: Sequence[Any], statics: tuple) -> tuple:
     for j, v in statics:
         out.insert(j, v)
     return tuple(out)
-
-
-def _donated(args: tuple, kwargs: dict, donate: tuple[int, ...],
-             statics: tuple[int, ...]) -> frozenset[int]:
-    """ids of the CPU tensors of the donated positional arguments whose memory no other
-    argument uses (a tensor passed both donated and not is not donated)."""
-    given: list[torch.Tensor] = []
-    kept: set[int] = set()
-    for i, a in enumerate((*args, kwargs)):
-        if i in statics:
-            continue
-        for t in tree_util.tree_leaves(a):
-            if type(t) is torch.Tensor and t.device.type == "cpu":
-                if i < len(args) and i in donate:
-                    given.append(t)
-                else:
-                    kept.add(t.untyped_storage().data_ptr())
-    return frozenset(id(t) for t in given if t.untyped_storage().data_ptr() not in kept)
 
 
 def _broadcast(x: Any, devices: list[Device]) -> list:

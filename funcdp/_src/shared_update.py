@@ -49,10 +49,7 @@ def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lis
     Args:
         kernel: maps aligned lists of tensors (leaf ``j`` of every list belongs together)
             to a tuple of lists; it must be elementwise, so that it can run on any slice
-            of the leaves' elements. Called with ``inplace=True`` it must instead write
-            each output list into the tensors of its ``like`` input list (same arithmetic)
-            and return those: the shared update does so when those inputs were donated
-            to the pmap call (``donate_argnums``).
+            of the leaves' elements.
         inputs: the input lists, replicated over ``axis_name``.
         like: for each output list, the input list whose leaves it is shaped like.
         axis_name: the axis the inputs are replicated over, or None (compute locally).
@@ -78,9 +75,7 @@ def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lis
             for j, t in zip(small, o):
                 outs[k][j] = t
     payload = [[lst[j] for j in big] for lst in inputs]
-    inplace = bool(frame.donated) and _writable(payload, like, frame.donated)
-    shared = _exchange(kernel, payload, like, comps, frame, f"{call}(axis_name={axis_name!r})",
-                       inplace)
+    shared = _exchange(kernel, payload, like, comps, frame, f"{call}(axis_name={axis_name!r})")
     done = shared if shared is not None else local(payload)
     for k, o in enumerate(done):
         for j, t in zip(big, o):
@@ -103,24 +98,8 @@ def _plain(inputs: Lists, big: list[int]) -> bool:
     return True
 
 
-def _writable(payload: list[list[torch.Tensor]], like: Sequence[int],
-              donated: frozenset[int]) -> bool:
-    """Whether the update may be written into its ``like`` inputs: all donated, dense,
-    writable, and no two of them (or one of them and another input) sharing memory."""
-    mem = set()
-    for k in like:
-        for t in payload[k]:
-            if id(t) not in donated or not t.is_contiguous() or t.is_inference():
-                return False
-            mem.add(t.untyped_storage().data_ptr())
-    if len(mem) != len(like) * len(payload[like[0]]):
-        return False
-    return not any(t.untyped_storage().data_ptr() in mem
-                   for k, lst in enumerate(payload) if k not in like for t in lst)
-
-
 def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], comps: tuple,
-              frame: Any, call: str, inplace: bool = False) -> list[list[torch.Tensor]] | None:
+              frame: Any, call: str) -> list[list[torch.Tensor]] | None:
     mesh = frame.mesh
     coord = frame.coord
     mesh_axes = tuple(c.axis for c in comps)
@@ -158,10 +137,7 @@ def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], co
     def chunked(items: list, result: Any, r: int, n: int) -> None:
         if result is None or not mine[r]:
             return
-        # In place only here: the round checked that all devices passed the very same
-        # tensors, and each leaf is updated by one device.
-        lists = [[lst[j] for j in mine[r]] for lst in items[r]]
-        outs = kernel(*lists, inplace=True) if inplace else kernel(*lists)
+        outs = kernel(*[[lst[j] for j in mine[r]] for lst in items[r]])
         for k, new in enumerate(outs):
             for j, t in zip(mine[r], new):
                 result[k][j] = t
