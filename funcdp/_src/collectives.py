@@ -326,6 +326,15 @@ def _coord_of(coord: tuple, mesh_axes: tuple, sizes: list[int], index: int) -> t
     return tuple(c)
 
 
+HAS_STORAGE_USES = hasattr(torch._C, "_storage_Use_Count")
+
+
+def storage_uses(t: torch.Tensor) -> int:
+    """How many holders ``t``'s storage has: its tensors, plus the temporary storage
+    object this call makes (needs ``HAS_STORAGE_USES``)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
 class _BufferPool:
     """Reuses the CPU output buffers of reductions once nothing refers to them any more.
 
@@ -341,7 +350,7 @@ class _BufferPool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._free: dict[tuple, list[torch.Tensor]] = {}
-        self._enabled = hasattr(torch._C, "_storage_Use_Count")
+        self._enabled = HAS_STORAGE_USES
 
     def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
         if not self._enabled or numel < _POOL_MIN_NUMEL:
@@ -351,7 +360,7 @@ class _BufferPool:
             bufs = self._free.setdefault(key, [])
             for buf in bufs:
                 # The pool's tensor and the temporary storage object: nobody else.
-                if torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2:
+                if storage_uses(buf) <= 2:
                     # A new view, made under the lock, marks the buffer as taken at once.
                     return buf.view(numel)
             buf = torch.empty(numel, dtype=dtype)

@@ -14,7 +14,8 @@ from torch._C import _functorch
 
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import internal, public
-from funcdp._src.collectives import _reduction
+from funcdp._src.collectives import _PARALLEL_MIN_NUMEL, HAS_STORAGE_USES, _reduction
+from funcdp._src.collectives import storage_uses as _storage_uses
 from funcdp._src.transform_util import a_type
 
 
@@ -58,9 +59,9 @@ def value_and_grad(fun: Callable, axis_name: Any = None, *, argnums: int | tuple
         (tensor([5., 5.]), tensor([10., 10.]))
     """
     gv = torch.func.grad_and_value(fun, argnums=argnums, has_aux=has_aux)
-    fast: Callable | None = functools.partial(_by_autograd, fun, argnums, has_aux)
-    if compile is not False:
-        fast = None  # the compiled torch.func function is the fast one
+    # (Compiled, the torch.func function is the fast one.)
+    fast = (functools.partial(_by_autograd, fun, argnums, has_aux) if compile is False
+            else None)
     if compile is True:
         gv = torch.compile(gv)
     elif isinstance(compile, dict):
@@ -233,9 +234,13 @@ class _Graph:
 @internal
 def _pmean_owned(value: Any, grads: Any, axis_name: Any) -> tuple[Any, Any]:
     """``pmean((value, grads), axis_name)``, free to write the result into the gradients
-    that only this call refers to (fresh from ``torch.func``), instead of a new buffer."""
+    that only this call refers to (fresh from the backward pass), instead of a new buffer.
+    (Only a reduction large enough to be computed in parallel does; smaller ones skip the
+    ownership check, which costs tens of microseconds.)"""
+    leaves = tree_util.tree_leaves(grads)
+    big = sum(t.numel() for t in leaves if isinstance(t, torch.Tensor)) >= _PARALLEL_MIN_NUMEL
     return _reduction("pmean", (value, grads), axis_name, None, "pmean",
-                      _sole(tree_util.tree_leaves(grads)))
+                      _sole(leaves) if big else frozenset())
 
 
 def _sole(leaves: list) -> frozenset[int]:
@@ -249,7 +254,7 @@ def _sole(leaves: list) -> frozenset[int]:
     parameters. Those have more references than probe tensors held the same way (or
     memory torch did not allocate), and are left alone.
     """
-    if _functorch.maybe_current_level() is not None:
+    if _functorch.maybe_current_level() is not None or not HAS_STORAGE_USES:
         return frozenset()  # wrapped tensors (and the reduction is not the direct one)
     ref, uses, view_uses, base_ref = _probe()
     sole = []
@@ -275,9 +280,6 @@ def _probe() -> tuple[int, int, int, int]:
     return (_refcounts(list(box))[0], _storage_uses(box[0]), _storage_uses(view),
             sys.getrefcount(view._base))
 
-
-def _storage_uses(t: torch.Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
 
 
 def _refcounts(xs: list) -> list[int]:
