@@ -51,7 +51,8 @@ def plan(quick: bool, have_jax: bool) -> list[tuple[str, str, str, dict]]:
 PART_LABELS = {"torch_module": "torch nn.Module+optim", "torch_func": "torch.func",
                "funcdp_x1": "funcdp pmap x1", "funcdp_x2": "funcdp pmap x2",
                "funcdp_x4": "funcdp pmap x4",
-               "funcdp_x2_compiled": "funcdp pmap x2 + torch.compile"}
+               "funcdp_x2_compiled": "funcdp pmap x2 + torch.compile",
+               "threads_x2": "hand-written threads x2"}
 
 
 def expand(label: str, res: dict) -> dict[str, dict]:
@@ -172,6 +173,16 @@ TARGETS = [
 ]
 
 
+# Not targets: where the targets' limits lie. A data-parallel step written by hand for two
+# threads, with no framework, is the most threads can give (see docs/performance.md).
+INFO = [
+    ("MLP step, hand-written threads x2 vs single-process torch (the ceiling of threads)",
+     "hand-written threads x2 (mlp)", "torch nn.Module+optim (mlp)"),
+    ("MLP step, funcdp x2 vs hand-written threads x2 (what funcdp's framework costs)",
+     "funcdp pmap x2 (mlp)", "hand-written threads x2 (mlp)"),
+]
+
+
 def build_report(results: dict, have_jax: bool) -> dict:
     def sps(label: str) -> float | None:
         r = results.get(label)
@@ -184,7 +195,7 @@ def build_report(results: dict, have_jax: bool) -> dict:
         base = sps(f"torch nn.Module+optim ({wl})")
         ratio = f"{r['steps_per_s'] / base:.2f}x" if base and label.endswith(f"({wl})") else ""
         # Configurations sharing a process share its peak memory: shown for separate ones.
-        rss = "" if r.get("config", "").startswith(("torch_", "funcdp_x")) else (
+        rss = "" if r.get("config", "").startswith(("torch_", "funcdp_x", "threads_x")) else (
             f"{r['peak_rss_mb']:.0f}")
         lines.append(f"| {label} | {r['ms_per_step']:.3f} | {r['steps_per_s']:.1f} | {ratio} | "
                      f"{rss} | {'yes' if r.get('agrees', True) else 'NO'} |")
@@ -199,6 +210,10 @@ def build_report(results: dict, have_jax: bool) -> dict:
         targets.append({"target": desc, "ratio": ratio, "goal": goal, "met": ratio >= goal})
         target_rows.append(f"| {desc} | {ratio:.2f}x | {goal:.2f}x | "
                            f"{'yes' if ratio >= goal else 'no'} |")
+    for desc, num, den in INFO:
+        a, b = sps(num), sps(den)
+        if a is not None and b is not None:
+            target_rows.append(f"| {desc} | {a / b:.2f}x | - | - |")
     jovh = results.get("jax.pmap x2 call overhead")
     for label, what in (("funcdp pmap x2 call overhead", "tensor input"),
                         ("funcdp pmap x2 call overhead, sharded input",
@@ -232,7 +247,8 @@ def build_report(results: dict, have_jax: bool) -> dict:
 
 def _order(label: str) -> tuple:
     keys = ["torch nn.Module", "torch.func", "funcdp pmap x1 (", "funcdp pmap x2 (",
-            "funcdp pmap x2 + torch.compile", "funcdp pmap x4 (", "DDP", "jax.pmap x2 (",
+            "funcdp pmap x2 + torch.compile", "funcdp pmap x4 (", "hand-written threads",
+            "DDP", "jax.pmap x2 (",
             "funcdp pmap x2 call", "jax.pmap x2 call", "funcdp psum",
             "funcdp pmap x1 (mlp, memory)", "funcdp pmap x8"]
     wl = 0 if "(mlp" in label else 1 if "(tiny" in label else 2

@@ -80,6 +80,85 @@ def torch_func_step(workload: str):
     return step
 
 
+class _ThreadsStep:
+    """The ceiling of thread-based data parallelism: the step written by hand for ``n``
+    threads (the calling thread is device 0), with nothing of funcdp's.
+
+    Each thread computes its shard's gradient with ``torch.autograd`` on one intra-op
+    thread; after a barrier each averages and applies SGD to its ``1/n`` of every
+    parameter's elements (into new tensors), and a second barrier hands back the new
+    parameters. No checks, no pytrees, no random routing, no error handling: what
+    funcdp's framework costs is the difference between this and funcdp's own step.
+    """
+
+    def __init__(self, workload: str, n: int) -> None:
+        import threading
+
+        self.n = n
+        self.lr = WORKLOADS[workload]["lr"]
+        self.per = WORKLOADS[workload]["batch"] // n
+        self.params = [p.detach() for p in make_model(workload).parameters()]
+        self.data = [make_data(workload, i) for i in range(8)]
+        self.barrier = threading.Barrier(n)
+        self.grads: list = [None] * n
+        self.losses: list = [None] * n
+        self.go = [threading.Semaphore(0) for _ in range(n)]
+        self.done = threading.Semaphore(0)
+        self.i = 0
+        self.new: list = []
+        # (A thread's first torch call takes the thread count last set by any thread: the
+        # calling thread takes its own before the workers set theirs to 1.)
+        torch.get_num_threads()
+        for d in range(1, n):
+            threading.Thread(target=self._worker, args=(d,), daemon=True).start()
+
+    def _worker(self, d: int) -> None:
+        torch.set_num_threads(1)
+        while True:
+            self.go[d].acquire()
+            self._device(d)
+            self.done.release()
+
+    def _device(self, d: int) -> None:
+        x, y = self.data[self.i % 8]
+        x, y = x[d * self.per:(d + 1) * self.per], y[d * self.per:(d + 1) * self.per]
+        ps = [p.detach().requires_grad_() for p in self.params]
+        h = x
+        for j in range(0, len(ps), 2):
+            h = nn.functional.linear(h, ps[j], ps[j + 1])
+            if j + 2 < len(ps):
+                h = torch.relu(h)
+        loss = nn.functional.cross_entropy(h, y)
+        self.grads[d] = torch.autograd.grad(loss, ps)
+        self.losses[d] = loss.detach()
+        self.barrier.wait()
+        for j, p in enumerate(self.params):
+            numel = p.numel()
+            part = slice(numel * d // self.n, numel * (d + 1) // self.n)
+            acc = self.grads[0][j].view(-1)[part]
+            for k in range(1, self.n):
+                acc.add_(self.grads[k][j].view(-1)[part])
+            acc.div_(self.n)
+            torch.add(p.view(-1)[part], acc, alpha=-self.lr, out=self.new[j].view(-1)[part])
+        self.barrier.wait()
+
+    def __call__(self, i: int) -> float:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self.i = i
+            self.new = [torch.empty_like(p) for p in self.params]
+            for d in range(1, self.n):
+                self.go[d].release()
+            self._device(0)
+            for _ in range(1, self.n):
+                self.done.acquire()
+        finally:
+            torch.set_num_threads(threads)
+        self.params = self.new
+        return float(sum(self.losses) / self.n)
+
+
 def funcdp_step(workload: str, n: int | None = None, compiled: bool = False):
     import funcdp
     from funcdp import optim
@@ -141,6 +220,7 @@ def single_process(workload: str, quick: bool) -> dict:
              "torch_func": torch_func_step(workload)}
     for n in (1, 2, 4):
         steps[f"funcdp_x{n}"] = funcdp_step(workload, n)
+    steps["threads_x2"] = _ThreadsStep(workload, 2)
     skipped = None
     if workload == "mlp" and not quick:
         try:  # needs a C++ compiler; compiles during the warm-up (~20 s)
