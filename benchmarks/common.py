@@ -17,6 +17,8 @@ from torch import nn
 WORKLOADS = {
     "mlp": {"sizes": [784, 1024, 1024, 10], "batch": 256, "lr": 0.01},
     "tiny": {"sizes": [32, 32, 10], "batch": 16, "lr": 0.01},
+    # Many small layers (102 parameter tensors): a step whose cost is Python, not kernels.
+    "deep": {"sizes": [64] * 51 + [10], "batch": 32, "lr": 0.01},
 }
 
 

@@ -23,10 +23,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
+# The workloads, in the order of the tables and the chart's panels.
+WORKLOAD_TITLES = {"mlp": "MLP 784-1024-1024-10, batch 256",
+                   "tiny": "MLP 32-32-10, batch 16",
+                   "deep": "MLP of 51 layers of width 64, batch 32"}
+
+
 # (label, config, workload, extra environment)
 def plan(quick: bool, have_jax: bool) -> list[tuple[str, str, str, dict]]:
     runs = []
-    for wl in ("mlp", "tiny"):
+    for wl in WORKLOAD_TITLES:
         # torch, torch.func and funcdp x1/x2/x4 share one process, windows interleaved.
         runs.append((f"single process ({wl})", "single_process", wl,
                      {"FUNCDP_NUM_CPU_DEVICES": "4"}))
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
 
 def check_agreement(results: dict) -> bool:
     ok = True
-    for wl in ("mlp", "tiny"):
+    for wl in WORKLOAD_TITLES:
         ref = results.get(f"torch nn.Module+optim ({wl})")
         if ref is None:
             continue
@@ -251,7 +257,8 @@ def _order(label: str) -> tuple:
             "DDP", "jax.pmap x2 (",
             "funcdp pmap x2 call", "jax.pmap x2 call", "funcdp psum",
             "funcdp pmap x1 (mlp, memory)", "funcdp pmap x8"]
-    wl = 0 if "(mlp" in label else 1 if "(tiny" in label else 2
+    wl = next((i for i, w in enumerate(WORKLOAD_TITLES) if f"({w}" in label),
+              len(WORKLOAD_TITLES))
     rank = next((i for i, k in enumerate(keys) if label.startswith(k)), len(keys))
     return (wl, rank, label)
 
@@ -274,8 +281,8 @@ def chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, wl in zip(axes, ("mlp", "tiny")):
+    fig, axes = plt.subplots(1, len(WORKLOAD_TITLES), figsize=(16, 4))
+    for ax, wl in zip(axes, WORKLOAD_TITLES):
         rows = [(k.replace(f" ({wl})", ""), v["steps_per_s"]) for k, v in results.items()
                 if k.endswith(f"({wl})")]
         names = [r[0] for r in rows]
@@ -284,8 +291,7 @@ def chart(results: dict, path: Path) -> None:
         ax.barh(names, vals, color=colors)
         ax.invert_yaxis()
         ax.set_xlabel("steps / s (higher is better)")
-        ax.set_title({"mlp": "MLP 784-1024-1024-10, batch 256",
-                      "tiny": "MLP 32-32-10, batch 16"}[wl])
+        ax.set_title(WORKLOAD_TITLES[wl])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

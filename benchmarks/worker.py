@@ -33,6 +33,9 @@ def scaled(s: dict, workload: str) -> dict:
     if workload == "tiny":
         s["per_window"] *= 50
         s["warmup"] *= 20
+    elif workload == "deep":
+        s["per_window"] *= 4
+        s["warmup"] *= 4
     return s
 
 

@@ -332,7 +332,13 @@ HAS_STORAGE_USES = hasattr(torch._C, "_storage_Use_Count")
 def storage_uses(t: torch.Tensor) -> int:
     """How many holders ``t``'s storage has: its tensors, plus the temporary storage
     object this call makes (needs ``HAS_STORAGE_USES``)."""
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    return storage_use_count(t.untyped_storage())
+
+
+def storage_use_count(storage: torch.UntypedStorage) -> int:
+    """How many holders a storage has: its tensors, plus ``storage`` itself (a storage
+    object from ``t.untyped_storage()``, which makes one each time)."""
+    return torch._C._storage_Use_Count(storage._cdata)
 
 
 class _BufferPool:

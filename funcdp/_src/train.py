@@ -12,9 +12,11 @@ import torch.autograd.forward_ad as _fwad
 import torch.utils._pytree as _pt
 from torch._C import _functorch
 
+from funcdp._src import axes as axes_mod
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import internal, public
 from funcdp._src.collectives import _PARALLEL_MIN_NUMEL, HAS_STORAGE_USES, _reduction
+from funcdp._src.collectives import storage_use_count as _storage_use_count
 from funcdp._src.collectives import storage_uses as _storage_uses
 from funcdp._src.transform_util import a_type
 
@@ -88,6 +90,9 @@ def value_and_grad(fun: Callable, axis_name: Any = None, *, argnums: int | tuple
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# The autograd node of a leaf tensor (its ``variable``); only these nodes have one.
+_ACCUMULATE_GRAD: Any = type(torch.ones(1, requires_grad=True).expand(1).grad_fn
+                             .next_functions[0][0])  # type: ignore[union-attr]
 
 
 def _by_autograd(fun: Callable, argnums: Any, has_aux: bool, args: tuple,
@@ -107,6 +112,21 @@ def _by_autograd(fun: Callable, argnums: Any, has_aux: bool, args: tuple,
     are then made with ``create_graph``); everything else is detached, as ``torch.func``
     unwraps it. Errors are ``torch.func``'s, raised at the same points.
     """
+    prepared = _prepare(argnums, args, kwargs)
+    if prepared is None:
+        return None
+    new_args, graph, xs, diff = prepared
+    with torch.enable_grad():
+        # The loss function runs under the modes in effect (inside pmap, the device's
+        # random routing); the bookkeeping around it, a few tensor calls per
+        # differentiated leaf, runs without that mode (see ``internal``).
+        return _finish(fun(*new_args, **kwargs), graph, xs, diff, argnums, has_aux)
+
+
+@internal
+def _prepare(argnums: Any, args: tuple, kwargs: dict) -> tuple | None:
+    """``_by_autograd``'s checks, and the aliases of the differentiated leaves that
+    require grad: ``(new_args, graph, xs, diff)``, or None where torch.func is needed."""
     if _functorch.maybe_current_level() is not None or torch.is_inference_mode_enabled():
         return None
     nums = (argnums,) if type(argnums) is int else argnums
@@ -131,20 +151,26 @@ def _by_autograd(fun: Callable, argnums: Any, has_aux: bool, args: tuple,
         mine = [graph.own(t) for t in leaves]
         xs += mine
         new_args[i] = tree_util.tree_unflatten(mine, spec)
-    with torch.enable_grad():
-        out = fun(*new_args, **kwargs)
-        loss, aux = _split_output(out, has_aux)
-        if any(x.grad is not None for x in xs):
-            raise RuntimeError(
-                "value_and_grad: the loss function called backward() on a result that "
-                "depends on the differentiated arguments; as inside torch.func transforms, "
-                "that is not supported. Return the loss instead: value_and_grad computes "
-                "the gradients.")
-        aux_leaves = _pt.tree_leaves(aux) if has_aux else []
-        keep = graph.recording and (graph.reaches_outer(loss)
-                                    or any(graph.reaches_outer(a) for a in aux_leaves))
-        found = (torch.autograd.grad(loss, xs, allow_unused=True, create_graph=keep)
-                 if loss.requires_grad else (None,) * len(xs))
+    return new_args, graph, xs, diff
+
+
+@internal
+def _finish(out: Any, graph: _Graph, xs: list[torch.Tensor], diff: list, argnums: Any,
+            has_aux: bool) -> tuple[Any, Any]:
+    """The gradients of the loss function's output ``out``, as ``_by_autograd`` returns
+    them (called with grad mode on)."""
+    loss, aux = _split_output(out, has_aux)
+    if any(x.grad is not None for x in xs):
+        raise RuntimeError(
+            "value_and_grad: the loss function called backward() on a result that "
+            "depends on the differentiated arguments; as inside torch.func transforms, "
+            "that is not supported. Return the loss instead: value_and_grad computes "
+            "the gradients.")
+    aux_leaves = _pt.tree_leaves(aux) if has_aux else []
+    keep = graph.recording and (graph.reaches_outer(loss)
+                                or any(graph.reaches_outer(a) for a in aux_leaves))
+    found = (torch.autograd.grad(loss, xs, allow_unused=True, create_graph=keep)
+             if loss.requires_grad else (None,) * len(xs))
     grads = [torch.zeros_like(x) if g is None else graph.unwrap(g) if keep else g
              for g, x in zip(found, xs)]
     value = graph.unwrap(loss)
@@ -197,22 +223,25 @@ class _Graph:
         return x
 
     def reaches_outer(self, t: Any) -> bool:
-        fn = t.grad_fn if isinstance(t, torch.Tensor) else None
+        fn: Any = t.grad_fn if isinstance(t, torch.Tensor) else None
         if fn is None:
             return (isinstance(t, torch.Tensor) and t.requires_grad
                     and id(t) not in self.originals)
+        originals, inner = self.originals, self.inner
         seen: set[Any] = set()
         stack: list[Any] = [fn]
-        while stack:
+        while stack:  # (a node or two per layer of the model: kept lean)
             fn = stack.pop()
-            if fn is None or fn in seen or fn in self.inner:
+            if fn in seen or fn in inner:
                 continue
             seen.add(fn)
-            var = getattr(fn, "variable", None)  # an AccumulateGrad node: a leaf
-            if var is not None and id(var) not in self.originals:
-                return True
-            stack.extend(f for f, _ in fn.next_functions)
-        self.inner |= seen
+            if type(fn) is _ACCUMULATE_GRAD:  # a leaf
+                var = fn.variable
+                if var is not None and id(var) not in originals:
+                    return True
+                continue
+            stack += [f for f, _ in fn.next_functions if f is not None]
+        inner |= seen
         return False
 
     def unwrap(self, x: Any) -> Any:
@@ -238,7 +267,10 @@ def _pmean_owned(value: Any, grads: Any, axis_name: Any) -> tuple[Any, Any]:
     (Only a reduction large enough to be computed in parallel does; smaller ones skip the
     ownership check, which costs tens of microseconds.)"""
     leaves = tree_util.tree_leaves(grads)
-    big = sum(t.numel() for t in leaves if isinstance(t, torch.Tensor)) >= _PARALLEL_MIN_NUMEL
+    # (Over one participant the average is the identity: nothing is written.)
+    big = (axes_mod.size_of(axes_mod.resolve(axis_name, "pmean")[0]) > 1
+           and sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
+           >= _PARALLEL_MIN_NUMEL)
     return _reduction("pmean", (value, grads), axis_name, None, "pmean",
                       _sole(leaves) if big else frozenset())
 
@@ -261,10 +293,12 @@ def _sole(leaves: list) -> frozenset[int]:
     for t, n in zip(leaves, _refcounts(leaves)):
         # (Memory torch did not allocate, such as a NumPy array's, is never anyone's
         # alone: its storage is not resizable.)
-        if (n != ref or type(t) is not torch.Tensor or t.device.type != "cpu"
-                or not t.untyped_storage().resizable()):
+        if n != ref or type(t) is not torch.Tensor or not t.is_cpu:
             continue
-        u = _storage_uses(t)
+        storage = t.untyped_storage()
+        if not storage.resizable():
+            continue
+        u = _storage_use_count(storage)
         if u == uses if not t._is_view() else (
                 u == view_uses and sys.getrefcount(t._base) == base_ref):
             sole.append(id(t))
