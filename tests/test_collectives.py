@@ -575,3 +575,40 @@ def test_large_reductions_split_between_devices(sizes, transposed, n, op, seed):
         want = ref(x)
         for i in range(n):
             assert torch.equal(got.to_tensor()[i], want)
+
+
+@given(
+    sizes=st.lists(st.integers(0, 6000), min_size=1, max_size=8),
+    dtypes=st.lists(st.sampled_from([torch.float32, torch.float64, torch.int64]),
+                    min_size=8, max_size=8),
+    n=st.integers(2, 4),
+    op=st.sampled_from(["psum", "pmean"]),
+    seed=st.integers(0, 2**16),
+)
+def test_split_reductions_match_a_sequential_sum_bit_for_bit(sizes, dtypes, n, op, seed):
+    # Each device sums its range of the leaves; its small whole leaves together, one
+    # multi-tensor kernel per step. The result must be the sum in device order, then the
+    # division of pmean (a multiplication by 1/n where that is exact), to the bit: with
+    # real-valued floats (not small integers), any other order or rounding shows.
+    gen = torch.Generator().manual_seed(seed)
+    leaves = []
+    for k, numel in enumerate(sizes):
+        dt = dtypes[k] if op == "psum" else (torch.float64 if k % 2 else torch.float32)
+        leaves.append(torch.randn(n, numel, generator=gen).to(dt) if dt.is_floating_point
+                      else torch.randint(-100, 100, (n, numel), generator=gen))
+    old = collectives._PARALLEL_MIN_NUMEL
+    collectives._PARALLEL_MIN_NUMEL = 1
+    try:
+        out = funcdp.pmap(lambda *xs: getattr(funcdp, op)(list(xs), AX), axis_name=AX,
+                          devices=funcdp.local_devices()[:n])(*leaves)
+    finally:
+        collectives._PARALLEL_MIN_NUMEL = old
+    for got, x in zip(out, leaves):
+        want = x[0] + x[1]
+        for i in range(2, n):
+            want = want + x[i]
+        if op == "pmean":
+            want = want * (1.0 / n) if n & (n - 1) == 0 else want / n
+        for i in range(n):
+            assert got.to_tensor()[i].dtype == want.dtype
+            assert torch.equal(got.to_tensor()[i], want)

@@ -460,20 +460,50 @@ def _chunked_reduce(op: str, scale: float | None):
         lo = total * rank // size
         hi = total * (rank + 1) // size
         start = 0
+        small: list[int] = []
         for li, o in enumerate(outs):
             n = o.numel()
             a, b = max(lo, start), min(hi, start + n)
             if a == start and b == start + n:
                 # A whole leaf: one kernel on the tensors as they are (each slicing op
                 # costs as much as a small reduction, and more while devices share the GIL).
-                _fold_into(op, o, [it[li] for it in items], scale)
+                if op == "psum" and n <= _BATCH_MAX_NUMEL:
+                    small.append(li)
+                else:
+                    _fold_into(op, o, [it[li] for it in items], scale)
             elif a < b:
                 dst = o.view(-1)[a - start:b - start]
                 srcs = [it[li].reshape(-1)[a - start:b - start] for it in items]
                 _fold_into(op, dst, srcs, scale)
             start += n
+        if small:
+            _sum_into_many([outs[li] for li in small], [[it[li] for li in small] for it in items],
+                           scale)
 
     return run
+
+
+# Whole leaves up to this size are summed together, one multi-tensor kernel per step for
+# all of them: for small leaves (a model's biases, or every tensor of a model of many
+# small layers) the cost of a kernel call is more than its work.
+_BATCH_MAX_NUMEL = 1 << 14
+
+
+def _sum_into_many(dsts: list[torch.Tensor], srcs: list[list[torch.Tensor]],
+                   scale: float | None) -> None:
+    """``_fold_into("psum", dsts[j], [s[j] for s in srcs], scale)`` for every ``j``: the
+    same additions in the same order, and the same scaling, so the same bits."""
+    copies = [(d, s) for d, s in zip(dsts, srcs[0]) if d is not s]
+    if copies:
+        torch._foreach_copy_([d for d, _ in copies], [s for _, s in copies])
+    for other in srcs[1:]:
+        torch._foreach_add_(dsts, other)
+    if scale is not None:
+        n = round(1.0 / scale)
+        if n & (n - 1) == 0:  # as _scaled
+            torch._foreach_mul_(dsts, scale)
+        else:
+            torch._foreach_div_(dsts, n)
 
 
 def _fold_into(op: str, dst: torch.Tensor, srcs: list[torch.Tensor],
