@@ -605,8 +605,12 @@ def _take(spec: Spec, dev_pos: list[int], result, rank: int, coord: tuple, comps
     if op in _SHARED_OPS:
         # Inference tensors carry no version counter, so writes to a shared one could not
         # be detected: under inference mode every device gets its own copy.
-        return [t.clone() if t.numel() <= _COPY_MAX_NUMEL or t.is_inference() else t.detach()
-                for t in result]
+        copied = [t.numel() <= _COPY_MAX_NUMEL or t.is_inference() for t in result]
+        if not any(copied):
+            return [t.detach() for t in result]
+        # (One call for all the copies: a model may have hundreds of small leaves.)
+        copies = iter(torch._foreach_clone([t for t, c in zip(result, copied) if c]))
+        return [next(copies) if c else t.detach() for t, c in zip(result, copied)]
     if op in ("ppermute", "all_to_all"):
         return [t.detach() for t in result[rank]]
     if op == "scatter":
