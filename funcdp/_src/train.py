@@ -95,8 +95,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # time; called once per differentiated leaf while pmap's shared level is open).
 _unpack_dual = torch._C._VariableFunctions._unpack_dual
 # The autograd node of a leaf tensor (its ``variable``); only these nodes have one.
-_ACCUMULATE_GRAD: Any = type(torch.ones(1, requires_grad=True).expand(1).grad_fn
-                             .next_functions[0][0])  # type: ignore[union-attr]
+_ACCUMULATE_GRAD: Any = torch._C._functions.AccumulateGrad  # type: ignore[attr-defined]
 
 
 def _by_autograd(fun: Callable, argnums: Any, has_aux: bool, args: tuple,
