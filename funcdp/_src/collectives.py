@@ -444,12 +444,18 @@ def _scale_of(spec: Spec) -> float | None:
     return spec.params[0] if spec.op == "psum" and spec.params else None
 
 
-def _scaled(t: torch.Tensor, scale: float, inplace: bool = False) -> torch.Tensor:
-    """``t / n`` for ``scale == 1 / n``, exactly (``pmean`` is ``psum / n`` to the bit):
-    a multiplication where ``1 / n`` is exact (``n`` a power of two; it is faster), a
-    division otherwise."""
+def _divisor(scale: float) -> tuple[int, bool]:
+    """``n`` for ``scale == 1 / n``, and whether multiplying by ``scale`` divides by ``n``
+    exactly (``n`` a power of two): ``t / n`` is then computed as the faster ``t * scale``
+    (``pmean`` is ``psum / n`` to the bit)."""
     n = round(1.0 / scale)
-    if n & (n - 1) == 0:
+    return n, n & (n - 1) == 0
+
+
+def _scaled(t: torch.Tensor, scale: float, inplace: bool = False) -> torch.Tensor:
+    """``t / n`` for ``scale == 1 / n``, exactly (see ``_divisor``)."""
+    n, by_mul = _divisor(scale)
+    if by_mul:
         return t.mul_(scale) if inplace else t * scale
     return t.div_(n) if inplace else t / n
 
@@ -499,8 +505,8 @@ def _sum_into_many(dsts: list[torch.Tensor], srcs: list[list[torch.Tensor]],
     for other in srcs[1:]:
         torch._foreach_add_(dsts, other)
     if scale is not None:
-        n = round(1.0 / scale)
-        if n & (n - 1) == 0:  # as _scaled
+        n, by_mul = _divisor(scale)
+        if by_mul:
             torch._foreach_mul_(dsts, scale)
         else:
             torch._foreach_div_(dsts, n)

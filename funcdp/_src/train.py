@@ -319,6 +319,5 @@ def _probe() -> tuple[int, int, int, int]:
             sys.getrefcount(view._base))
 
 
-
 def _refcounts(xs: list) -> list[int]:
     return [sys.getrefcount(x) for x in xs]
