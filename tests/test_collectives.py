@@ -8,7 +8,9 @@ random shapes, dtypes and device layouts (including more shards than devices):
 - ``pmap(grad(...))``: each device's gradient of ``(c(x_i) * w_i).sum()`` equals the
   gradient of ``sum_i (ref(X)_i * W_i).sum()`` with respect to ``x_i`` (the pmap
   convention: every device's output is a separate output);
-- ``grad(pmap(...))`` gives the same.
+- ``grad(pmap(...))`` gives the same;
+- forward mode: ``pmap(c)`` on a dual tensor (``forward_ad.dual_level`` around the call)
+  carries the tangent ``jvp(ref)`` gives.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from helpers import assert_trees_close
 from hypothesis import given
 from strategies import device_layout
+from torch.autograd import forward_ad
 from torch.func import grad
 
 import funcdp
@@ -76,6 +79,12 @@ def check(c, ref, x, devs, *, grads=True):
     pf = funcdp.pmap(c, axis_name=AX, devices=devs)
     got_outer = grad(lambda xx: (pf(xx) * w).sum())(xd)
     assert_trees_close(got_outer, want)
+    tangent = torch.randn(xd.shape, dtype=torch.float64)
+    _, want_t = torch.func.jvp(ref, (xd,), (tangent,))
+    with forward_ad.dual_level():
+        got_t = forward_ad.unpack_dual(pf(forward_ad.make_dual(xd, tangent))).tangent
+    assert got_t is not None, "the collective dropped the forward-mode tangent"
+    assert_trees_close(got_t, want_t)
     del n
 
 

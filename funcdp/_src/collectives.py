@@ -35,6 +35,7 @@ from funcdp._src import axes as axes_mod
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import internal, public
 from funcdp._src.axes import DeviceComp, VmapComp
+from funcdp._src.executor import caller_forward_level
 from funcdp._src.rendezvous import Mesh
 from funcdp._src.transform_util import a_type
 
@@ -108,9 +109,20 @@ def _apply(spec: Spec, leaves: list[torch.Tensor],
     """
     if _functorch.maybe_current_level() is None and not (
         torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
-    ):
+    ) and not _has_tangent(leaves):
         return _bottom(spec, leaves, owned)
     return list(_CollectiveFn.apply(spec, *leaves))
+
+
+_unpack_dual = torch._C._VariableFunctions._unpack_dual
+
+
+def _has_tangent(leaves: list[torch.Tensor]) -> bool:
+    """Whether a leaf carries a forward-mode tangent (``forward_ad.make_dual`` under a
+    ``dual_level`` the caller opened); the collective must then run as an
+    ``autograd.Function``, whose ``jvp`` carries the tangents."""
+    level = caller_forward_level()
+    return level >= 0 and any(_unpack_dual(t, level)[1] is not None for t in leaves)
 
 
 # ----------------------------------------------------------------------------------

@@ -438,19 +438,35 @@ def _enter_shared_forward_level() -> int | None:
     closes it after all devices finished) unless the caller has one open already.
     Returns the level it opened, if any.
     """
+    global _own_level
     level = None
     if _fwad._current_level == -1:
-        level = torch._C._enter_dual_level()
+        level = _own_level = torch._C._enter_dual_level()
         _fwad._current_level = level
     _eager.JVP_NESTING += 1
     return level
 
 
 def _exit_shared_forward_level(level: int | None) -> None:
+    global _own_level
     _eager.JVP_NESTING -= 1
     if level is not None:
+        _own_level = -1
         torch._C._exit_dual_level(level=level)
         _fwad._current_level = level - 1
+
+
+# The forward-AD level that funcdp opened for the call in progress, or -1. Tangents at
+# that level come only from the devices' own ``torch.func.jvp``s; a level the caller
+# opened (``forward_ad.dual_level`` around a pmap) may carry tangents on any tensor.
+_own_level = -1
+
+
+def caller_forward_level() -> int:
+    """The forward-AD level open around the current pmap call, if the caller opened it
+    (so that tensors may carry tangents at it), else -1."""
+    level: int = _fwad._current_level
+    return -1 if level == _own_level else level
 
 
 def _collect(done: queue.SimpleQueue, outcomes: list, count: int) -> list[_Outcome]:
