@@ -34,6 +34,7 @@ from funcdp._src.devices import local_devices as local_devices
 from funcdp._src.devices import process_count as process_count
 from funcdp._src.devices import process_index as process_index
 from funcdp._src.pmap import pmap as pmap
+from funcdp._src.random import checkpoint_random_contexts as checkpoint_random_contexts
 from funcdp._src.rendezvous import CollectiveError as CollectiveError
 from funcdp._src.sharded import ShardedValue as ShardedValue
 from funcdp._src.sharded import replicate as replicate
@@ -54,6 +55,7 @@ __all__ = [
     "all_to_all",
     "axis_index",
     "axis_size",
+    "checkpoint_random_contexts",
     "config",
     "device_count",
     "devices",

@@ -216,6 +216,162 @@ def test_collectives_and_optimizer_steps_keep_random_draws_per_device():
     assert torch.equal(new, (0.5 * p).expand(2, -1))
 
 
+class _NoisyBackward(torch.autograd.Function):
+    """The identity, whose backward adds standard normal noise to the gradient."""
+
+    @staticmethod
+    def forward(x):
+        return x * 1.0
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        return g + torch.randn(g.shape, dtype=g.dtype)
+
+
+def _noisy_loss(w, x):
+    return (_NoisyBackward.apply(w) * x).sum()
+
+
+def _hooked_loss(w, x):
+    v = w * 1.0
+    v.register_hook(lambda g: g + torch.randn(g.shape, dtype=g.dtype))
+    return (v * x).sum()
+
+
+def _by_autograd_grad(w, x):
+    w = w.detach().requires_grad_()
+    return torch.autograd.grad(_noisy_loss(w, x), w)[0]
+
+
+def _by_backward(w, x):
+    w = w.detach().requires_grad_()
+    _noisy_loss(w, x).backward()
+    return w.grad
+
+
+_BACKWARDS = {
+    "value_and_grad": lambda w, x: funcdp.value_and_grad(_noisy_loss)(w, x)[1],
+    "value_and_grad, hook": lambda w, x: funcdp.value_and_grad(_hooked_loss)(w, x)[1],
+    "torch.func.grad": lambda w, x: torch.func.grad(_noisy_loss)(w, x),
+    "torch.func.vjp": lambda w, x: torch.func.vjp(lambda v: _noisy_loss(v, x), w)[1](
+        torch.ones((), dtype=w.dtype))[0],
+    "torch.autograd.grad": _by_autograd_grad,
+    "Tensor.backward": _by_backward,
+}
+
+
+@pytest.mark.parametrize("how", sorted(_BACKWARDS))
+def test_random_draws_in_a_backward_pass_come_from_the_device_generator(how):
+    # The gradient of sum(w * x) with x = 1 is 1 + the noise the backward pass draws:
+    # the device's first draw, as a forward pass drawing the same would get it.
+    kw = {"in_axes": (None, 0), "devices": funcdp.local_devices()[:2]}
+    w = torch.zeros(5, dtype=torch.float64)
+    x = torch.ones(2, 5, dtype=torch.float64)
+    torch.manual_seed(11)
+    got = funcdp.pmap(_BACKWARDS[how], **kw)(w, x).to_tensor()
+    torch.manual_seed(11)
+    want = funcdp.pmap(lambda w, x: 1 + torch.randn(5, dtype=w.dtype), **kw)(w, x)
+    assert torch.equal(got, want.to_tensor())
+
+
+def test_random_draws_in_the_backward_pass_of_a_pmap_come_from_the_device_generators():
+    kw = {"in_axes": (None, 0), "devices": funcdp.local_devices()[:2]}
+    f = funcdp.pmap(lambda w, x: _NoisyBackward.apply(w) * x, **kw)
+    x = torch.ones(2, 5, dtype=torch.float64)
+    w = torch.zeros(5, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(4)
+    f(w, x).sum().backward()
+    torch.manual_seed(4)
+    noise = funcdp.pmap(lambda w, x: torch.randn(5, dtype=w.dtype), **kw)(w.detach(), x)
+    assert_trees_close(w.grad, (1 + noise.to_tensor()).sum(0))
+
+
+def _dropout_block(v, w):
+    return F.dropout(torch.tanh(v * w), 0.5) * v
+
+
+def _checkpointed_step(**checkpoint_kw):
+    from torch.utils.checkpoint import checkpoint
+
+    def loss(w, x):
+        if not checkpoint_kw:
+            return _dropout_block(x, w).sum()
+        return checkpoint(_dropout_block, x, w, **checkpoint_kw).sum()
+
+    return funcdp.pmap(funcdp.value_and_grad(loss, "d"), axis_name="d", in_axes=(None, 0),
+                       devices=funcdp.local_devices()[:2])
+
+
+@given(st.integers(0, 2**20), st.sampled_from([None, 0.0]))
+def test_checkpoint_random_contexts_recompute_the_forward_pass_draws(seed, first):
+    # ``first``: the device draws before the checkpointed block (its generator exists).
+    from torch.utils.checkpoint import checkpoint
+
+    def loss(w, x, ck):
+        if first is not None:
+            x = x + F.dropout(torch.ones_like(x), 0.5)
+        if not ck:
+            return _dropout_block(x, w).sum()
+        return checkpoint(_dropout_block, x, w, use_reentrant=False,
+                          context_fn=funcdp.checkpoint_random_contexts).sum()
+
+    kw = {"axis_name": "d", "in_axes": (None, 0, None), "devices": funcdp.local_devices()[:2],
+          "static_broadcasted_argnums": (2,)}
+    x = torch.randn(2, 300, dtype=torch.float64)
+    w = torch.tensor(0.7, dtype=torch.float64)
+    results = []
+    for ck in (False, True):
+        torch.manual_seed(seed)
+        value, g = funcdp.pmap(funcdp.value_and_grad(loss, "d"), **kw)(w, x, ck)
+        results.append((value.to_tensor(), g.to_tensor()))
+    assert torch.equal(results[0][0], results[1][0])
+    assert_trees_close(results[0][1], results[1][1])
+    # The backward pass of the pmap itself (outside the device function) too.
+    outer = funcdp.pmap(lambda w, x, ck: loss(w, x, ck), in_axes=(None, 0, None),
+                        devices=funcdp.local_devices()[:2], static_broadcasted_argnums=(2,))
+    grads = []
+    for ck in (False, True):
+        wr = w.clone().requires_grad_()
+        torch.manual_seed(seed)
+        outer(wr, x, ck).sum().backward()
+        grads.append(wr.grad)
+    assert_trees_close(grads[0], grads[1])
+
+
+def test_checkpoint_without_the_random_contexts_is_an_error_inside_pmap():
+    x = torch.randn(2, 50, dtype=torch.float64)
+    w = torch.tensor(0.7, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="context_fn=funcdp.checkpoint_random_contexts"):
+        _checkpointed_step(use_reentrant=False)(w, x)
+    # Fresh draws asked for: no error (and other masks than the forward pass's).
+    _checkpointed_step(use_reentrant=False, preserve_rng_state=False)(w, x)
+    # The reentrant checkpoint, by .backward() on the device.
+    from torch.utils.checkpoint import checkpoint
+
+    def by_backward(w, x):
+        w = w.detach().requires_grad_()
+        checkpoint(_dropout_block, x, w, use_reentrant=True).sum().backward()
+        return w.grad
+
+    with pytest.raises(RuntimeError, match="context_fn=funcdp.checkpoint_random_contexts"):
+        funcdp.pmap(by_backward, in_axes=(None, 0))(w, x)
+    # Outside pmap, torch's own RNG preservation does the work; the contexts do nothing.
+    from torch.utils.checkpoint import checkpoint as ck
+
+    wr = w.clone().requires_grad_()
+    torch.manual_seed(2)
+    ck(_dropout_block, x, wr, use_reentrant=False,
+       context_fn=funcdp.checkpoint_random_contexts).sum().backward()
+    wp = w.clone().requires_grad_()
+    torch.manual_seed(2)
+    _dropout_block(x, wp).sum().backward()
+    assert_trees_close(wr.grad, wp.grad)
+
+
 def test_randomness_in_named_vmap():
     with pytest.raises(RuntimeError, match="randomness"):
         funcdp.vmap(lambda x: F.dropout(x, 0.5))(torch.ones(3, 4))

@@ -654,6 +654,7 @@ def _take(spec: Spec, dev_pos: list[int], result, rank: int, coord: tuple, comps
 # ----------------------------------------------------------------------------------
 # Transposes
 # ----------------------------------------------------------------------------------
+@internal  # (runs in the backward pass, where the device's random routing is in effect)
 def _transpose(spec: Spec, cts: list, ctx) -> list:
     op = spec.op
     if op == "psum":

@@ -568,6 +568,8 @@ class _Call:
         self.per_device: list | None = None
         self.track: list[bool] = []
         self.seeds: Any = None
+        # Each device's random routing of a recorded call, for its backward pass.
+        self.modes: list = []
         self.inline: Inline | None = None
 
     # -- inputs ------------------------------------------------------------------------
@@ -695,10 +697,13 @@ class _Call:
         # Every device draws random numbers from its own generator, seeded from one base
         # per call (drawn only if some device needs it; reused by recomputations).
         seeds = self.seeds = self.seeds or random_mod.call_seeds()
+        if record:
+            self.modes = [None] * plan.ndev
 
         def work(i: int, frame: Any) -> Any:
             rnd = random_mod.DeviceRandomness(seeds, i, plan.devices[i].torch_device)
             if record:
+                self.modes[i] = rnd
                 # Recording (for a backward pass later) needs grad mode on whatever the
                 # caller's.
                 with torch.enable_grad():
@@ -1065,12 +1070,19 @@ class _Call:
             targets = [ins[p] for p in wanted_leaves]
             if not pairs or not targets:
                 return [None] * len(targets)
-            with torch.enable_grad():
-                # The graph lives as long as the caller's graph does (which may run
-                # backward more than once); it is freed with it.
-                return list(torch.autograd.grad([p[0] for p in pairs], targets,
-                                                [p[1] for p in pairs], allow_unused=True,
-                                                retain_graph=True))
+            # The device's random routing of the forward pass, continued: draws made in
+            # the backward pass (a custom backward, a hook, a checkpoint's recomputation)
+            # come from the device's generator.
+            torch._C._push_on_torch_function_stack(self.modes[i])
+            try:
+                with torch.enable_grad():
+                    # The graph lives as long as the caller's graph does (which may run
+                    # backward more than once); it is freed with it.
+                    return list(torch.autograd.grad([p[0] for p in pairs], targets,
+                                                    [p[1] for p in pairs],
+                                                    allow_unused=True, retain_graph=True))
+            finally:
+                torch._C._pop_torch_function_stack()
 
         # Each device's backward runs on its own worker, with the axis bound again so
         # that the collectives' transposes meet the other devices.

@@ -24,7 +24,9 @@ samplers built on ``torch._standard_gamma`` and friends.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch._functorch import pyfunctorch
 from torch.overrides import TorchFunctionMode
+from torch.utils import checkpoint as _torch_checkpoint
+
+from funcdp._src.api_util import public
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK = (1 << 63) - 1
@@ -229,6 +234,7 @@ class DeviceRandomness(TorchFunctionMode):
         self.index = index
         self.device = device
         self._generator: torch.Generator | None = None
+        self.recomputing = 0  # checkpoint_random_contexts' recomputations in progress
 
     @property
     def generator(self) -> torch.Generator:
@@ -238,15 +244,18 @@ class DeviceRandomness(TorchFunctionMode):
         return self._generator
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _WITH_GENERATOR or func in _DROPOUT:
-            return _route(self, func, args, kwargs or {})
-        return func(*args, **(kwargs or {}))
+        special = _SPECIAL.get(func)
+        if special is None:
+            return func(*args, **(kwargs or {}))
+        return special(self, func, types, args, kwargs or {})
 
 
 @torch.compiler.disable
-def _route(mode: DeviceRandomness, func: Any, args: tuple, kwargs: dict) -> Any:
+def _route(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
     """A random draw on the device's generator. Under torch.compile this is a graph
     break: the draw runs eagerly, so compiled code draws what eager code would."""
+    if mode.recomputing == 0 and torch._C._current_graph_task_id() != -1:
+        _check_not_recomputing_a_checkpoint()
     if func in _WITH_GENERATOR:
         if kwargs.get("generator") is None:
             kwargs = dict(kwargs, generator=mode.generator)
@@ -254,3 +263,139 @@ def _route(mode: DeviceRandomness, func: Any, args: tuple, kwargs: dict) -> Any:
     return _DROPOUT[func](lambda: mode.generator, args, kwargs)
 
 
+
+
+# (torch >= 2.11; before it, backward passes run without the mode, as torch does.)
+_redispatch = getattr(torch.overrides, "redispatch_function", None)
+
+
+def _with_mode_in_backward(mode: DeviceRandomness, func: Any, types: Any, args: tuple,
+                           kwargs: dict) -> Any:
+    """Runs an autograd entry point (``torch.autograd.grad``/``backward``,
+    ``Tensor.backward``) with the device's mode in effect, so that the backward pass runs
+    under it too: draws made there (a custom ``backward``, a gradient hook, a checkpointed
+    forward pass recomputed) come from the device's generator.
+
+    torch's autograd engine runs a backward pass with the torch-function modes in effect
+    where it was started; a mode's ``__torch_function__`` runs with that mode set aside,
+    so calling ``func`` from here would run the backward without it. The mode is put
+    back for the call, which skips the mode once (it would come back here).
+    """
+    if _redispatch is None:
+        return func(*args, **kwargs)
+    _push(mode)
+    try:
+        return _redispatch(func, types, args, kwargs)
+    finally:
+        _pop()
+
+
+_push = torch._C._push_on_torch_function_stack
+_pop = torch._C._pop_torch_function_stack
+
+# What the mode does besides calling the function.
+_SPECIAL: dict[Any, Callable] = {
+    **{f: _route for f in (*_WITH_GENERATOR, *_DROPOUT)},
+    torch.autograd.grad: _with_mode_in_backward,
+    torch.autograd.backward: _with_mode_in_backward,
+    torch.Tensor.backward: _with_mode_in_backward,
+}
+
+
+class _Recompute:
+    """The two contexts of ``checkpoint_random_contexts`` for one checkpointed call."""
+
+    def __init__(self, mode: DeviceRandomness) -> None:
+        self.mode = mode
+        self.state: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def forward(self) -> Any:
+        g = self.mode._generator
+        # (A generator not made yet is made on the first draw, from the call's seed.)
+        self.state = g.get_state() if g is not None else None
+        yield
+
+    @contextlib.contextmanager
+    def recompute(self) -> Any:
+        mode = _active_mode() or self.mode
+        if self.state is None:
+            g = make_generator(mode.device, device_seed(mode.seeds.get(), mode.index))
+        else:
+            g = torch.Generator(device=mode.device)
+            g.set_state(self.state)
+        old = mode._generator
+        mode._generator = g
+        mode.recomputing += 1
+        try:
+            yield
+        finally:
+            mode.recomputing -= 1
+            mode._generator = old
+
+
+@public
+def checkpoint_random_contexts() -> tuple[Any, Any]:
+    """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint`` inside ``pmap``: the
+    recomputed forward pass draws the random numbers (dropout masks) the forward pass drew.
+
+    Inside ``pmap`` every device draws from its own generator (see the randomness section
+    of the composition guide), which torch's checkpoint does not know of: it restores
+    torch's default generator for the recomputation, not the device's. Pass this function
+    as ``context_fn`` (non-reentrant checkpointing); it snapshots the device's generator
+    when the forward pass starts and replays it for the recomputation. Outside ``pmap`` it
+    does nothing, and torch's own ``preserve_rng_state`` does the work. A checkpointed
+    function that draws random numbers inside ``pmap`` without it raises an error when
+    its recomputation draws, rather than training on mismatched masks.
+
+    Returns:
+        The forward pass's and the recomputation's context managers.
+
+    Examples:
+        >>> import torch, funcdp
+        >>> import torch.nn.functional as F
+        >>> from torch.utils.checkpoint import checkpoint
+        >>> def loss(w, x):
+        ...     block = lambda v: F.dropout(torch.tanh(v * w), 0.5)
+        ...     return checkpoint(block, x, use_reentrant=False,
+        ...                       context_fn=funcdp.checkpoint_random_contexts).sum()
+        >>> step = funcdp.pmap(funcdp.value_and_grad(loss, "d"), axis_name="d",
+        ...                    in_axes=(None, 0), devices=funcdp.local_devices()[:2])
+        >>> value, g = step(torch.tensor(1.0), torch.ones(2, 8))
+        >>> g.shape
+        torch.Size([2])
+    """
+    mode = _active_mode()
+    if mode is None:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    r = _Recompute(mode)
+    return r.forward(), r.recompute()
+
+
+# The code of torch.utils.checkpoint's recomputations: the non-reentrant one (a function
+# made inside the checkpoint generator) and the reentrant one (CheckpointFunction.backward).
+_CHECKPOINT_FILE = _torch_checkpoint.__file__
+_RECOMPUTE_NAMES = frozenset({"recompute_fn", "backward"})
+
+
+def _check_not_recomputing_a_checkpoint() -> None:
+    """Raises if a draw in a backward pass comes from torch.utils.checkpoint recomputing a
+    forward pass (which would draw other numbers than the forward pass did)."""
+    f = sys._getframe(2)
+    while f is not None:
+        code = f.f_code
+        if code.co_filename == _CHECKPOINT_FILE and code.co_name in _RECOMPUTE_NAMES:
+            ctx = f.f_locals.get("ctx")
+            preserve = (f.f_locals.get("preserve_rng_state", True) if ctx is None
+                        else getattr(ctx, "preserve_rng_state", True))
+            if not preserve:
+                return  # the caller asked for fresh draws
+            raise RuntimeError(
+                "torch.utils.checkpoint is recomputing a forward pass that draws random "
+                "numbers inside pmap: each device draws from its own generator, which "
+                "torch's checkpoint does not restore, so the recomputation would draw "
+                "other numbers (other dropout masks) than the forward pass and the "
+                "gradients would be wrong. Checkpoint with use_reentrant=False, "
+                "context_fn=funcdp.checkpoint_random_contexts; or pass "
+                "preserve_rng_state=False if fresh draws are what you want.")
+        f = f.f_back

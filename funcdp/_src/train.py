@@ -90,6 +90,12 @@ def value_and_grad(fun: Callable, axis_name: Any = None, *, argnums: int | tuple
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+# torch's autograd engine, as ``torch.autograd.grad`` calls it: ``(outputs, grad_outputs,
+# retain_graph, create_graph, inputs, allow_unused, accumulate_grad)``. Called where the
+# device's random routing is in effect, the backward pass runs under it too.
+_run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None) or (
+    lambda outs, gos, retain, create, inputs, unused, _acc: torch.autograd.grad(
+        outs, inputs, gos, retain_graph=retain, create_graph=create, allow_unused=unused))
 # ``(primal, tangent)`` of a tensor at a forward-AD level: what
 # ``torch.autograd.forward_ad.unpack_dual`` returns, without its Python (a third of the
 # time; called once per differentiated leaf while pmap's shared level is open).
@@ -122,8 +128,16 @@ def _by_autograd(fun: Callable, argnums: Any, has_aux: bool, args: tuple,
     with torch.enable_grad():
         # The loss function runs under the modes in effect (inside pmap, the device's
         # random routing); the bookkeeping around it, a few tensor calls per
-        # differentiated leaf, runs without that mode (see ``internal``).
-        return _finish(fun(*new_args, **kwargs), graph, xs, diff, argnums, has_aux)
+        # differentiated leaf, runs without that mode (see ``internal``). The backward
+        # pass runs under it again: random draws there (a custom backward, a gradient
+        # hook, a checkpointed forward pass recomputed) are the device's too.
+        loss, aux, keep, ones = _before_backward(fun(*new_args, **kwargs), graph, xs,
+                                                 has_aux)
+        # ``torch.autograd.grad(loss, xs, allow_unused=True, create_graph=keep)`` without
+        # its Python (which would run under the mode, a Python call per tensor call).
+        found = (_run_backward((loss,), (ones,), keep, keep, tuple(xs), True, False)
+                 if ones is not None else (None,) * len(xs))
+    return _after_backward(found, loss, aux, keep, graph, xs, diff, argnums, has_aux)
 
 
 @internal
@@ -158,10 +172,11 @@ def _prepare(argnums: Any, args: tuple, kwargs: dict) -> tuple | None:
 
 
 @internal
-def _finish(out: Any, graph: _Graph, xs: list[torch.Tensor], diff: list, argnums: Any,
-            has_aux: bool) -> tuple[Any, Any]:
-    """The gradients of the loss function's output ``out``, as ``_by_autograd`` returns
-    them (called with grad mode on)."""
+def _before_backward(out: Any, graph: _Graph, xs: list[torch.Tensor],
+                     has_aux: bool) -> tuple[torch.Tensor, Any, bool, torch.Tensor | None]:
+    """``(loss, aux, keep, ones)`` of the loss function's output ``out``: ``keep`` says
+    whether the gradients must stay connected to the caller's graph (``create_graph``);
+    ``ones`` is the loss's cotangent, None where the loss does not require grad."""
     loss, aux = _split_output(out, has_aux)
     if any(x.grad is not None for x in xs):
         raise RuntimeError(
@@ -172,8 +187,16 @@ def _finish(out: Any, graph: _Graph, xs: list[torch.Tensor], diff: list, argnums
     aux_leaves = _pt.tree_leaves(aux) if has_aux else []
     keep = graph.recording and (graph.reaches_outer(loss)
                                 or any(graph.reaches_outer(a) for a in aux_leaves))
-    found = (torch.autograd.grad(loss, xs, allow_unused=True, create_graph=keep)
-             if loss.requires_grad else (None,) * len(xs))
+    ones = torch.ones_like(loss, memory_format=torch.preserve_format) if loss.requires_grad \
+        else None
+    return loss, aux, keep, ones
+
+
+@internal
+def _after_backward(found: Any, loss: torch.Tensor, aux: Any, keep: bool, graph: _Graph,
+                    xs: list[torch.Tensor], diff: list, argnums: Any,
+                    has_aux: bool) -> tuple[Any, Any]:
+    """The gradients ``found`` and the value, as ``_by_autograd`` returns them."""
     grads = [torch.zeros_like(x) if g is None else graph.unwrap(g) if keep else g
              for g, x in zip(found, xs)]
     value = graph.unwrap(loss)
