@@ -118,6 +118,21 @@ def test_pmin_with_ties(cs):
     check(lambda v: funcdp.pmin(v, AX), lambda X: X.amin(0).expand_as(X), x, devs)
 
 
+def test_tangents_through_a_reduction_of_float_and_integer_leaves():
+    # The integer leaf has no tangent; the float leaf's must go through (found in review).
+    def g(a, n):
+        s = funcdp.psum((a, n), AX)
+        return s[0] * s[1]
+
+    pf = funcdp.pmap(g, AX, devices=funcdp.local_devices()[:2])
+    a, t, n = torch.randn(2, 3), torch.randn(2, 3), torch.arange(2)
+    want = (t.sum(0) * n.sum()).expand(2, 3)
+    with forward_ad.dual_level():
+        got = forward_ad.unpack_dual(pf(forward_ad.make_dual(a, t), n)).tangent
+    assert_trees_close(got, want)
+    assert_trees_close(torch.func.jvp(lambda a: pf(a, n), (a,), (t,))[1], want)
+
+
 def test_psum_of_bool_counts():
     x = torch.tensor([True, False, True, True])
     out = funcdp.pmap(lambda v: funcdp.psum(v, AX), axis_name=AX)(x)

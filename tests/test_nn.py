@@ -271,6 +271,10 @@ def test_value_and_grad_matches_torch_func_at_the_edges():
     # backward() inside the loss is an error, as inside torch.func.
     with pytest.raises(RuntimeError, match="called backward"):
         funcdp.value_and_grad(lambda w: ((w * c).sum().backward(), (w ** 2).sum())[1])(w)
+    # A complex loss is an error, as with torch.func (found in review).
+    for fun in (funcdp.value_and_grad, torch.func.grad_and_value):
+        with pytest.raises(RuntimeError, match="only for real scalar outputs"):
+            fun(lambda w: (w * (1 + 2j)).sum())(w)
     # A captured forward-mode tangent reaches the value too.
     fwad = torch.autograd.forward_ad
     with fwad.dual_level():

@@ -372,6 +372,99 @@ def test_checkpoint_without_the_random_contexts_is_an_error_inside_pmap():
     assert_trees_close(wr.grad, wp.grad)
 
 
+def test_checkpoint_around_a_pmap_recomputes_its_draws():
+    # torch's checkpoint restores the default generator, from which a top-level pmap
+    # takes its seed: the recomputed call draws the same masks, with no error.
+    from torch.utils.checkpoint import checkpoint
+
+    pf = funcdp.pmap(_dropout_block, in_axes=(0, None), devices=funcdp.local_devices()[:2])
+    x = torch.randn(2, 50, dtype=torch.float64)
+    grads = []
+    for ck in (False, True):
+        w = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+        torch.manual_seed(3)
+        seg = lambda x, w: pf(x, w)  # noqa: E731  (w requires grad: a tensor)
+        y = checkpoint(seg, x, w, use_reentrant=False) if ck else seg(x, w)
+        y.sum().backward()
+        grads.append(w.grad)
+    assert_trees_close(grads[0], grads[1])
+
+
+def test_checkpoint_random_contexts_over_two_backward_passes():
+    from torch.utils.checkpoint import checkpoint
+
+    def loss(w, x, ck):
+        if not ck:
+            return _dropout_block(x, w).sum()
+        return checkpoint(_dropout_block, x, w, use_reentrant=False,
+                          context_fn=funcdp.checkpoint_random_contexts).sum()
+
+    def twice(w, x, ck):  # two backward passes on the device, over one graph
+        w = w.detach().requires_grad_()
+        y = loss(w, x, ck)
+        (a,) = torch.autograd.grad(y, w, retain_graph=True)
+        (b,) = torch.autograd.grad(y, w)
+        return torch.stack([a, b])
+
+    kw = {"in_axes": (None, 0, None), "devices": funcdp.local_devices()[:2],
+          "static_broadcasted_argnums": (2,)}
+    x = torch.randn(2, 50, dtype=torch.float64)
+    w = torch.tensor(0.7, dtype=torch.float64)
+    got = []
+    for ck in (False, True):
+        torch.manual_seed(1)
+        got.append(funcdp.pmap(twice, **kw)(w, x, ck).to_tensor())
+    assert_trees_close(got[0], got[1])
+    # And over the pmap's own backward pass, twice.
+    outer = funcdp.pmap(loss, **kw)
+    grads = []
+    for ck in (False, True):
+        wr = w.clone().requires_grad_()
+        torch.manual_seed(1)
+        y = outer(wr, x, ck).sum()
+        y.backward(retain_graph=True)
+        y.backward()
+        grads.append(wr.grad)
+    assert_trees_close(grads[0], grads[1])
+
+
+def test_reentrant_checkpoint_whose_backward_draws_is_not_an_error():
+    # Only its recomputation is: the draw here is in the backward pass it runs.
+    from torch.utils.checkpoint import checkpoint
+
+    def f(w, x):
+        w = w.detach().requires_grad_()
+        seg = lambda w, x: torch.tanh(_NoisyBackward.apply(w) * x)  # noqa: E731
+        checkpoint(seg, w, x, use_reentrant=True).sum().backward()
+        return w.grad
+
+    kw = {"in_axes": (None, 0), "devices": funcdp.local_devices()[:2]}
+    w = torch.zeros(3, dtype=torch.float64)
+    x = torch.ones(2, 3, dtype=torch.float64)
+    torch.manual_seed(6)
+    got = funcdp.pmap(f, **kw)(w, x).to_tensor()
+    torch.manual_seed(6)
+    noise = funcdp.pmap(lambda w, x: torch.randn(3, dtype=w.dtype), **kw)(w, x).to_tensor()
+    assert_trees_close(got, 1 + noise)  # tanh'(0) = 1
+
+
+def test_other_torch_function_modes_still_see_autograd_calls_on_devices():
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Count(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.autograd.grad:
+                seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        funcdp.pmap(_BACKWARDS["torch.autograd.grad"], in_axes=(None, 0),
+                    devices=funcdp.local_devices()[:2])(torch.zeros(3), torch.ones(2, 3))
+    assert len(seen) == 2
+
+
 def test_randomness_in_named_vmap():
     with pytest.raises(RuntimeError, match="randomness"):
         funcdp.vmap(lambda x: F.dropout(x, 0.5))(torch.ones(3, 4))

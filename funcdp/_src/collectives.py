@@ -93,7 +93,17 @@ class _CollectiveFn(torch.autograd.Function):
             num = _apply(ps, [t * m for t, m in zip(ts, masks)])
             cnt = _apply(ps, masks)
             return tuple(a / c for a, c in zip(num, cnt))
-        return tuple(_apply(spec, ts))
+        keep = [k for k, t in enumerate(ts) if t is not None]
+        if len(keep) == n:
+            return tuple(_apply(spec, ts))
+        # Leaves without a tangent (integers, beside floating-point leaves that have one):
+        # the collective of the others' tangents alone.
+        out: list[torch.Tensor | None] = [None] * n
+        if keep:
+            sub = spec._replace(lead=tuple(spec.lead[k] for k in keep))
+            for k, t in zip(keep, _apply(sub, [ts[k] for k in keep])):
+                out[k] = t
+        return tuple(out)
 
     @staticmethod
     def vmap(info, in_dims, spec: Spec, *leaves):

@@ -1072,8 +1072,8 @@ class _Call:
                 return [None] * len(targets)
             # The device's random routing of the forward pass, continued: draws made in
             # the backward pass (a custom backward, a hook, a checkpoint's recomputation)
-            # come from the device's generator.
-            torch._C._push_on_torch_function_stack(self.modes[i])
+            # come from the device's generator, where the forward pass left it.
+            torch._C._push_on_torch_function_stack(random_mod.Continuation(self.modes[i]))
             try:
                 with torch.enable_grad():
                     # The graph lives as long as the caller's graph does (which may run
@@ -1398,3 +1398,7 @@ def _raise_device_error(plan: _Plan, errors: list) -> None:
     if hasattr(e, "add_note"):
         e.add_note(f"(raised {where})")
     raise e
+
+
+# A draw's search for a checkpoint recomputing it stops where the device's function starts.
+random_mod.stop_checkpoint_search_at(_Call._body.__code__)

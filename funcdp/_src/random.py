@@ -82,7 +82,8 @@ class CallSeeds:
 
     def __init__(self, base: int | None = None) -> None:
         self.base = base
-        self.outer = _active_mode()
+        outer = _active_mode()
+        self.outer = outer if outer is None or outer.nests else None
 
     def get(self) -> int:
         if self.base is None:
@@ -227,6 +228,7 @@ class DeviceRandomness(TorchFunctionMode):
     # One device's mode: set aside by funcdp's own code (api_util.internal), not carried
     # to other devices' threads (executor.ThreadState).
     funcdp_per_device = True
+    nests = True  # a pmap called under it is nested in the device (see Continuation)
 
     def __init__(self, seeds: CallSeeds, index: int, device: torch.device) -> None:
         # (TorchFunctionMode.__init__ does nothing; this is on every device's call path.)
@@ -267,6 +269,7 @@ def _route(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: d
 
 # (torch >= 2.11; before it, backward passes run without the mode, as torch does.)
 _redispatch = getattr(torch.overrides, "redispatch_function", None)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def _with_mode_in_backward(mode: DeviceRandomness, func: Any, types: Any, args: tuple,
@@ -279,9 +282,12 @@ def _with_mode_in_backward(mode: DeviceRandomness, func: Any, types: Any, args: 
     torch's autograd engine runs a backward pass with the torch-function modes in effect
     where it was started; a mode's ``__torch_function__`` runs with that mode set aside,
     so calling ``func`` from here would run the backward without it. The mode is put
-    back for the call, which skips the mode once (it would come back here).
+    back for the call, which skips torch-function handling once (it would come back
+    here). That skip would hide the call from other modes and tensor subclasses too: where
+    there are any, they see the call as before and the backward runs without the mode.
     """
-    if _redispatch is None:
+    if (_redispatch is None or torch._C._len_torch_function_stack()
+            or any(t not in _PLAIN_TYPES for t in types)):
         return func(*args, **kwargs)
     _push(mode)
     try:
@@ -302,36 +308,73 @@ _SPECIAL: dict[Any, Callable] = {
 }
 
 
+class Continuation(DeviceRandomness):
+    """A device's routing carried into a backward pass that funcdp runs after the call
+    (the backward pass of a pmap): draws continue the forward pass's generator, and a
+    pmap called there (a checkpoint recomputing a forward pass that calls a pmap) takes
+    its seed as a top-level call would, not as a pmap nested in the device."""
+
+    nests = False
+
+    def __init__(self, forward: DeviceRandomness) -> None:
+        super().__init__(forward.seeds, forward.index, forward.device)
+        self.forward = forward
+
+    @property
+    def generator(self) -> torch.Generator:
+        # (Set for a checkpoint's recomputation, see _Recompute.)
+        return self._generator if self._generator is not None else self.forward.generator
+
+
 class _Recompute:
-    """The two contexts of ``checkpoint_random_contexts`` for one checkpointed call."""
+    """The two contexts of ``checkpoint_random_contexts`` for one checkpointed call:
+    ``forward`` is entered once, ``recompute`` once per backward pass that recomputes."""
 
     def __init__(self, mode: DeviceRandomness) -> None:
         self.mode = mode
         self.state: torch.Tensor | None = None
+        self.saved: list[tuple[DeviceRandomness, torch.Generator | None]] = []
+        self.forward = _Enter(self._snapshot)
+        self.recompute = _Enter(self._replay, self._restore)
 
-    @contextlib.contextmanager
-    def forward(self) -> Any:
+    def _snapshot(self) -> None:
         g = self.mode._generator
+        if g is None and isinstance(self.mode, Continuation):
+            g = self.mode.forward._generator
         # (A generator not made yet is made on the first draw, from the call's seed.)
         self.state = g.get_state() if g is not None else None
-        yield
 
-    @contextlib.contextmanager
-    def recompute(self) -> Any:
+    def _replay(self) -> None:
         mode = _active_mode() or self.mode
         if self.state is None:
             g = make_generator(mode.device, device_seed(mode.seeds.get(), mode.index))
         else:
             g = torch.Generator(device=mode.device)
             g.set_state(self.state)
-        old = mode._generator
+        self.saved.append((mode, mode._generator))
         mode._generator = g
         mode.recomputing += 1
-        try:
-            yield
-        finally:
-            mode.recomputing -= 1
-            mode._generator = old
+
+    def _restore(self) -> None:
+        mode, old = self.saved.pop()
+        mode.recomputing -= 1
+        mode._generator = old
+
+
+class _Enter:
+    """A context manager that may be entered again (torch.utils.checkpoint enters the
+    recomputation's once per backward pass)."""
+
+    def __init__(self, enter: Callable[[], None], exit: Callable[[], None] | None = None):
+        self._enter = enter
+        self._exit = exit
+
+    def __enter__(self) -> None:
+        self._enter()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._exit is not None:
+            self._exit()
 
 
 @public
@@ -369,21 +412,31 @@ def checkpoint_random_contexts() -> tuple[Any, Any]:
     if mode is None:
         return contextlib.nullcontext(), contextlib.nullcontext()
     r = _Recompute(mode)
-    return r.forward(), r.recompute()
+    return r.forward, r.recompute
 
 
 # The code of torch.utils.checkpoint's recomputations: the non-reentrant one (a function
 # made inside the checkpoint generator) and the reentrant one (CheckpointFunction.backward).
 _CHECKPOINT_FILE = _torch_checkpoint.__file__
 _RECOMPUTE_NAMES = frozenset({"recompute_fn", "backward"})
+# Frames where the search for a recomputation stops: where a device's function, or a
+# backward pass funcdp started, begins (a checkpoint further out is not this draw's).
+_STOPS: set = {_with_mode_in_backward.__code__}
+
+
+def stop_checkpoint_search_at(code: Any) -> None:
+    _STOPS.add(code)
 
 
 def _check_not_recomputing_a_checkpoint() -> None:
     """Raises if a draw in a backward pass comes from torch.utils.checkpoint recomputing a
-    forward pass (which would draw other numbers than the forward pass did)."""
+    forward pass of the device's function (which would draw other numbers than the
+    forward pass did)."""
     f = sys._getframe(2)
     while f is not None:
         code = f.f_code
+        if code in _STOPS:
+            return
         if code.co_filename == _CHECKPOINT_FILE and code.co_name in _RECOMPUTE_NAMES:
             ctx = f.f_locals.get("ctx")
             preserve = (f.f_locals.get("preserve_rng_state", True) if ctx is None

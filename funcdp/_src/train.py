@@ -187,6 +187,10 @@ def _before_backward(out: Any, graph: _Graph, xs: list[torch.Tensor],
     aux_leaves = _pt.tree_leaves(aux) if has_aux else []
     keep = graph.recording and (graph.reaches_outer(loss)
                                 or any(graph.reaches_outer(a) for a in aux_leaves))
+    if loss.is_complex():  # (torch.autograd.grad's error, which the engine does not make)
+        raise RuntimeError(
+            f"grad can be implicitly created only for real scalar outputs but got "
+            f"{loss.dtype}")
     ones = torch.ones_like(loss, memory_format=torch.preserve_format) if loss.requires_grad \
         else None
     return loss, aux, keep, ones
