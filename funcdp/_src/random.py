@@ -432,7 +432,7 @@ def _check_not_recomputing_a_checkpoint() -> None:
     """Raises if a draw in a backward pass comes from torch.utils.checkpoint recomputing a
     forward pass of the device's function (which would draw other numbers than the
     forward pass did)."""
-    f = sys._getframe(2)
+    f: Any = sys._getframe(2)
     while f is not None:
         code = f.f_code
         if code in _STOPS:
