@@ -164,6 +164,10 @@ def test_every_random_function_is_per_device():
     def draws(x):
         return (torch.rand(3), torch.randn(3), torch.randint(0, 100, (3,)),
                 torch.empty(3).uniform_(), torch.bernoulli(torch.full((3,), 0.5)),
+                F.rrelu(-torch.ones(3), training=True),
+                torch.distributions.Gamma(torch.ones(3), 1.0).sample(),
+                torch.distributions.Dirichlet(torch.ones(3)).sample(),
+                torch.distributions.Beta(torch.ones(3), 2.0).sample(),
                 F.dropout2d(torch.ones(1, 4, 2, 2), 0.5), torch.nn.Dropout(0.5)(torch.ones(3)))
 
     f = funcdp.pmap(draws)
@@ -173,12 +177,40 @@ def test_every_random_function_is_per_device():
     second = f(torch.zeros(2))
     for a, b in zip(first, second):
         assert torch.equal(a.to_tensor(), b.to_tensor())
-    for a in first[:5]:
+    for a in first[:9]:
         t = a.to_tensor()
         assert not torch.equal(t[0], t[1])
     # dropout2d drops whole channels
-    ch = first[5].to_tensor()
+    ch = first[9].to_tensor()
     assert torch.all(ch == ch[..., :1, :1])
+
+
+def test_samplers_draw_from_the_device_generator():
+    # Each device's draws are those of a generator seeded with device_seed(base, i), base
+    # the call's one draw from torch's default generator.
+    from funcdp._src import random as random_mod
+
+    x = -torch.ones(4)
+    cases = {
+        "rrelu": (lambda: F.rrelu(x, training=True),
+                  lambda g: torch.rrelu(x, 1 / 8, 1 / 3, True, g)),
+        "RReLU": (lambda: torch.nn.RReLU().train()(x),
+                  lambda g: torch.rrelu(x, 1 / 8, 1 / 3, True, g)),
+        "Gamma": (lambda: torch.distributions.Gamma(torch.ones(4), 1.0).sample(),
+                  lambda g: torch._standard_gamma(torch.ones(4), generator=g)),
+        "Dirichlet": (lambda: torch.distributions.Dirichlet(torch.ones(4)).sample(),
+                      lambda g: torch._sample_dirichlet(torch.ones(4), generator=g)),
+        "randn": (lambda: torch.randn(4), lambda g: torch.randn(4, generator=g)),
+    }
+    for name, (draw, with_generator) in cases.items():
+        torch.manual_seed(9)
+        got = funcdp.pmap(lambda _: draw(), devices=funcdp.local_devices()[:2])(
+            torch.zeros(2)).to_tensor()
+        torch.manual_seed(9)
+        base = random_mod.draw_base()
+        for i in range(2):
+            g = random_mod.make_generator(torch.device("cpu"), random_mod.device_seed(base, i))
+            assert torch.equal(got[i], with_generator(g)), name
 
 
 def test_collectives_and_optimizer_steps_keep_random_draws_per_device():

@@ -15,11 +15,10 @@ Recomputing a call for a derivative reuses its ``s``, so dropout masks match.
 
 Routed: ``torch.rand``/``randn``/``randint``/``randperm``/``bernoulli``/``normal``/
 ``multinomial``/``poisson``/``binomial`` and their ``*_like`` forms, the in-place
-``Tensor`` samplers (``uniform_``, ``normal_``, ``bernoulli_``, ...; so ``nn.init`` too)
-and every dropout (``F.dropout``, ``dropout1d/2d/3d``, ``alpha_dropout``,
-``feature_alpha_dropout``, ``nn.Dropout``...). Not routed (they still use the default
-generator, in whatever order the threads run): ``F.rrelu`` and ``torch.distributions``
-samplers built on ``torch._standard_gamma`` and friends.
+``Tensor`` samplers (``uniform_``, ``normal_``, ``bernoulli_``, ...; so ``nn.init`` too),
+every dropout (``F.dropout``, ``dropout1d/2d/3d``, ``alpha_dropout``,
+``feature_alpha_dropout``, ``nn.Dropout``...), ``F.rrelu`` and the gamma and Dirichlet
+samplers under ``torch.distributions`` (``Gamma``, ``Beta``, ``Dirichlet``, ``Chi2``...).
 """
 
 from __future__ import annotations
@@ -145,6 +144,9 @@ _WITH_GENERATOR = {
     torch.Tensor.bernoulli, torch.Tensor.random_, torch.Tensor.exponential_,
     torch.Tensor.geometric_, torch.Tensor.cauchy_, torch.Tensor.log_normal_,
     torch.Tensor.multinomial,
+    # F.rrelu's kernels (see _rrelu), and the samplers of torch.distributions' Gamma,
+    # Dirichlet and the distributions built on them (Beta, Chi2, StudentT, ...).
+    torch.rrelu, torch.rrelu_, torch._standard_gamma, torch._sample_dirichlet,
 }
 
 _SELU_ALPHA = 1.7580993408473766
@@ -203,7 +205,19 @@ def _dropout_handler(feature: int, alpha: bool, functional: bool):
     return handle
 
 
+def _rrelu(gen, args, kwargs):
+    """``F.rrelu`` on the device's generator. (The mode sees ``F.rrelu``, not the kernel it
+    calls; ``F.rrelu_`` is the kernel ``torch.rrelu_`` itself, routed as it is.)"""
+    x = args[0] if args else kwargs["input"]
+    lower = _arg(args, kwargs, 1, "lower", 1.0 / 8)
+    upper = _arg(args, kwargs, 2, "upper", 1.0 / 3)
+    training = _arg(args, kwargs, 3, "training", False)
+    kernel = torch.rrelu_ if _arg(args, kwargs, 4, "inplace", False) else torch.rrelu
+    return kernel(x, lower, upper, training, gen())
+
+
 _DROPOUT = {
+    F.rrelu: _rrelu,
     F.dropout: _dropout_handler(0, False, True),
     F.alpha_dropout: _dropout_handler(0, True, True),
     F.dropout1d: _dropout_handler(1, False, True),
