@@ -480,6 +480,102 @@ def test_reentrant_checkpoint_whose_backward_draws_is_not_an_error():
     assert_trees_close(got, 1 + noise)  # tanh'(0) = 1
 
 
+@pytest.mark.parametrize("block", ["eval dropout", "p=0", "eval rrelu"])
+def test_checkpointed_random_functions_that_draw_nothing_are_not_an_error(block):
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = {
+        "eval dropout": lambda v, w: torch.sin(F.dropout(torch.tanh(v * w), 0.5,
+                                                         training=False)) * w,
+        "p=0": lambda v, w: torch.sin(F.dropout(torch.tanh(v * w), 0.0)) * w,
+        "eval rrelu": lambda v, w: torch.sin(F.rrelu(torch.tanh(v * w))) * w,
+    }
+    blk = blocks[block]
+
+    def loss(w, x, ck):
+        return (checkpoint(blk, x, w, use_reentrant=False) if ck else blk(x, w)).sum()
+
+    kw = {"axis_name": "d", "in_axes": (None, 0, None), "devices": funcdp.local_devices()[:2],
+          "static_broadcasted_argnums": (2,)}
+    x = torch.randn(2, 8, dtype=torch.float64)
+    w = torch.tensor(0.7, dtype=torch.float64)
+    got = [funcdp.pmap(funcdp.value_and_grad(loss, "d"), **kw)(w, x, ck)[1] for ck in (0, 1)]
+    assert_trees_close(got[0], got[1])
+
+
+def test_random_functions_that_draw_nothing_leave_the_default_generator_alone():
+    for f in (lambda x: F.rrelu(x), lambda x: F.dropout(x, 0.5, training=False),
+              lambda x: torch.nn.RReLU().eval()(x)):
+        torch.manual_seed(0)
+        funcdp.pmap(f, devices=funcdp.local_devices()[:2])(torch.randn(2, 4))
+        after = torch.rand(())
+        torch.manual_seed(0)
+        torch.randn(2, 4)
+        assert torch.equal(torch.rand(()), after)
+
+
+def _nested_dropout_pmap():
+    return funcdp.pmap(lambda x, w: F.dropout(torch.tanh(x * w), 0.5) * x, in_axes=(0, None),
+                       devices=funcdp.local_devices()[2:4])
+
+
+def test_checkpoint_around_a_nested_pmap():
+    # The nested call seeds from the outer device's generator: the recomputation must
+    # replay it (with the contexts), or raise (without).
+    from torch.utils.checkpoint import checkpoint
+
+    inner = _nested_dropout_pmap()
+
+    def seg(x, w):
+        return inner(x.reshape(2, -1), w)
+
+    def loss(w, x, ck):
+        kw = {"context_fn": funcdp.checkpoint_random_contexts} if ck == "contexts" else {}
+        out = checkpoint(seg, x, w, use_reentrant=False, **kw) if ck else seg(x, w)
+        return out.sum()
+
+    kw = {"in_axes": (None, 0, None), "devices": funcdp.local_devices()[:2],
+          "static_broadcasted_argnums": (2,)}
+    x = torch.randn(2, 40, dtype=torch.float64)
+    w = torch.tensor(0.7, dtype=torch.float64)
+
+    def on_devices(ck):
+        torch.manual_seed(0)
+        return funcdp.pmap(funcdp.value_and_grad(loss), **kw)(w, x, ck)[1].to_tensor()
+
+    def from_outside(ck):
+        wr = w.clone().requires_grad_()
+        torch.manual_seed(0)
+        funcdp.pmap(loss, **kw)(wr, x, ck).sum().backward()
+        return wr.grad
+
+    for run in (on_devices, from_outside):
+        assert_trees_close(run("contexts"), run(None))
+        with pytest.raises(RuntimeError, match="checkpoint_random_contexts"):
+            run("plain")
+
+
+def test_nested_pmap_under_torch_func_grad_seeds_from_the_device():
+    # The nested call ran inside an autograd.Function, where the device's routing is off:
+    # it seeded from torch's default generator, in thread order (not reproducibly).
+    inner = _nested_dropout_pmap()
+
+    def loss(w, x):
+        return inner(x.reshape(2, -1), w).sum()
+
+    x = torch.rand(2, 40, dtype=torch.float64)
+    w = torch.tensor(2.0, dtype=torch.float64)
+    f = funcdp.pmap(torch.func.grad_and_value(loss), in_axes=(None, 0),
+                    devices=funcdp.local_devices()[:2])
+    g = funcdp.pmap(funcdp.value_and_grad(loss), in_axes=(None, 0),
+                    devices=funcdp.local_devices()[:2])
+    torch.manual_seed(0)
+    want = g(w, x)[0].to_tensor()  # value_and_grad's values: seeded from the devices
+    for _ in range(3):
+        torch.manual_seed(0)
+        assert torch.equal(f(w, x)[1].to_tensor(), want)
+
+
 def test_other_torch_function_modes_still_see_autograd_calls_on_devices():
     from torch.overrides import TorchFunctionMode
 

@@ -568,8 +568,10 @@ class _Call:
         self.per_device: list | None = None
         self.track: list[bool] = []
         self.seeds: Any = None
-        # Each device's random routing of a recorded call, for its backward pass.
+        # Each device's random routing of a recorded call, for its backward pass, and
+        # whether the call was made under saved-tensor hooks (a checkpoint around it).
         self.modes: list = []
+        self.under_hooks = False
         self.inline: Inline | None = None
 
     # -- inputs ------------------------------------------------------------------------
@@ -872,6 +874,10 @@ class _Call:
             x = self.leaves[i]
             track[i] = x.requires_grad or _functorch.is_functorch_wrapped_tensor(x)
         self.track = track
+        # (Here: inside the autograd.Function the caller's torch-function modes, among them
+        # the enclosing device's random routing that a nested call seeds from, are off.)
+        self.seeds = self.seeds or random_mod.call_seeds()
+        self.under_hooks = _saved_tensors_hooks() is not None
         flat = _PmapFn.apply(self, *[self.leaves[i] for i in tensor_pos])
         outs = list(self.out_template)
         for j, t in zip(self.out_tensor_pos, flat):
@@ -1073,7 +1079,8 @@ class _Call:
             # The device's random routing of the forward pass, continued: draws made in
             # the backward pass (a custom backward, a hook, a checkpoint's recomputation)
             # come from the device's generator, where the forward pass left it.
-            torch._C._push_on_torch_function_stack(random_mod.Continuation(self.modes[i]))
+            torch._C._push_on_torch_function_stack(
+                random_mod.Continuation(self.modes[i], self.under_hooks))
             try:
                 with torch.enable_grad():
                     # The graph lives as long as the caller's graph does (which may run
@@ -1399,6 +1406,10 @@ def _raise_device_error(plan: _Plan, errors: list) -> None:
         e.add_note(f"(raised {where})")
     raise e
 
+
+# The innermost saved-tensor hooks in effect (a checkpoint's), or None.
+_saved_tensors_hooks = functools.partial(
+    torch._C._autograd._top_saved_tensors_default_hooks, False)  # type: ignore[attr-defined]
 
 # A draw's search for a checkpoint recomputing it stops where the device's function starts.
 random_mod.stop_checkpoint_search_at(_Call._body.__code__)

@@ -77,15 +77,25 @@ class CallSeeds:
     device draws it from that device's own generator (deterministic per device).
     """
 
-    __slots__ = ("base", "outer")
+    __slots__ = ("base", "outer", "unreplayed")
 
     def __init__(self, base: int | None = None) -> None:
         self.base = base
         outer = _active_mode()
-        self.outer = outer if outer is None or outer.nests else None
+        self.outer = outer if outer is not None and outer.nests else None
+        # A pmap nested in a device, called again by a checkpoint recomputing the device's
+        # forward pass without checkpoint_random_contexts: its seed, drawn from the
+        # device's generator (from torch's default one in pmap's own backward pass), would
+        # differ from the forward pass's. Checked here, in the device's thread (the draw
+        # may happen in another); an error only if the call draws.
+        self.unreplayed = (outer is not None and outer.recomputing == 0 and not outer.around
+                           and torch._C._current_graph_task_id() != -1
+                           and _recomputing_a_checkpoint(sys._getframe(1)))
 
     def get(self) -> int:
         if self.base is None:
+            if self.unreplayed:
+                raise _checkpoint_error()
             with _draw_lock:  # the first device to draw does it for all (rarely contended)
                 if self.base is None:
                     outer = self.outer.generator if self.outer is not None else None
@@ -213,7 +223,7 @@ def _rrelu(gen, args, kwargs):
     upper = _arg(args, kwargs, 2, "upper", 1.0 / 3)
     training = _arg(args, kwargs, 3, "training", False)
     kernel = torch.rrelu_ if _arg(args, kwargs, 4, "inplace", False) else torch.rrelu
-    return kernel(x, lower, upper, training, gen())
+    return kernel(x, lower, upper, training, gen() if training else None)
 
 
 _DROPOUT = {
@@ -242,7 +252,8 @@ class DeviceRandomness(TorchFunctionMode):
     # One device's mode: set aside by funcdp's own code (api_util.internal), not carried
     # to other devices' threads (executor.ThreadState).
     funcdp_per_device = True
-    nests = True  # a pmap called under it is nested in the device (see Continuation)
+    # (Continuation: the pmap was called inside a checkpoint, see there.)
+    around = False
 
     def __init__(self, seeds: CallSeeds, index: int, device: torch.device) -> None:
         # (TorchFunctionMode.__init__ does nothing; this is on every device's call path.)
@@ -253,7 +264,16 @@ class DeviceRandomness(TorchFunctionMode):
         self.recomputing = 0  # checkpoint_random_contexts' recomputations in progress
 
     @property
+    def nests(self) -> bool:
+        """Whether a pmap called under this mode is nested in the device (it seeds from the
+        device's generator); see ``Continuation``."""
+        return True
+
+    @property
     def generator(self) -> torch.Generator:
+        """The device's generator, for a draw (see ``_check_draw``)."""
+        if self.recomputing == 0 and torch._C._current_graph_task_id() != -1:
+            _check_draw()
         if self._generator is None:
             self._generator = make_generator(self.device,
                                              device_seed(self.seeds.get(), self.index))
@@ -270,8 +290,6 @@ class DeviceRandomness(TorchFunctionMode):
 def _route(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
     """A random draw on the device's generator. Under torch.compile this is a graph
     break: the draw runs eagerly, so compiled code draws what eager code would."""
-    if mode.recomputing == 0 and torch._C._current_graph_task_id() != -1:
-        _check_not_recomputing_a_checkpoint()
     if func in _WITH_GENERATOR:
         if kwargs.get("generator") is None:
             kwargs = dict(kwargs, generator=mode.generator)
@@ -328,16 +346,27 @@ class Continuation(DeviceRandomness):
     pmap called there (a checkpoint recomputing a forward pass that calls a pmap) takes
     its seed as a top-level call would, not as a pmap nested in the device."""
 
-    nests = False
-
-    def __init__(self, forward: DeviceRandomness) -> None:
+    def __init__(self, forward: DeviceRandomness, around: bool) -> None:
         super().__init__(forward.seeds, forward.index, forward.device)
         self.forward = forward
+        # The pmap was called where saved-tensor hooks (a checkpoint's) were in effect: a
+        # checkpoint around it may recompute the call in its own backward pass, seeded from
+        # torch's default generator as it was (which the checkpoint restores).
+        self.around = around
+
+    @property
+    def nests(self) -> bool:
+        # While checkpoint_random_contexts replays the device's generator, a pmap called
+        # there was called in the device's forward pass: it nests, as it did then.
+        return self.recomputing > 0
 
     @property
     def generator(self) -> torch.Generator:
-        # (Set for a checkpoint's recomputation, see _Recompute.)
-        return self._generator if self._generator is not None else self.forward.generator
+        if self._generator is not None:  # (set for a checkpoint's recomputation)
+            return self._generator
+        if torch._C._current_graph_task_id() != -1:
+            _check_draw()
+        return self.forward.generator
 
 
 class _Recompute:
@@ -442,27 +471,36 @@ def stop_checkpoint_search_at(code: Any) -> None:
     _STOPS.add(code)
 
 
-def _check_not_recomputing_a_checkpoint() -> None:
+def _check_draw() -> None:
     """Raises if a draw in a backward pass comes from torch.utils.checkpoint recomputing a
     forward pass of the device's function (which would draw other numbers than the
     forward pass did)."""
-    f: Any = sys._getframe(2)
+    if _recomputing_a_checkpoint(sys._getframe(2)):
+        raise _checkpoint_error()
+
+
+def _recomputing_a_checkpoint(frame: Any) -> bool:
+    """Whether ``frame`` runs inside torch.utils.checkpoint's recomputation of a forward
+    pass of the device's function (one that restores the random state)."""
+    f = frame
     while f is not None:
         code = f.f_code
         if code in _STOPS:
-            return
+            return False
         if code.co_filename == _CHECKPOINT_FILE and code.co_name in _RECOMPUTE_NAMES:
             ctx = f.f_locals.get("ctx")
-            preserve = (f.f_locals.get("preserve_rng_state", True) if ctx is None
+            # (preserve_rng_state=False asks for fresh draws.)
+            return bool(f.f_locals.get("preserve_rng_state", True) if ctx is None
                         else getattr(ctx, "preserve_rng_state", True))
-            if not preserve:
-                return  # the caller asked for fresh draws
-            raise RuntimeError(
-                "torch.utils.checkpoint is recomputing a forward pass that draws random "
-                "numbers inside pmap: each device draws from its own generator, which "
-                "torch's checkpoint does not restore, so the recomputation would draw "
-                "other numbers (other dropout masks) than the forward pass and the "
-                "gradients would be wrong. Checkpoint with use_reentrant=False, "
-                "context_fn=funcdp.checkpoint_random_contexts; or pass "
-                "preserve_rng_state=False if fresh draws are what you want.")
         f = f.f_back
+    return False
+
+
+def _checkpoint_error() -> RuntimeError:
+    return RuntimeError(
+        "torch.utils.checkpoint is recomputing a forward pass that draws random numbers "
+        "inside pmap: each device draws from its own generator, which torch's checkpoint "
+        "does not restore, so the recomputation would draw other numbers (other dropout "
+        "masks) than the forward pass and the gradients would be wrong. Checkpoint with "
+        "use_reentrant=False, context_fn=funcdp.checkpoint_random_contexts; or pass "
+        "preserve_rng_state=False if fresh draws are what you want.")
