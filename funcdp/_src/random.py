@@ -297,9 +297,7 @@ def _route(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: d
     return _DROPOUT[func](lambda: mode.generator, args, kwargs)
 
 
-
-
-# (torch >= 2.11; before it, backward passes run without the mode, as torch does.)
+# (A recent addition to torch; without it, backward passes run without the mode.)
 _redispatch = getattr(torch.overrides, "redispatch_function", None)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
@@ -342,9 +340,11 @@ _SPECIAL: dict[Any, Callable] = {
 
 class Continuation(DeviceRandomness):
     """A device's routing carried into a backward pass that funcdp runs after the call
-    (the backward pass of a pmap): draws continue the forward pass's generator, and a
-    pmap called there (a checkpoint recomputing a forward pass that calls a pmap) takes
-    its seed as a top-level call would, not as a pmap nested in the device."""
+    (the backward pass of a pmap): draws continue the forward pass's generator. A pmap
+    called there is a checkpoint recomputing a forward pass: one around the pmap (which
+    took its seed from torch's default generator, as this one does), or one inside the
+    device's function, which ``checkpoint_random_contexts`` must replay (see ``nests``;
+    without it, ``CallSeeds`` raises if the call draws)."""
 
     def __init__(self, forward: DeviceRandomness, around: bool) -> None:
         super().__init__(forward.seeds, forward.index, forward.device)
