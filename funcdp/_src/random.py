@@ -286,7 +286,9 @@ class DeviceRandomness(TorchFunctionMode):
         return special(self, func, types, args, kwargs or {})
 
 
-@torch.compiler.disable
+# (torch.compiler.disable, with torch's compiler imported on the first call instead of
+# here: importing it takes a second, which every ``import funcdp`` paid.)
+@torch._disable_dynamo
 def _route(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
     """A random draw on the device's generator. Under torch.compile this is a graph
     break: the draw runs eagerly, so compiled code draws what eager code would."""
