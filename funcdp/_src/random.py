@@ -286,17 +286,26 @@ class DeviceRandomness(TorchFunctionMode):
         return special(self, func, types, args, kwargs or {})
 
 
-# (torch.compiler.disable, with torch's compiler imported on the first call instead of
-# here: importing it takes a second, which every ``import funcdp`` paid.)
-@torch._disable_dynamo
 def _route(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
     """A random draw on the device's generator. Under torch.compile this is a graph
     break: the draw runs eagerly, so compiled code draws what eager code would."""
+    if torch.compiler.is_compiling():
+        return _draw_outside_graphs(mode, func, args, kwargs)
+    return _draw(mode, func, args, kwargs)
+
+
+def _draw(mode: DeviceRandomness, func: Any, args: tuple, kwargs: dict) -> Any:
     if func in _WITH_GENERATOR:
         if kwargs.get("generator") is None:
             kwargs = dict(kwargs, generator=mode.generator)
         return func(*args, **kwargs)
     return _DROPOUT[func](lambda: mode.generator, args, kwargs)
+
+
+# (torch.compiler.disable, importing torch's compiler when first called, under
+# torch.compile, rather than at import: that takes a second, which every ``import
+# funcdp``, or every first random draw, would pay.)
+_draw_outside_graphs = torch._disable_dynamo(_draw)
 
 
 # (A recent addition to torch; without it, backward passes run without the mode.)
