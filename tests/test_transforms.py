@@ -549,7 +549,16 @@ def test_checkpoint_around_a_nested_pmap():
         funcdp.pmap(loss, **kw)(wr, x, ck).sum().backward()
         return wr.grad
 
-    for run in (on_devices, from_outside):
+    def from_outside_in_a_checkpoint(ck):
+        # A checkpoint around the outer pmap too: it may recompute the outer call (seeded
+        # from torch's default generator, which it restores), not the inner one.
+        wr = w.clone().requires_grad_()
+        torch.manual_seed(0)
+        outer = funcdp.pmap(loss, **kw)
+        checkpoint(lambda w_: outer(w_, x, ck).sum(), wr, use_reentrant=False).backward()
+        return wr.grad
+
+    for run in (on_devices, from_outside, from_outside_in_a_checkpoint):
         assert_trees_close(run("contexts"), run(None))
         with pytest.raises(RuntimeError, match="checkpoint_random_contexts"):
             run("plain")
@@ -665,6 +674,18 @@ def test_derivatives_through_pmap_see_the_forward_pass_dropout_masks():
     y = f(x, wr).sum()
     (gw,) = torch.autograd.grad(y, wr, create_graph=True)
     assert_trees_close(gw.detach(), y.detach() / w)
+
+
+def test_batched_derivatives_through_pmap_see_the_forward_pass_dropout_masks():
+    # A batched pullback recomputes the call inside the autograd.Function's vmap rule:
+    # the recomputation must take the forward pass's seeds (found in review).
+    f = funcdp.pmap(lambda x: F.dropout(x, 0.5), devices=funcdp.local_devices()[:2])
+    x = torch.rand(2, 6, dtype=torch.float64) + 1
+    torch.manual_seed(0)
+    y, pull = torch.func.vjp(lambda v: f(v), x)
+    eye = torch.eye(12, dtype=torch.float64).reshape(12, 2, 6)
+    jac = torch.vmap(pull, randomness="same")(eye)[0].reshape(12, 12)
+    assert torch.equal(jac.diagonal(), (y / x).flatten())
 
 
 def test_randomness_is_reproducible_whatever_the_first_calls_did():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -568,10 +569,12 @@ class _Call:
         self.per_device: list | None = None
         self.track: list[bool] = []
         self.seeds: Any = None
-        # Each device's random routing of a recorded call, for its backward pass, and
-        # whether the call was made under saved-tensor hooks (a checkpoint around it).
+        # Each device's random routing of a recorded call, for its backward pass; the
+        # enclosing device's routing, where the caller found it; and the functions of the
+        # checkpoints the call was made in.
         self.modes: list = []
-        self.under_hooks = False
+        self.caller_mode: Any = "active"
+        self.around: tuple = ()
         self.inline: Inline | None = None
 
     # -- inputs ------------------------------------------------------------------------
@@ -698,7 +701,7 @@ class _Call:
         blocked = plan.block > 1
         # Every device draws random numbers from its own generator, seeded from one base
         # per call (drawn only if some device needs it; reused by recomputations).
-        seeds = self.seeds = self.seeds or random_mod.call_seeds()
+        seeds = self.seeds = self.seeds or random_mod.call_seeds(self.caller_mode)
         if record:
             self.modes = [None] * plan.ndev
 
@@ -876,8 +879,9 @@ class _Call:
         self.track = track
         # (Here: inside the autograd.Function the caller's torch-function modes, among them
         # the enclosing device's random routing that a nested call seeds from, are off.)
-        self.seeds = self.seeds or random_mod.call_seeds()
-        self.under_hooks = _saved_tensors_hooks() is not None
+        self.caller_mode = random_mod.active_mode()
+        if _saved_tensors_hooks() is not None:  # (a checkpoint's, say)
+            self.around = random_mod.checkpointed_functions(sys._getframe())
         flat = _PmapFn.apply(self, *[self.leaves[i] for i in tensor_pos])
         outs = list(self.out_template)
         for j, t in zip(self.out_tensor_pos, flat):
@@ -1080,7 +1084,7 @@ class _Call:
             # the backward pass (a custom backward, a hook, a checkpoint's recomputation)
             # come from the device's generator, where the forward pass left it.
             torch._C._push_on_torch_function_stack(
-                random_mod.Continuation(self.modes[i], self.under_hooks))
+                random_mod.Continuation(self.modes[i], self.around))
             try:
                 with torch.enable_grad():
                     # The graph lives as long as the caller's graph does (which may run

@@ -79,18 +79,24 @@ class CallSeeds:
 
     __slots__ = ("base", "outer", "unreplayed")
 
-    def __init__(self, base: int | None = None) -> None:
+    def __init__(self, base: int | None = None, outer: Any = "active") -> None:
         self.base = base
-        outer = _active_mode()
+        # (``outer``: the caller's mode, where the caller looked for it before its modes
+        # were set aside: inside an autograd.Function, say.)
+        if isinstance(outer, str):
+            outer = _active_mode()
         self.outer = outer if outer is not None and outer.nests else None
         # A pmap nested in a device, called again by a checkpoint recomputing the device's
         # forward pass without checkpoint_random_contexts: its seed, drawn from the
         # device's generator (from torch's default one in pmap's own backward pass), would
         # differ from the forward pass's. Checked here, in the device's thread (the draw
         # may happen in another); an error only if the call draws.
-        self.unreplayed = (outer is not None and outer.recomputing == 0 and not outer.around
-                           and torch._C._current_graph_task_id() != -1
-                           and _recomputing_a_checkpoint(sys._getframe(1)))
+        self.unreplayed = False
+        if (outer is not None and outer.recomputing == 0
+                and torch._C._current_graph_task_id() != -1):
+            found = _recomputation(sys._getframe(1))
+            self.unreplayed = (found is not None and found[0]
+                               and not any(found[1] is f for f in outer.around))
 
     def get(self) -> int:
         if self.base is None:
@@ -121,11 +127,15 @@ def _active_mode() -> DeviceRandomness | None:
     return None
 
 
-def call_seeds() -> CallSeeds:
-    """The seeds of a new call: those of the call being recomputed, if any (see reuse)."""
+active_mode = _active_mode  # (for pmap: the enclosing device's routing, if any)
+
+
+def call_seeds(outer: Any = "active") -> CallSeeds:
+    """The seeds of a new call: those of the call being recomputed, if any (see reuse).
+    ``outer``: the enclosing device's mode, if the caller found it (see CallSeeds)."""
     forced = _tls.forced
     if forced is None:
-        return CallSeeds()
+        return CallSeeds(None, outer)
     _tls.forced = None  # for the one call being recomputed, not for pmaps nested in it
     return forced
 
@@ -252,8 +262,8 @@ class DeviceRandomness(TorchFunctionMode):
     # One device's mode: set aside by funcdp's own code (api_util.internal), not carried
     # to other devices' threads (executor.ThreadState).
     funcdp_per_device = True
-    # (Continuation: the pmap was called inside a checkpoint, see there.)
-    around = False
+    # The functions of the checkpoints the pmap was called in (see Continuation).
+    around: tuple = ()
 
     def __init__(self, seeds: CallSeeds, index: int, device: torch.device) -> None:
         # (TorchFunctionMode.__init__ does nothing; this is on every device's call path.)
@@ -262,6 +272,7 @@ class DeviceRandomness(TorchFunctionMode):
         self.device = device
         self._generator: torch.Generator | None = None
         self.recomputing = 0  # checkpoint_random_contexts' recomputations in progress
+        self.special = _special_table()
 
     @property
     def nests(self) -> bool:
@@ -280,7 +291,7 @@ class DeviceRandomness(TorchFunctionMode):
         return self._generator
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        special = _SPECIAL.get(func)
+        special = self.special.get(func)
         if special is None:
             return func(*args, **(kwargs or {}))
         return special(self, func, types, args, kwargs or {})
@@ -288,24 +299,13 @@ class DeviceRandomness(TorchFunctionMode):
 
 def _route(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
     """A random draw on the device's generator. Under torch.compile this is a graph
-    break: the draw runs eagerly, so compiled code draws what eager code would."""
-    if torch.compiler.is_compiling():
-        return _draw_outside_graphs(mode, func, args, kwargs)
-    return _draw(mode, func, args, kwargs)
-
-
-def _draw(mode: DeviceRandomness, func: Any, args: tuple, kwargs: dict) -> Any:
+    break (see ``_special_table``): the draw runs eagerly, so compiled code draws what
+    eager code would."""
     if func in _WITH_GENERATOR:
         if kwargs.get("generator") is None:
             kwargs = dict(kwargs, generator=mode.generator)
         return func(*args, **kwargs)
     return _DROPOUT[func](lambda: mode.generator, args, kwargs)
-
-
-# (torch.compiler.disable, importing torch's compiler when first called, under
-# torch.compile, rather than at import: that takes a second, which every ``import
-# funcdp``, or every first random draw, would pay.)
-_draw_outside_graphs = torch._disable_dynamo(_draw)
 
 
 # (A recent addition to torch; without it, backward passes run without the mode.)
@@ -347,6 +347,21 @@ _SPECIAL: dict[Any, Callable] = {
     torch.autograd.backward: _with_mode_in_backward,
     torch.Tensor.backward: _with_mode_in_backward,
 }
+_SPECIAL_COMPILABLE: dict[Any, Callable] | None = None
+
+
+def _special_table() -> dict[Any, Callable]:
+    """``_SPECIAL``, with ``_route`` behind ``torch.compiler.disable`` once torch's compiler
+    is loaded (torch.compile loads it before it traces anything). Until then, no code is
+    compiled, and funcdp does not import the compiler itself: that takes a second, which
+    every ``import funcdp`` would pay."""
+    global _SPECIAL_COMPILABLE
+    if "torch._dynamo" not in sys.modules:
+        return _SPECIAL
+    if _SPECIAL_COMPILABLE is None:
+        disabled = torch.compiler.disable(_route)
+        _SPECIAL_COMPILABLE = {f: disabled if h is _route else h for f, h in _SPECIAL.items()}
+    return _SPECIAL_COMPILABLE
 
 
 class Continuation(DeviceRandomness):
@@ -357,12 +372,12 @@ class Continuation(DeviceRandomness):
     device's function, which ``checkpoint_random_contexts`` must replay (see ``nests``;
     without it, ``CallSeeds`` raises if the call draws)."""
 
-    def __init__(self, forward: DeviceRandomness, around: bool) -> None:
+    def __init__(self, forward: DeviceRandomness, around: tuple) -> None:
         super().__init__(forward.seeds, forward.index, forward.device)
         self.forward = forward
-        # The pmap was called where saved-tensor hooks (a checkpoint's) were in effect: a
-        # checkpoint around it may recompute the call in its own backward pass, seeded from
-        # torch's default generator as it was (which the checkpoint restores).
+        # The functions of the checkpoints the pmap was called in: one of them may
+        # recompute the call in its own backward pass, seeded from torch's default
+        # generator as it was (which the checkpoint restores).
         self.around = around
 
     @property
@@ -486,25 +501,44 @@ def _check_draw() -> None:
     """Raises if a draw in a backward pass comes from torch.utils.checkpoint recomputing a
     forward pass of the device's function (which would draw other numbers than the
     forward pass did)."""
-    if _recomputing_a_checkpoint(sys._getframe(2)):
+    found = _recomputation(sys._getframe(2))
+    if found is not None and found[0]:
         raise _checkpoint_error()
 
 
-def _recomputing_a_checkpoint(frame: Any) -> bool:
-    """Whether ``frame`` runs inside torch.utils.checkpoint's recomputation of a forward
-    pass of the device's function (one that restores the random state)."""
+def _recomputation(frame: Any) -> tuple[bool, Any] | None:
+    """``(preserves the random state, checkpointed function)`` of the torch.utils.checkpoint
+    recomputation of a forward pass of the device's function that ``frame`` runs in, or
+    None."""
     f = frame
     while f is not None:
         code = f.f_code
         if code in _STOPS:
-            return False
+            return None
         if code.co_filename == _CHECKPOINT_FILE and code.co_name in _RECOMPUTE_NAMES:
             ctx = f.f_locals.get("ctx")
-            # (preserve_rng_state=False asks for fresh draws.)
-            return bool(f.f_locals.get("preserve_rng_state", True) if ctx is None
-                        else getattr(ctx, "preserve_rng_state", True))
+            if ctx is None:  # non-reentrant: the recomputation's closure
+                return (bool(f.f_locals.get("preserve_rng_state", True)),
+                        f.f_locals.get("fn"))
+            return (bool(getattr(ctx, "preserve_rng_state", True)),
+                    getattr(ctx, "run_function", None))
         f = f.f_back
-    return False
+    return None
+
+
+def checkpointed_functions(frame: Any) -> tuple:
+    """The functions of the torch.utils.checkpoint calls whose forward pass ``frame`` runs
+    in (which may recompute it)."""
+    out = []
+    f = frame
+    while f is not None:
+        code = f.f_code
+        if code.co_filename == _CHECKPOINT_FILE:
+            fn = f.f_locals.get("function" if code.co_name == "checkpoint" else "run_function")
+            if fn is not None:
+                out.append(fn)
+        f = f.f_back
+    return tuple(out)
 
 
 def _checkpoint_error() -> RuntimeError:
