@@ -676,6 +676,22 @@ def test_derivatives_through_pmap_see_the_forward_pass_dropout_masks():
     assert_trees_close(gw.detach(), y.detach() / w)
 
 
+def test_vmap_of_a_nested_pmap_seeds_from_the_device():
+    # vmap(pmap) runs as a new pmap call inside the autograd.Function's vmap rule, where
+    # the enclosing device's routing is off: it seeded from torch's default generator, in
+    # thread order (found in review).
+    inner = _nested_dropout_pmap()
+    dev = torch.func.vmap(lambda r: inner(r.reshape(2, -1), 1.0), randomness="same")
+    f = funcdp.pmap(dev, devices=funcdp.local_devices()[:2])
+    x = torch.rand(2, 3, 40, dtype=torch.float64) + 1
+    runs = []
+    for _ in range(6):
+        torch.manual_seed(0)
+        runs.append(f(x).to_tensor())
+    assert all(torch.equal(r, runs[0]) for r in runs)
+    assert not torch.equal(runs[0][0], runs[0][1])  # the devices draw differently
+
+
 def test_batched_derivatives_through_pmap_see_the_forward_pass_dropout_masks():
     # A batched pullback recomputes the call inside the autograd.Function's vmap rule:
     # the recomputation must take the forward pass's seeds (found in review).

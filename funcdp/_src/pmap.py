@@ -1168,7 +1168,17 @@ class _Call:
                            axis_size=info.batch_size, randomness=info.randomness)
         outer = pmap(inner, plan.owner._axis_name, in_axes=tuple(pmap_axes),
                      out_axes=out_axes, devices=plan.devices)
-        result = outer(*leaves)
+        mode = self.caller_mode
+        if isinstance(mode, random_mod.DeviceRandomness):
+            # (Inside the autograd.Function the enclosing device's routing is off: the new
+            # call seeds from it, as the call it replaces would have.)
+            torch._C._push_on_torch_function_stack(mode)
+            try:
+                result = outer(*leaves)
+            finally:
+                torch._C._pop_torch_function_stack()
+        else:
+            result = outer(*leaves)
         out_leaves, out_treedef = tree_util.tree_flatten(result)
         out_leaves = [x.to_tensor() if isinstance(x, ShardedValue) else x for x in out_leaves]
         self.out_treedef = out_treedef
