@@ -58,9 +58,12 @@ def test_value_and_grad_compile_equals_eager(devices):
 def test_random_draws_in_compiled_code_use_the_device_generators(devices):
     # Each draw is a graph break that runs eagerly on the device's own generator, so
     # compiled code draws exactly what eager code does.
-    compiled = funcdp.pmap(torch.compile(lambda x: nn.functional.dropout(x, 0.5) + x.sin(),
-                                         backend="aot_eager"), devices=devices[:2])
-    eager = funcdp.pmap(lambda x: nn.functional.dropout(x, 0.5) + x.sin(), devices=devices[:2])
+    def f(x):
+        return (nn.functional.dropout(x, 0.5) + x.sin() + torch.randn(x.shape)
+                + torch.empty_like(x).uniform_() + torch.bernoulli(x * 0.5))
+
+    compiled = funcdp.pmap(torch.compile(f, backend="aot_eager"), devices=devices[:2])
+    eager = funcdp.pmap(f, devices=devices[:2])
     x = torch.ones(2, 64)
     torch.manual_seed(5)
     a = compiled(x).to_tensor()
