@@ -529,9 +529,12 @@ def test_checkpoint_around_a_nested_pmap():
     def seg(x, w):
         return inner(x.reshape(2, -1), w)
 
+    def call(f, *args):  # one function checkpointed inside the device and around the pmap
+        return f(*args)
+
     def loss(w, x, ck):
         kw = {"context_fn": funcdp.checkpoint_random_contexts} if ck == "contexts" else {}
-        out = checkpoint(seg, x, w, use_reentrant=False, **kw) if ck else seg(x, w)
+        out = checkpoint(call, seg, x, w, use_reentrant=False, **kw) if ck else seg(x, w)
         return out.sum()
 
     kw = {"in_axes": (None, 0, None), "devices": funcdp.local_devices()[:2],
@@ -555,7 +558,7 @@ def test_checkpoint_around_a_nested_pmap():
         wr = w.clone().requires_grad_()
         torch.manual_seed(0)
         outer = funcdp.pmap(loss, **kw)
-        checkpoint(lambda w_: outer(w_, x, ck).sum(), wr, use_reentrant=False).backward()
+        checkpoint(call, lambda w_: outer(w_, x, ck).sum(), wr, use_reentrant=False).backward()
         return wr.grad
 
     for run in (on_devices, from_outside, from_outside_in_a_checkpoint):

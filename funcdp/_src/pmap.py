@@ -881,7 +881,7 @@ class _Call:
         # the enclosing device's random routing that a nested call seeds from, are off.)
         self.caller_mode = random_mod.active_mode()
         if _saved_tensors_hooks() is not None:  # (a checkpoint's, say)
-            self.around = random_mod.checkpointed_functions(sys._getframe())
+            self.around = random_mod.enclosing_checkpoints(sys._getframe())
         flat = _PmapFn.apply(self, *[self.leaves[i] for i in tensor_pos])
         outs = list(self.out_template)
         for j, t in zip(self.out_tensor_pos, flat):

@@ -95,8 +95,11 @@ class CallSeeds:
         if (outer is not None and outer.recomputing == 0
                 and torch._C._current_graph_task_id() != -1):
             found = _recomputation(sys._getframe(1))
+            # (A call not found, torch's checkpoint being other than expected, is not
+            # taken for one around the pmap: an error rather than wrong gradients.)
             self.unreplayed = (found is not None and found[0]
-                               and not any(found[1] is f for f in outer.around))
+                               and not (found[1] is not None
+                                        and any(found[1] is c for c in outer.around)))
 
     def get(self) -> int:
         if self.base is None:
@@ -262,7 +265,7 @@ class DeviceRandomness(TorchFunctionMode):
     # One device's mode: set aside by funcdp's own code (api_util.internal), not carried
     # to other devices' threads (executor.ThreadState).
     funcdp_per_device = True
-    # The functions of the checkpoints the pmap was called in (see Continuation).
+    # The checkpoint calls the pmap was called in (see Continuation).
     around: tuple = ()
 
     def __init__(self, seeds: CallSeeds, index: int, device: torch.device) -> None:
@@ -272,7 +275,6 @@ class DeviceRandomness(TorchFunctionMode):
         self.device = device
         self._generator: torch.Generator | None = None
         self.recomputing = 0  # checkpoint_random_contexts' recomputations in progress
-        self.special = _special_table()
 
     @property
     def nests(self) -> bool:
@@ -291,16 +293,20 @@ class DeviceRandomness(TorchFunctionMode):
         return self._generator
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        special = self.special.get(func)
+        special = _SPECIAL.get(func)
         if special is None:
             return func(*args, **(kwargs or {}))
         return special(self, func, types, args, kwargs or {})
 
 
+@torch.compiler.disable
 def _route(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
     """A random draw on the device's generator. Under torch.compile this is a graph
-    break (see ``_special_table``): the draw runs eagerly, so compiled code draws what
-    eager code would."""
+    break: the draw runs eagerly, so compiled code draws what eager code would.
+
+    (``torch.compiler.disable`` imports torch's compiler, a second of ``import funcdp``.
+    Applying it later, once the compiler is loaded, misses a first ``torch.compile``
+    called inside a device's function, whose mode was made before: found in review.)"""
     if func in _WITH_GENERATOR:
         if kwargs.get("generator") is None:
             kwargs = dict(kwargs, generator=mode.generator)
@@ -347,21 +353,6 @@ _SPECIAL: dict[Any, Callable] = {
     torch.autograd.backward: _with_mode_in_backward,
     torch.Tensor.backward: _with_mode_in_backward,
 }
-_SPECIAL_COMPILABLE: dict[Any, Callable] | None = None
-
-
-def _special_table() -> dict[Any, Callable]:
-    """``_SPECIAL``, with ``_route`` behind ``torch.compiler.disable`` once torch's compiler
-    is loaded (torch.compile loads it before it traces anything). Until then, no code is
-    compiled, and funcdp does not import the compiler itself: that takes a second, which
-    every ``import funcdp`` would pay."""
-    global _SPECIAL_COMPILABLE
-    if "torch._dynamo" not in sys.modules:
-        return _SPECIAL
-    if _SPECIAL_COMPILABLE is None:
-        disabled = torch.compiler.disable(_route)
-        _SPECIAL_COMPILABLE = {f: disabled if h is _route else h for f, h in _SPECIAL.items()}
-    return _SPECIAL_COMPILABLE
 
 
 class Continuation(DeviceRandomness):
@@ -375,9 +366,9 @@ class Continuation(DeviceRandomness):
     def __init__(self, forward: DeviceRandomness, around: tuple) -> None:
         super().__init__(forward.seeds, forward.index, forward.device)
         self.forward = forward
-        # The functions of the checkpoints the pmap was called in: one of them may
-        # recompute the call in its own backward pass, seeded from torch's default
-        # generator as it was (which the checkpoint restores).
+        # The checkpoint calls the pmap was called in: one of them may recompute the call
+        # in its own backward pass, seeded from torch's default generator as it was
+        # (which the checkpoint restores).
         self.around = around
 
     @property
@@ -507,9 +498,10 @@ def _check_draw() -> None:
 
 
 def _recomputation(frame: Any) -> tuple[bool, Any] | None:
-    """``(preserves the random state, checkpointed function)`` of the torch.utils.checkpoint
+    """``(preserves the random state, the checkpoint call)`` of the torch.utils.checkpoint
     recomputation of a forward pass of the device's function that ``frame`` runs in, or
-    None."""
+    None. The checkpoint call is an object of torch's own for one call of ``checkpoint``
+    (its ``_CheckpointFrame``, or the reentrant checkpoint's ``ctx``), or None."""
     f = frame
     while f is not None:
         code = f.f_code
@@ -517,26 +509,40 @@ def _recomputation(frame: Any) -> tuple[bool, Any] | None:
             return None
         if code.co_filename == _CHECKPOINT_FILE and code.co_name in _RECOMPUTE_NAMES:
             ctx = f.f_locals.get("ctx")
-            if ctx is None:  # non-reentrant: the recomputation's closure
-                return (bool(f.f_locals.get("preserve_rng_state", True)),
-                        f.f_locals.get("fn"))
-            return (bool(getattr(ctx, "preserve_rng_state", True)),
-                    getattr(ctx, "run_function", None))
+            if ctx is not None:  # reentrant: CheckpointFunction.backward
+                return bool(getattr(ctx, "preserve_rng_state", True)), ctx
+            # Non-reentrant: the recomputation's closure, called (through a helper or
+            # two) by the hook that holds its _CheckpointFrame.
+            call, up = None, f.f_back
+            for _ in range(4):
+                if up is None:
+                    break
+                if up.f_code.co_name == "unpack_hook":
+                    call = up.f_locals.get("frame")
+                    break
+                up = up.f_back
+            return bool(f.f_locals.get("preserve_rng_state", True)), call
         f = f.f_back
     return None
 
 
-def checkpointed_functions(frame: Any) -> tuple:
-    """The functions of the torch.utils.checkpoint calls whose forward pass ``frame`` runs
-    in (which may recompute it)."""
+def enclosing_checkpoints(frame: Any) -> tuple:
+    """The torch.utils.checkpoint calls (see ``_recomputation``) whose forward pass
+    ``frame`` runs in, inside the device's function if any: those that may recompute it."""
     out = []
     f = frame
     while f is not None:
         code = f.f_code
+        if code in _STOPS:
+            break
         if code.co_filename == _CHECKPOINT_FILE:
-            fn = f.f_locals.get("function" if code.co_name == "checkpoint" else "run_function")
-            if fn is not None:
-                out.append(fn)
+            if code.co_name == "checkpoint":  # non-reentrant: its generator's frame
+                gen = getattr(f.f_locals.get("gen"), "gi_frame", None)
+                call = gen.f_locals.get("new_frame") if gen is not None else None
+            else:
+                call = f.f_locals.get("ctx") if code.co_name == "forward" else None
+            if call is not None:
+                out.append(call)
         f = f.f_back
     return tuple(out)
 
