@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -705,6 +707,22 @@ def test_batched_derivatives_through_pmap_see_the_forward_pass_dropout_masks():
     eye = torch.eye(12, dtype=torch.float64).reshape(12, 2, 6)
     jac = torch.vmap(pull, randomness="same")(eye)[0].reshape(12, 12)
     assert torch.equal(jac.diagonal(), (y / x).flatten())
+
+
+def test_jacobians_through_pmap_see_the_forward_pass_dropout_masks():
+    # jacrev recomputes the forward pass under its vmap over cotangents, whose randomness
+    # is "error": the recomputation replays the seeds, one draw for the batch (it raised).
+    pm = funcdp.pmap(lambda x, w: F.dropout(x * w, 0.5), in_axes=(0, None),
+                     devices=funcdp.local_devices()[:2])
+    x = torch.rand(2, 6, dtype=torch.float64) + 1
+    w = torch.tensor(3.0, dtype=torch.float64)
+    torch.manual_seed(0)
+    y = pm(x, w).to_tensor()
+    for jac in (torch.func.jacrev, functools.partial(torch.func.jacfwd, randomness="same")):
+        torch.manual_seed(0)
+        assert_trees_close(jac(lambda w: pm(x, w))(w), y / w)
+    with pytest.raises(RuntimeError, match="randomness"):  # the user's own vmap: as asked
+        torch.func.vmap(lambda w: pm(x, w))(w.expand(3))
 
 
 def test_randomness_is_reproducible_whatever_the_first_calls_did():

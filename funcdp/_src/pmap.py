@@ -1164,8 +1164,12 @@ class _Call:
             return o + 1 if isinstance(o, int) and o >= 0 else o
 
         out_axes = tree_util.tree_map(shift, plan.owner._out_axes)
+        # A recomputation for a batched derivative (jacrev's vmap over cotangents) replays
+        # the forward pass's seeds: one draw for the whole batch, whatever the vmap's
+        # randomness (jacrev's is "error").
+        randomness = "same" if random_mod.recomputing() else info.randomness
         inner = named_vmap(flat_fun, in_axes=tuple(inner_dims), out_axes=0, axis_name=name,
-                           axis_size=info.batch_size, randomness=info.randomness)
+                           axis_size=info.batch_size, randomness=randomness)
         outer = pmap(inner, plan.owner._axis_name, in_axes=tuple(pmap_axes),
                      out_axes=out_axes, devices=plan.devices)
         mode = self.caller_mode

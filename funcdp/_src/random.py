@@ -143,6 +143,11 @@ def call_seeds(outer: Any = "active") -> CallSeeds:
     return forced
 
 
+def recomputing() -> bool:
+    """Whether the next pmap call recomputes a call (see reuse)."""
+    return _tls.forced is not None
+
+
 class reuse:
     """Makes the pmap call made inside draw exactly what ``seeds``' call drew.
 
