@@ -721,8 +721,11 @@ def test_jacobians_through_pmap_see_the_forward_pass_dropout_masks():
     for jac in (torch.func.jacrev, functools.partial(torch.func.jacfwd, randomness="same")):
         torch.manual_seed(0)
         assert_trees_close(jac(lambda w: pm(x, w))(w), y / w)
-    with pytest.raises(RuntimeError, match="randomness"):  # the user's own vmap: as asked
-        torch.func.vmap(lambda w: pm(x, w))(w.expand(3))
+    # The user's own vmap, and jacfwd's default: as asked, as in torch.
+    for asked in (lambda: torch.func.vmap(lambda w: pm(x, w))(w.expand(3)),
+                  lambda: torch.func.jacfwd(lambda w: pm(x, w))(w)):
+        with pytest.raises(RuntimeError, match="randomness"):
+            asked()
 
 
 def test_randomness_is_reproducible_whatever_the_first_calls_did():

@@ -974,7 +974,8 @@ class _Call:
         grad_axes = tuple(plan.axes[p] if plan.kinds[p] != _BCAST else 0 for p in want)
         back = pmap(vjp_flat, plan.owner._axis_name, in_axes=tuple(plan.axes) + tuple(ct_axes),
                     out_axes=grad_axes, devices=plan.devices)
-        with random_mod.reuse(self.seeds):  # the same dropout masks as the forward pass
+        # The same dropout masks as the forward pass.
+        with random_mod.reuse(self.seeds, pullback=True):
             res = back(*leaves, *ct_leaves)
         by_leaf = {}
         for p, r in zip(want, res):
@@ -1164,10 +1165,10 @@ class _Call:
             return o + 1 if isinstance(o, int) and o >= 0 else o
 
         out_axes = tree_util.tree_map(shift, plan.owner._out_axes)
-        # A recomputation for a batched derivative (jacrev's vmap over cotangents) replays
-        # the forward pass's seeds: one draw for the whole batch, whatever the vmap's
-        # randomness (jacrev's is "error").
-        randomness = "same" if random_mod.recomputing() else info.randomness
+        # A forward pass recomputed for a batched pullback (jacrev's vmap over cotangents)
+        # replays the forward pass's seeds: one draw for the whole batch, whatever the
+        # vmap's randomness (jacrev's is "error"; jacfwd's keeps its own, as in torch).
+        randomness = "same" if random_mod.recomputing_a_pullback() else info.randomness
         inner = named_vmap(flat_fun, in_axes=tuple(inner_dims), out_axes=0, axis_name=name,
                            axis_size=info.batch_size, randomness=randomness)
         outer = pmap(inner, plan.owner._axis_name, in_axes=tuple(pmap_axes),

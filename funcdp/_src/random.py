@@ -65,6 +65,7 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
 class _Forced(threading.local):
     def __init__(self) -> None:
         self.forced: CallSeeds | None = None  # the seeds the next call must reuse, if any
+        self.pullback = False  # ... for a pullback (see recomputing_a_pullback)
 
 
 _tls = _Forced()
@@ -143,9 +144,11 @@ def call_seeds(outer: Any = "active") -> CallSeeds:
     return forced
 
 
-def recomputing() -> bool:
-    """Whether the next pmap call recomputes a call (see reuse)."""
-    return _tls.forced is not None
+def recomputing_a_pullback() -> bool:
+    """Whether the next pmap call recomputes a call's forward pass for its pullback (see
+    reuse): under a vmap over cotangents (jacrev's), the forward pass is the same for
+    every cotangent."""
+    return _tls.forced is not None and _tls.pullback
 
 
 class reuse:
@@ -154,15 +157,16 @@ class reuse:
     Used to recompute a forward pass (for a VJP or JVP) with the same dropout masks.
     """
 
-    def __init__(self, seeds: CallSeeds | None) -> None:
+    def __init__(self, seeds: CallSeeds | None, pullback: bool = False) -> None:
         self.seeds = seeds
+        self.pullback = pullback
 
     def __enter__(self) -> None:
-        self.old = _tls.forced
-        _tls.forced = self.seeds
+        self.old = _tls.forced, _tls.pullback
+        _tls.forced, _tls.pullback = self.seeds, self.pullback
 
     def __exit__(self, *exc: Any) -> None:
-        _tls.forced = self.old
+        _tls.forced, _tls.pullback = self.old
 
 
 _WITH_GENERATOR = {
