@@ -574,6 +574,7 @@ class _Call:
         # checkpoints the call was made in.
         self.modes: list = []
         self.caller_mode: Any = "active"
+        self.fwd_vmaps: frozenset[int] = frozenset()  # a recorded call's vmap levels
         self.around: tuple = ()
         self.inline: Inline | None = None
 
@@ -880,6 +881,10 @@ class _Call:
         # (Here: inside the autograd.Function the caller's torch-function modes, among them
         # the enclosing device's random routing that a nested call seeds from, are off.)
         self.caller_mode = random_mod.active_mode()
+        self.fwd_vmaps = frozenset(
+            i.level() for i in pyfunctorch.retrieve_all_functorch_interpreters()
+            if isinstance(i, pyfunctorch.VmapInterpreter)
+        ) if _functorch.maybe_current_level() is not None else frozenset()
         if _saved_tensors_hooks() is not None:  # (a checkpoint's, say)
             self.around = random_mod.enclosing_checkpoints(sys._getframe())
         flat = _PmapFn.apply(self, *[self.leaves[i] for i in tensor_pos])
@@ -975,7 +980,7 @@ class _Call:
         back = pmap(vjp_flat, plan.owner._axis_name, in_axes=tuple(plan.axes) + tuple(ct_axes),
                     out_axes=grad_axes, devices=plan.devices)
         # The same dropout masks as the forward pass.
-        with random_mod.reuse(self.seeds, pullback=True):
+        with random_mod.reuse(self.seeds, pullback=self.fwd_vmaps):
             res = back(*leaves, *ct_leaves)
         by_leaf = {}
         for p, r in zip(want, res):
@@ -1168,7 +1173,8 @@ class _Call:
         # A forward pass recomputed for a batched pullback (jacrev's vmap over cotangents)
         # replays the forward pass's seeds: one draw for the whole batch, whatever the
         # vmap's randomness (jacrev's is "error"; jacfwd's keeps its own, as in torch).
-        randomness = "same" if random_mod.recomputing_a_pullback() else info.randomness
+        vmaps = random_mod.pullback_vmaps()
+        randomness = "same" if vmaps is not None and level not in vmaps else info.randomness
         inner = named_vmap(flat_fun, in_axes=tuple(inner_dims), out_axes=0, axis_name=name,
                            axis_size=info.batch_size, randomness=randomness)
         outer = pmap(inner, plan.owner._axis_name, in_axes=tuple(pmap_axes),

@@ -65,7 +65,8 @@ def make_generator(device: torch.device, seed: int) -> torch.Generator:
 class _Forced(threading.local):
     def __init__(self) -> None:
         self.forced: CallSeeds | None = None  # the seeds the next call must reuse, if any
-        self.pullback = False  # ... for a pullback (see recomputing_a_pullback)
+        # ... for a pullback: the vmap levels of its forward pass (see pullback_vmaps)
+        self.pullback: frozenset[int] | None = None
 
 
 _tls = _Forced()
@@ -144,11 +145,12 @@ def call_seeds(outer: Any = "active") -> CallSeeds:
     return forced
 
 
-def recomputing_a_pullback() -> bool:
-    """Whether the next pmap call recomputes a call's forward pass for its pullback (see
-    reuse): under a vmap over cotangents (jacrev's), the forward pass is the same for
-    every cotangent."""
-    return _tls.forced is not None and _tls.pullback
+def pullback_vmaps() -> frozenset[int] | None:
+    """Where the next pmap call recomputes a call's forward pass for its pullback (see
+    reuse), the levels of the vmaps that call's forward pass ran under: a vmap at another
+    level is new (a vmap over cotangents, jacrev's), and the forward pass is the same for
+    each of its batch elements. None elsewhere."""
+    return _tls.pullback if _tls.forced is not None else None
 
 
 class reuse:
@@ -157,7 +159,8 @@ class reuse:
     Used to recompute a forward pass (for a VJP or JVP) with the same dropout masks.
     """
 
-    def __init__(self, seeds: CallSeeds | None, pullback: bool = False) -> None:
+    def __init__(self, seeds: CallSeeds | None,
+                 pullback: frozenset[int] | None = None) -> None:
         self.seeds = seeds
         self.pullback = pullback
 
