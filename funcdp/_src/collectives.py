@@ -124,6 +124,9 @@ def _apply(spec: Spec, leaves: list[torch.Tensor],
     return list(_CollectiveFn.apply(spec, *leaves))
 
 
+# ``(primal, tangent)`` of a tensor at a forward-AD level: what
+# ``torch.autograd.forward_ad.unpack_dual`` returns, without its Python (a third of the
+# time; called once per leaf while pmap's shared level is open).
 _unpack_dual = torch._C._VariableFunctions._unpack_dual
 
 

@@ -569,14 +569,16 @@ class _Call:
         self.per_device: list | None = None
         self.track: list[bool] = []
         self.seeds: Any = None
-        # Each device's random routing of a recorded call, for its backward pass; the
-        # enclosing device's routing, where the caller found it; and the functions of the
-        # checkpoints the call was made in.
-        self.modes: list = []
-        self.caller_mode: Any = "active"
-        self.fwd_vmaps: frozenset[int] = frozenset()  # a recorded call's vmap levels
-        self.around: tuple = ()
         self.inline: Inline | None = None
+
+    # Set by a differentiable call (class defaults: nothing on every call's path): each
+    # device's random routing, for the backward pass; the enclosing device's routing,
+    # found before the autograd.Function; the levels of the vmaps the call ran under; and
+    # the checkpoint calls it was made in.
+    modes: list
+    caller_mode: Any = random_mod.ACTIVE
+    fwd_vmaps: frozenset[int] = frozenset()
+    around: tuple = ()
 
     # -- inputs ------------------------------------------------------------------------
     def _device_inputs(self, leaves: list) -> list[list]:
@@ -1089,17 +1091,12 @@ class _Call:
             # The device's random routing of the forward pass, continued: draws made in
             # the backward pass (a custom backward, a hook, a checkpoint's recomputation)
             # come from the device's generator, where the forward pass left it.
-            torch._C._push_on_torch_function_stack(
-                random_mod.Continuation(self.modes[i], self.around))
-            try:
-                with torch.enable_grad():
-                    # The graph lives as long as the caller's graph does (which may run
-                    # backward more than once); it is freed with it.
-                    return list(torch.autograd.grad([p[0] for p in pairs], targets,
-                                                    [p[1] for p in pairs],
-                                                    allow_unused=True, retain_graph=True))
-            finally:
-                torch._C._pop_torch_function_stack()
+            with random_mod.Continuation(self.modes[i], self.around), torch.enable_grad():
+                # The graph lives as long as the caller's graph does (which may run
+                # backward more than once); it is freed with it.
+                return list(torch.autograd.grad([p[0] for p in pairs], targets,
+                                                [p[1] for p in pairs], allow_unused=True,
+                                                retain_graph=True))
 
         # Each device's backward runs on its own worker, with the axis bound again so
         # that the collectives' transposes meet the other devices.
@@ -1179,16 +1176,10 @@ class _Call:
                            axis_size=info.batch_size, randomness=randomness)
         outer = pmap(inner, plan.owner._axis_name, in_axes=tuple(pmap_axes),
                      out_axes=out_axes, devices=plan.devices)
+        # (Inside the autograd.Function the enclosing device's routing is off: the new call
+        # seeds from it, as the call it replaces would have.)
         mode = self.caller_mode
-        if isinstance(mode, random_mod.DeviceRandomness):
-            # (Inside the autograd.Function the enclosing device's routing is off: the new
-            # call seeds from it, as the call it replaces would have.)
-            torch._C._push_on_torch_function_stack(mode)
-            try:
-                result = outer(*leaves)
-            finally:
-                torch._C._pop_torch_function_stack()
-        else:
+        with mode if isinstance(mode, random_mod.DeviceRandomness) else contextlib.nullcontext():
             result = outer(*leaves)
         out_leaves, out_treedef = tree_util.tree_flatten(result)
         out_leaves = [x.to_tensor() if isinstance(x, ShardedValue) else x for x in out_leaves]

@@ -72,6 +72,10 @@ class _Forced(threading.local):
 _tls = _Forced()
 
 
+# For ``CallSeeds``' ``outer``: the enclosing device's mode is the active one.
+ACTIVE: Any = object()
+
+
 class CallSeeds:
     """The base seed of one pmap call, drawn when a device first needs randomness.
 
@@ -81,12 +85,12 @@ class CallSeeds:
 
     __slots__ = ("base", "outer", "unreplayed")
 
-    def __init__(self, base: int | None = None, outer: Any = "active") -> None:
+    def __init__(self, base: int | None = None, outer: Any = ACTIVE) -> None:
         self.base = base
         # (``outer``: the caller's mode, where the caller looked for it before its modes
         # were set aside: inside an autograd.Function, say.)
-        if isinstance(outer, str):
-            outer = _active_mode()
+        if outer is ACTIVE:
+            outer = active_mode()
         self.outer = outer if outer is not None and outer.nests else None
         # A pmap nested in a device, called again by a checkpoint recomputing the device's
         # forward pass without checkpoint_random_contexts: its seed, drawn from the
@@ -121,7 +125,8 @@ class CallSeeds:
 _draw_lock = threading.RLock()
 
 
-def _active_mode() -> DeviceRandomness | None:
+def active_mode() -> DeviceRandomness | None:
+    """The innermost device's random routing in effect here, if any."""
     if not torch._C._len_torch_function_stack():
         return None
     from torch.overrides import _get_current_function_mode_stack
@@ -132,10 +137,8 @@ def _active_mode() -> DeviceRandomness | None:
     return None
 
 
-active_mode = _active_mode  # (for pmap: the enclosing device's routing, if any)
 
-
-def call_seeds(outer: Any = "active") -> CallSeeds:
+def call_seeds(outer: Any = ACTIVE) -> CallSeeds:
     """The seeds of a new call: those of the call being recomputed, if any (see reuse).
     ``outer``: the enclosing device's mode, if the caller found it (see CallSeeds)."""
     forced = _tls.forced
@@ -348,15 +351,8 @@ def _with_mode_in_backward(mode: DeviceRandomness, func: Any, types: Any, args: 
     if (_redispatch is None or torch._C._len_torch_function_stack()
             or any(t not in _PLAIN_TYPES for t in types)):
         return func(*args, **kwargs)
-    _push(mode)
-    try:
+    with mode:
         return _redispatch(func, types, args, kwargs)
-    finally:
-        _pop()
-
-
-_push = torch._C._push_on_torch_function_stack
-_pop = torch._C._pop_torch_function_stack
 
 # What the mode does besides calling the function.
 _SPECIAL: dict[Any, Callable] = {
@@ -417,7 +413,7 @@ class _Recompute:
         self.state = g.get_state() if g is not None else None
 
     def _replay(self) -> None:
-        mode = _active_mode() or self.mode
+        mode = active_mode() or self.mode
         if self.state is None:
             g = make_generator(mode.device, device_seed(mode.seeds.get(), mode.index))
         else:
@@ -480,7 +476,7 @@ def checkpoint_random_contexts() -> tuple[Any, Any]:
         >>> g.shape
         torch.Size([2])
     """
-    mode = _active_mode()
+    mode = active_mode()
     if mode is None:
         return contextlib.nullcontext(), contextlib.nullcontext()
     r = _Recompute(mode)

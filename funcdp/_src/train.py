@@ -15,7 +15,12 @@ from torch._C import _functorch
 from funcdp._src import axes as axes_mod
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import internal, public
-from funcdp._src.collectives import _PARALLEL_MIN_NUMEL, HAS_STORAGE_USES, _reduction
+from funcdp._src.collectives import (
+    _PARALLEL_MIN_NUMEL,
+    HAS_STORAGE_USES,
+    _reduction,
+    _unpack_dual,
+)
 from funcdp._src.collectives import storage_use_count as _storage_use_count
 from funcdp._src.collectives import storage_uses as _storage_uses
 from funcdp._src.transform_util import a_type
@@ -96,10 +101,6 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _run_backward = getattr(torch.autograd.graph, "_engine_run_backward", None) or (
     lambda outs, gos, retain, create, inputs, unused, _acc: torch.autograd.grad(
         outs, inputs, gos, retain_graph=retain, create_graph=create, allow_unused=unused))
-# ``(primal, tangent)`` of a tensor at a forward-AD level: what
-# ``torch.autograd.forward_ad.unpack_dual`` returns, without its Python (a third of the
-# time; called once per differentiated leaf while pmap's shared level is open).
-_unpack_dual = torch._C._VariableFunctions._unpack_dual
 # The autograd node of a leaf tensor (its ``variable``); only these nodes have one.
 _ACCUMULATE_GRAD: Any = torch._C._functions.AccumulateGrad  # type: ignore[attr-defined]
 
