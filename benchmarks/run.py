@@ -57,6 +57,7 @@ def plan(quick: bool, have_jax: bool) -> list[tuple[str, str, str, dict]]:
 PART_LABELS = {"torch_module": "torch nn.Module+optim", "torch_func": "torch.func",
                "funcdp_x1": "funcdp pmap x1", "funcdp_x2": "funcdp pmap x2",
                "funcdp_x4": "funcdp pmap x4",
+               "funcdp_x2_two_rounds": "funcdp pmap x2, value_and_grad + opt.step",
                "funcdp_x2_compiled": "funcdp pmap x2 + torch.compile",
                "threads_x2": "hand-written threads x2"}
 
@@ -186,6 +187,8 @@ INFO = [
      "hand-written threads x2 (mlp)", "torch nn.Module+optim (mlp)"),
     ("MLP step, funcdp x2 vs hand-written threads x2 (what funcdp's framework costs)",
      "funcdp pmap x2 (mlp)", "hand-written threads x2 (mlp)"),
+    ("MLP step, funcdp x2: value_and_update vs value_and_grad + opt.step (one round or two)",
+     "funcdp pmap x2 (mlp)", "funcdp pmap x2, value_and_grad + opt.step (mlp)"),
 ]
 
 
@@ -253,7 +256,8 @@ def build_report(results: dict, have_jax: bool) -> dict:
 
 def _order(label: str) -> tuple:
     keys = ["torch nn.Module", "torch.func", "funcdp pmap x1 (", "funcdp pmap x2 (",
-            "funcdp pmap x2 + torch.compile", "funcdp pmap x4 (", "hand-written threads",
+            "funcdp pmap x2, value_and_grad", "funcdp pmap x2 + torch.compile",
+            "funcdp pmap x4 (", "hand-written threads",
             "DDP", "jax.pmap x2 (",
             "funcdp pmap x2 call", "jax.pmap x2 call", "funcdp psum",
             "funcdp pmap x1 (mlp, memory)", "funcdp pmap x8"]

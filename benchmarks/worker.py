@@ -162,7 +162,10 @@ class _ThreadsStep:
         return float(sum(self.losses) / self.n)
 
 
-def funcdp_step(workload: str, n: int | None = None, compiled: bool = False):
+def funcdp_step(workload: str, n: int | None = None, compiled: bool = False,
+                two_rounds: bool = False):
+    """The quickstart's step (``value_and_update``); with ``two_rounds``, written out as
+    ``value_and_grad`` and ``opt.step`` (the average and the update in rounds of their own)."""
     import funcdp
     from funcdp import optim
 
@@ -178,10 +181,14 @@ def funcdp_step(workload: str, n: int | None = None, compiled: bool = False):
     # With `compiled`, torch.compile compiles the model's gradient; the collective and the
     # optimizer stay eager (compiling them too only adds graph breaks).
     value_and_grad = funcdp.value_and_grad(loss_fn, "batch", compile=compiled)
+    value_and_update = funcdp.value_and_update(loss_fn, opt, "batch", compile=compiled)
 
     @funcdp.pmap(axis_name="batch", in_axes=(None, None, 0, 0), out_axes=None,
                  devices=devices)
     def train_step(params, opt_state, x, y):
+        if not two_rounds:
+            loss, params, opt_state = value_and_update(params, opt_state, x, y)
+            return params, opt_state, loss
         loss, grads = value_and_grad(params, x, y)
         params, opt_state = opt.step(grads, opt_state, params, axis_name="batch")
         return params, opt_state, loss
@@ -223,6 +230,7 @@ def single_process(workload: str, quick: bool) -> dict:
              "torch_func": torch_func_step(workload)}
     for n in (1, 2, 4):
         steps[f"funcdp_x{n}"] = funcdp_step(workload, n)
+    steps["funcdp_x2_two_rounds"] = funcdp_step(workload, 2, two_rounds=True)
     steps["threads_x2"] = _ThreadsStep(workload, 2)
     skipped = None
     if workload == "mlp" and not quick:

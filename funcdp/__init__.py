@@ -42,6 +42,7 @@ from funcdp._src.sharded import shard as shard
 from funcdp._src.sharded import unreplicate as unreplicate
 from funcdp._src.sharded import unshard as unshard
 from funcdp._src.train import value_and_grad as value_and_grad
+from funcdp._src.train import value_and_update as value_and_update
 from funcdp._src.vmap import vmap as vmap
 
 __version__ = "0.1.0"
@@ -81,5 +82,6 @@ __all__ = [
     "unreplicate",
     "unshard",
     "value_and_grad",
+    "value_and_update",
     "vmap",
 ]

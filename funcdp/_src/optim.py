@@ -211,7 +211,7 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
     def flat_state(grads: Any, state: dict, params: Any):
         g, spec = _flat(grads)
         p, pspec = _params_of(params, g, spec, weight_decay, "sgd")
-        bufs = [_flat(state["momentum"])[0]] if momentum else []
+        bufs = [_state_leaves(state["momentum"], spec, "sgd")] if momentum else []
         step = state["step"] + 1
         return g, spec, p, pspec, bufs, step, _scalar(_lr_at(lr, step))
 
@@ -228,7 +228,9 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
             _foreach.mul(d, -lr_t))
         return tree_util.tree_unflatten(updates, spec), new_state(step, bufs, spec)
 
-    def fused(grads: Any, state: dict, params: Any, axis_name: Any = None):
+    @_takes_mean
+    def fused(grads: Any, state: dict, params: Any, axis_name: Any = None,
+              mean: shared_update.Mean | None = None):
         g, spec, p, pspec, bufs, step, lr_t = flat_state(grads, state, params)
         _same_spec(spec, pspec)
 
@@ -238,18 +240,38 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
                 return ([pi - lr_t * di for pi, di in zip(p, d)], *new_bufs)
             return (list(_foreach.add(p, d, alpha=-lr_t)), *new_bufs)
 
-        new, *bufs = _shared_step(kernel, g, p, bufs, axis_name, "funcdp.optim.sgd step")
+        new, *bufs = _shared_step(kernel, g, p, bufs, axis_name, "funcdp.optim.sgd step", mean)
         return tree_util.tree_unflatten(new, pspec), new_state(step, bufs, spec)
 
     return GradientTransformation(init, update, fused)
 
 
 def _shared_step(kernel: Callable, g: list, p: list, state: list, axis_name: Any,
-                 call: str) -> list:
+                 call: str, mean: shared_update.Mean | None = None) -> list:
     """``kernel(g, p, *state) -> (new_p, *new_state)``, shared over ``axis_name`` where
-    the devices can share it (see ``shared_update``)."""
+    the devices can share it (see ``shared_update``); with ``mean``, on the average of
+    the devices' ``g``."""
     return shared_update.elementwise(kernel, [g, p, *state], list(range(1, 2 + len(state))),
-                                     axis_name, call)
+                                     axis_name, call, mean)
+
+
+def _takes_mean(fused: Callable) -> Callable:
+    """Marks a ``fused`` step that accepts ``mean=shared_update.Mean(...)``: the gradients
+    are each device's own, averaged over ``axis_name`` in the update's round
+    (``funcdp.value_and_update``). A user's own ``fused`` need not know of it."""
+    fused.takes_mean = True  # type: ignore[attr-defined]
+    return fused
+
+
+def step_of_mean(opt: GradientTransformation, grads: Any, state: Any, params: Any,
+                 axis_name: Any, mean: shared_update.Mean) -> tuple[Any, Any]:
+    """``opt.step`` of the average of the devices' ``grads`` over ``axis_name`` (see
+    ``shared_update.Mean``): in the update's round where ``opt``'s fused step can average
+    them itself, else in a round of its own first."""
+    fused = opt.fused
+    if fused is None or not getattr(fused, "takes_mean", False):
+        return opt.step(mean.now(grads), state, params, axis_name=axis_name)
+    return fused(grads, state, params, axis_name, mean=mean)
 
 
 def _params_of(params: Any, g: list, spec: Any, weight_decay: float, name: str):
@@ -260,6 +282,17 @@ def _params_of(params: Any, g: list, spec: Any, weight_decay: float, name: str):
         raise ValueError(f"funcdp.optim.{name}: `params` is needed for weight_decay; pass "
                          f"update(grads, state, params).")
     return g, spec
+
+
+def _state_leaves(tree: Any, spec: Any, name: str) -> list[torch.Tensor]:
+    """The leaves of a per-parameter state tree, checked against the gradients'."""
+    leaves, state_spec = _flat(tree)
+    if state_spec != spec:
+        raise ValueError(
+            f"funcdp.optim.{name}: the optimizer state was made for parameters of structure "
+            f"{state_spec}, but the gradients have structure {spec}. Make the state with "
+            f"opt.init(params) for the parameters being trained.")
+    return leaves
 
 
 def _same_spec(spec: Any, pspec: Any) -> None:
@@ -291,7 +324,7 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
         t = float(step) if not _traced(step) else step.to(torch.float64)
         bc1 = 1 - b1 ** t
         bc2_sqrt = (1 - b2 ** t) ** 0.5
-        moments = [_flat(state[k])[0] for k in keys]
+        moments = [_state_leaves(state[k], spec, name) for k in keys]
         return g, spec, p, pspec, moments, step, lr_t, bc1, bc2_sqrt
 
     def moments_of(g: list, p: list, mu: list, nu: list, *nu_max: list, bc2_sqrt: Any):
@@ -328,7 +361,9 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
             updates = list(_foreach.add(updates, _scale(p, -lr_t * weight_decay)))
         return tree_util.tree_unflatten(updates, spec), state_of(step, new, spec)
 
-    def fused(grads: Any, state: dict, params: Any, axis_name: Any = None):
+    @_takes_mean
+    def fused(grads: Any, state: dict, params: Any, axis_name: Any = None,
+              mean: shared_update.Mean | None = None):
         g, spec, p, pspec, moments, step, lr_t, bc1, bc2_sqrt = scalars(grads, state, params)
         _same_spec(spec, pspec)
         size = -lr_t / bc1
@@ -349,7 +384,8 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
                 out = list(_foreach.addcdiv(p, mu, denom, value=size))
             return (out, *new)
 
-        out, *new = _shared_step(kernel, g, p, moments, axis_name, f"funcdp.optim.{name} step")
+        out, *new = _shared_step(kernel, g, p, moments, axis_name, f"funcdp.optim.{name} step",
+                                 mean)
         return tree_util.tree_unflatten(out, pspec), state_of(step, new, spec)
 
     return GradientTransformation(init, update, fused)
@@ -447,12 +483,21 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new.append(s)
         return grads, tuple(new)
 
-    def fused(grads: Any, state: tuple, params: Any, axis_name: Any = None):
+    @_takes_mean
+    def fused(grads: Any, state: tuple, params: Any, axis_name: Any = None,
+              mean: shared_update.Mean | None = None):
+        if mean is not None and len(transforms) > 1:
+            # The transforms before the last need the averaged gradients (a clip needs
+            # their global norm): averaged in a round of their own.
+            grads, mean = mean.now(grads), None
         new = []
         for t, s in zip(transforms[:-1], state[:-1]):
             grads, s = t.update(grads, s, params)
             new.append(s)
-        params, s = transforms[-1].step(grads, state[-1], params, axis_name=axis_name)
+        if mean is None:
+            params, s = transforms[-1].step(grads, state[-1], params, axis_name=axis_name)
+        else:
+            params, s = step_of_mean(transforms[-1], grads, state[-1], params, axis_name, mean)
         new.append(s)
         return params, tuple(new)
 

@@ -27,6 +27,7 @@ from torch._C import _functorch
 from funcdp._src import axes as axes_mod
 from funcdp._src.api_util import internal
 from funcdp._src.axes import DeviceComp
+from funcdp._src.collectives import _divisor
 
 # Leaves with at least this many elements are shared; smaller ones (biases, step
 # counters) are computed by every device, which is cheaper than a rendezvous.
@@ -41,9 +42,28 @@ _SHARED_MIN_DEVICES = 2
 Lists = Sequence[list[torch.Tensor]]
 
 
+class Mean:
+    """Asks ``elementwise`` to average its first input list over the axis first: each
+    device passes its own gradients, and the kernel runs on their ``pmean``, computed in
+    the round that shares the update (one round instead of two). ``value``, each device's
+    loss, is averaged in the same round, into ``result``. ``reduce(value, grads)`` is that
+    ``pmean`` in a round of its own, for where the round cannot be shared."""
+
+    def __init__(self, value: torch.Tensor, reduce: Callable[[Any, Any], tuple[Any, Any]]):
+        self.value = value
+        self.reduce = reduce
+        self.result: Any = None
+
+    def now(self, grads: Any) -> Any:
+        """The average of ``grads`` (and of the value, into ``result``), in its own round."""
+        self.result, grads = self.reduce(self.value, grads)
+        return grads
+
+
 @internal
 def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lists,
-                like: Sequence[int], axis_name: Any, call: str) -> list[list[torch.Tensor]]:
+                like: Sequence[int], axis_name: Any, call: str,
+                mean: Mean | None = None) -> list[list[torch.Tensor]]:
     """``kernel(*inputs)``, split between the devices of ``axis_name`` where possible.
 
     Args:
@@ -54,12 +74,20 @@ def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lis
         like: for each output list, the input list whose leaves it is shaped like.
         axis_name: the axis the inputs are replicated over, or None (compute locally).
         call: the public call, for messages.
+        mean: the first input list is each device's own, to be averaged over
+            ``axis_name`` before the kernel runs (see ``Mean``).
     """
     local = lambda lists: [list(o) for o in kernel(*lists)]  # noqa: E731
     if axis_name is None:
         return local(inputs)
     comps, _ = axes_mod.resolve(axis_name, call)  # an unbound name is an error
     frame = axes_mod.current_pmap_frame()
+    if mean is not None:
+        done = _average_and_update(kernel, inputs, like, comps, frame, mean,
+                                   f"{call}(axis_name={axis_name!r})")
+        if done is not None:
+            return done
+        inputs = [list(mean.now(list(inputs[0]))), *inputs[1:]]
     if frame is None or frame.mesh.proc is not None:
         return local(inputs)
     shape_leaves = inputs[like[0]]
@@ -83,7 +111,7 @@ def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lis
     return outs
 
 
-def _plain(inputs: Lists, big: list[int]) -> bool:
+def _plain(inputs: Lists, big: Sequence[int]) -> bool:
     """CPU tensors outside autograd and ``torch.func`` (the same answer on every device),
     and outside inference mode (whose tensors have no version counter with which to catch
     writes to a shared result)."""
@@ -102,37 +130,16 @@ def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], co
               frame: Any, call: str) -> list[list[torch.Tensor]] | None:
     mesh = frame.mesh
     coord = frame.coord
-    mesh_axes = tuple(c.axis for c in comps)
-    rank, size = 0, 1
-    for c in comps:
-        rank = rank * c.size + coord[c.axis]
-        size *= c.size
+    rank, size = _position(comps, coord)
     if size < _SHARED_MIN_DEVICES:
         return None
-    desc = (call, tuple((tuple(t.shape), str(t.dtype)) for lst in payload for t in lst))
-
-    # Whole leaves are dealt out to the participants (largest first, to the least loaded),
-    # so each runs the kernel on complete tensors: no slices, no copies, and the results
-    # are those of the unshared step bit for bit.
-    order = sorted(range(len(payload[like[0]])), key=lambda j: -payload[like[0]][j].numel())
-    load = [0] * size
-    mine: list[list[int]] = [[] for _ in range(size)]
-    for j in order:
-        r = min(range(size), key=load.__getitem__)
-        mine[r].append(j)
-        load[r] += payload[like[0]][j].numel()
+    desc = (call, _shapes(payload))
+    mine = _deal([t.numel() for t in payload[like[0]]], size)
 
     def compute(items: list) -> list[list[Any]] | None:
-        first = items[0]
-        for other in items[1:]:
-            for la, lb in zip(first, other):
-                for a, b in zip(la, lb):
-                    if a is not b and (a.data_ptr() != b.data_ptr()
-                                       or a.stride() != b.stride()
-                                       or a.is_conj() != b.is_conj()
-                                       or a.is_neg() != b.is_neg()):
-                        return None  # not the same values everywhere: no sharing
-        return [[None] * len(first[k]) for k in like]
+        if not _same_everywhere(items):
+            return None  # not the same values everywhere: no sharing
+        return [[None] * len(items[0][k]) for k in like]
 
     def chunked(items: list, result: Any, r: int, n: int) -> None:
         if result is None or not mine[r]:
@@ -148,8 +155,172 @@ def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], co
                 for t in lst:
                     mesh.watch(t, call)
 
-    result = mesh.exchange(coord, mesh_axes, None, rank, size, call, desc, payload,
-                           compute, chunked, finish)
+    result = mesh.exchange(coord, tuple(c.axis for c in comps), None, rank, size, call, desc,
+                           payload, compute, chunked, finish)
     if result is None:
         return None
     return [[t.detach() for t in lst] for lst in result]
+
+
+def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple, frame: Any,
+                        mean: Mean, call: str) -> list[list[torch.Tensor]] | None:
+    """``kernel(pmean(inputs[0]), *inputs[1:])`` and ``pmean(mean.value)`` (into
+    ``mean.result``) in one round: each device averages the gradients of the large leaves
+    dealt to it and updates them at once, while they are in cache. The value and the small
+    leaves are computed once, by the last device to arrive while the others wait (every
+    device computing them at once would take turns on the GIL at every kernel call), and
+    every device receives its own copy of them, as from ``pmean`` and the two-round step.
+    The same operations as the ``pmean`` and the update in two rounds, so the same results
+    bit for bit. None, having run nothing, where the devices cannot do it this way (see
+    ``_plain``; the value and the gradients must be floating point)."""
+    value = mean.value
+    if (frame is None or frame.mesh.proc is not None
+            or not all(type(c) is DeviceComp for c in comps)
+            or not isinstance(value, torch.Tensor)):
+        return None
+    rank, size = _position(comps, frame.coord)
+    nleaves = len(inputs[0])
+    if (size < _SHARED_MIN_DEVICES or not _plain(inputs, range(nleaves))
+            or not _plain([[value]], [0])
+            or not all(t.is_floating_point() for t in (value, *inputs[0]))):
+        return None
+    sizes = [t.numel() for t in inputs[like[0]]]
+    big = [j for j in range(nleaves) if sizes[j] >= _SHARED_MIN_NUMEL]
+    small = [j for j in range(nleaves) if sizes[j] < _SHARED_MIN_NUMEL]
+    mine = [[big[i] for i in dealt] for dealt in _deal([sizes[j] for j in big], size)]
+    mesh = frame.mesh
+
+    def compute(items: list) -> _Round:
+        # (The gradients, the first list, are each device's own; the other inputs should
+        # be the same tensors everywhere.)
+        def same(where: list[int]) -> bool:
+            return _same_everywhere([[[lst[j] for j in where] for lst in lists[1:]]
+                                     for _, lists in items])
+
+        n = len(items)
+        grads = [lists[0] for _, lists in items]
+        out = _Round([[None] * nleaves for _ in like] if big and same(big) else None,
+                     [c[0][0] for c in _copies([_mean_of([[v] for v, _ in items])], n)])
+        if small and same(small):
+            out.small = _copies(_averaged_kernel(kernel, grads, inputs, small), n)
+        return out
+
+    def chunked(items: list, result: _Round, r: int, n: int) -> None:
+        grads = [lists[0] for _, lists in items]
+        if result.shared is not None and mine[r]:
+            outs = _averaged_kernel(kernel, grads, inputs, mine[r])
+            for k, new in enumerate(outs):
+                for j, t in zip(mine[r], new):
+                    result.shared[k][j] = t
+        # Where the other inputs differ between devices, each updates those leaves itself.
+        local = ([] if result.small is not None else small) + (
+            [] if result.shared is not None else big)
+        if local:
+            result.local[r] = local, _averaged_kernel(kernel, grads, inputs, local)
+
+    def finish(result: _Round) -> None:
+        if result.shared is not None:
+            for lst in result.shared:
+                for j in big:
+                    mesh.watch(lst[j], call)
+
+    desc = (call, "mean", _shapes([[value], *inputs]))
+    result = mesh.exchange(frame.coord, tuple(c.axis for c in comps), None, rank, size, call,
+                           desc, (value, inputs), compute, chunked, finish)
+    mean.result = result.values[rank]
+    outs: list[list[Any]] = [[None] * nleaves for _ in like]
+    if result.shared is not None:
+        for k, lst in enumerate(result.shared):
+            for j in big:
+                outs[k][j] = lst[j].detach()
+    parts = [result.local.get(rank)]
+    if result.small is not None:
+        parts.append((small, result.small[rank]))
+    for part in parts:
+        if part is not None:
+            for k, new in enumerate(part[1]):
+                for j, t in zip(part[0], new):
+                    outs[k][j] = t
+    return outs
+
+
+class _Round:
+    """What ``_average_and_update``'s round computes: the large leaves' results (one
+    tensor each, for all devices; None where the devices' inputs differ), each device's
+    copy of the value and of the small leaves' results (None where the inputs differ),
+    and the leaves each device computed for itself."""
+
+    def __init__(self, shared: list | None, values: list[torch.Tensor]) -> None:
+        self.shared = shared
+        self.values = values
+        self.small: list | None = None
+        self.local: dict[int, tuple] = {}
+
+
+def _copies(lists: list[list[torch.Tensor]], n: int) -> list[list[list[torch.Tensor]]]:
+    """``lists``, and ``n - 1`` copies of it (the same values in new tensors)."""
+    return [lists] + [[list(torch._foreach_clone(lst)) for lst in lists]
+                      for _ in range(n - 1)]
+
+
+def _averaged_kernel(kernel, grads: list[list[torch.Tensor]], inputs: Lists,
+                     where: Sequence[int]) -> list[list[torch.Tensor]]:
+    """``kernel`` on leaves ``where``: the average of every device's gradients, and this
+    device's other inputs."""
+    avg = _mean_of([[g[j] for j in where] for g in grads])
+    return [list(o) for o in kernel(avg, *[[lst[j] for j in where] for lst in inputs[1:]])]
+
+
+def _mean_of(lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """The elementwise mean of the devices' lists (new tensors): the sum in device order,
+    then the division, as ``pmean`` computes it (see ``collectives._divisor``)."""
+    n = len(lists)
+    out = list(torch._foreach_add(lists[0], lists[1]))
+    for other in lists[2:]:
+        torch._foreach_add_(out, other)
+    div, by_mul = _divisor(1.0 / n)
+    if by_mul:
+        torch._foreach_mul_(out, 1.0 / n)
+    else:
+        torch._foreach_div_(out, div)
+    return out
+
+
+def _position(comps: tuple, coord: tuple) -> tuple[int, int]:
+    """``(rank, size)`` of the device at ``coord`` among those of the axis components."""
+    rank, size = 0, 1
+    for c in comps:
+        rank = rank * c.size + coord[c.axis]
+        size *= c.size
+    return rank, size
+
+
+def _shapes(lists: Sequence[Sequence[torch.Tensor]]) -> tuple:
+    return tuple((tuple(t.shape), str(t.dtype)) for lst in lists for t in lst)
+
+
+def _deal(sizes: list[int], n: int) -> list[list[int]]:
+    """Whole leaves dealt out to ``n`` participants (largest first, to the least loaded),
+    so each runs the kernel on complete tensors: no slices, no copies, and the results
+    are those of the unshared step bit for bit. Positions in ``sizes``, per participant."""
+    load = [0] * n
+    mine: list[list[int]] = [[] for _ in range(n)]
+    for j in sorted(range(len(sizes)), key=lambda j: -sizes[j]):
+        r = min(range(n), key=load.__getitem__)
+        mine[r].append(j)
+        load[r] += sizes[j]
+    return mine
+
+
+def _same_everywhere(items: list) -> bool:
+    """Whether every participant passed the very same tensors (lists of lists)."""
+    first = items[0]
+    for other in items[1:]:
+        for la, lb in zip(first, other):
+            for a, b in zip(la, lb):
+                if a is not b and (a.data_ptr() != b.data_ptr()
+                                   or a.stride() != b.stride()
+                                   or a.is_conj() != b.is_conj()
+                                   or a.is_neg() != b.is_neg()):
+                    return False
+    return True

@@ -94,6 +94,82 @@ def value_and_grad(fun: Callable, axis_name: Any = None, *, argnums: int | tuple
     return wrapped
 
 
+@public
+def value_and_update(fun: Callable, optimizer: Any, axis_name: Any = None, *,
+                     has_aux: bool = False, compile: bool | dict[str, Any] = False) -> Callable:
+    """A whole training step: the loss, its gradients averaged over ``axis_name``, and the
+    optimizer's update, applied. Faster than writing it out, and the same, bit for bit.
+
+    ``value_and_update(fun, optimizer, axis_name)(params, opt_state, *args, **kwargs)``
+    returns ``(value, new_params, new_opt_state)``, where::
+
+        value, grads = value_and_grad(fun, axis_name, has_aux=has_aux)(params, *args, **kwargs)
+        new_params, new_opt_state = optimizer.step(grads, opt_state, params,
+                                                   axis_name=axis_name)
+
+    Written out, that is two collective rounds: the average of the gradients, then the
+    update shared by the devices. Here the devices meet once, inside pmap over virtual CPU
+    devices, with ``funcdp.optim``'s ``sgd``, ``adam`` and ``adamw`` (or a ``chain`` that
+    ends in one, with nothing before it): each device averages the gradients of the large
+    parameters dealt to it and updates them at once, while they are still in cache. That
+    made the 2-device MLP benchmark step 7-10 % faster. Elsewhere (a ``chain`` with a
+    clip before the optimizer, a custom optimizer, GPUs, several processes, a gradient
+    taken through the step, a named ``vmap`` axis) it runs the two rounds, as written
+    above.
+
+    Args:
+        fun: the loss function; its first argument, the parameters, is differentiated.
+        optimizer: a ``funcdp.optim`` optimizer (a ``GradientTransformation``).
+        axis_name: the named axis to average over (inside ``pmap`` or ``vmap``), or None:
+            then the step is ``optimizer.step`` of this device's own gradients.
+        has_aux: ``fun`` returns ``(loss, aux)``; ``aux`` is returned as is (not averaged).
+        compile: compile the gradient computation with ``torch.compile``, as for
+            ``value_and_grad``.
+
+    Returns:
+        A function ``(params, opt_state, *args, **kwargs) -> (value, params, opt_state)``
+        (``value`` is ``(loss, aux)`` with ``has_aux``).
+
+    Examples:
+        >>> import torch, funcdp
+        >>> opt = funcdp.optim.sgd(0.5)
+        >>> loss = lambda w, x: ((x * w) ** 2).mean()
+        >>> step = funcdp.pmap(funcdp.value_and_update(loss, opt, "i"), axis_name="i",
+        ...                    in_axes=(None, None, 0), out_axes=None,
+        ...                    devices=funcdp.local_devices()[:2])
+        >>> value, w, state = step(torch.tensor(1.0), opt.init(torch.tensor(1.0)),
+        ...                        torch.tensor([[1.0], [3.0]]))
+        >>> value, w
+        (tensor(5.), tensor(-4.))
+    """
+    from funcdp._src.optim import GradientTransformation, step_of_mean
+    from funcdp._src.shared_update import Mean
+
+    if not callable(fun):
+        raise TypeError(f"value_and_update: `fun` must be the loss function (a callable), got "
+                        f"{a_type(fun)}.")
+    if not isinstance(optimizer, GradientTransformation):
+        raise TypeError(
+            f"value_and_update: `optimizer` must be a funcdp.optim optimizer (a "
+            f"GradientTransformation such as funcdp.optim.sgd(0.1)), got {a_type(optimizer)}. "
+            f"A torch.optim optimizer updates parameters in place; funcdp's return new ones.")
+    grad_fn = value_and_grad(fun, None, has_aux=has_aux, compile=compile)
+    reduce = functools.partial(_pmean_owned, axis_name=axis_name)
+
+    def step(params: Any, opt_state: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
+        value, grads = grad_fn(params, *args, **kwargs)
+        if axis_name is None:
+            params, opt_state = optimizer.step(grads, opt_state, params)
+            return value, params, opt_state
+        mean = Mean(value[0] if has_aux else value, reduce)
+        # (grads: no other reference, so that a round of their own may average in place.)
+        params, opt_state = step_of_mean(optimizer, grads, opt_state, params, axis_name, mean)
+        return ((mean.result, value[1]) if has_aux else mean.result), params, opt_state
+
+    functools.update_wrapper(step, fun)
+    return step
+
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # torch's autograd engine, as ``torch.autograd.grad`` calls it: ``(outputs, grad_outputs,
 # retain_graph, create_graph, inputs, allow_unused, accumulate_grad)``. Called where the
