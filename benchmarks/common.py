@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import resource
 import statistics
 import sys
@@ -60,11 +61,22 @@ def time_steps(step: Callable[[int], float], warmup: int, windows: int,
             "spread": (max(times) - min(times)) / med, "first_losses": losses[:3]}
 
 
+# The pause before each interleaved window (see time_interleaved).
+SETTLE_S = float(os.environ.get("BENCH_SETTLE_S", 0.05))
+
+
 def time_interleaved(steps: dict[str, Callable[[int], float]], warmup: int, windows: int,
                      per_window: int) -> dict[str, dict]:
     """Like :func:`time_steps` for several steps in one process, their timed windows
-    interleaved (A, B, C, A, B, C, ...), so that slow drifts of the machine hit them all
-    alike; the median window of each is reported."""
+    interleaved, so that slow drifts of the machine hit them all alike; the median window
+    of each is reported.
+
+    A window runs slower depending on what ran just before it: torch's intra-op threads
+    (OpenMP) keep spinning for a while after a parallel region, and took about 5 % from
+    the window of a configuration with one thread per device that followed a two-thread
+    one (measured on 2 cores). So every window starts after a pause (``SETTLE_S``), and
+    the order of the configurations is shuffled from one round of windows to the next
+    (seeded), instead of the same configurations always following the same others."""
     losses: dict[str, list] = {k: [] for k in steps}
     counters = dict.fromkeys(steps, 0)
     for name, step in steps.items():
@@ -72,8 +84,13 @@ def time_interleaved(steps: dict[str, Callable[[int], float]], warmup: int, wind
             losses[name].append(step(counters[name]))
             counters[name] += 1
     times: dict[str, list] = {k: [] for k in steps}
+    names = list(steps)
+    order = random.Random(0)
     for _ in range(windows):
-        for name, step in steps.items():
+        order.shuffle(names)
+        for name in names:
+            step = steps[name]
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             for _ in range(per_window):
                 step(counters[name])
@@ -102,5 +119,5 @@ def settings(quick: bool) -> dict:
     if quick:
         return {"warmup": 3, "windows": 2, "per_window": 2}
     return {"warmup": int(os.environ.get("BENCH_WARMUP", 5)),
-            "windows": int(os.environ.get("BENCH_WINDOWS", 7)),
+            "windows": int(os.environ.get("BENCH_WINDOWS", 8)),
             "per_window": int(os.environ.get("BENCH_PER_WINDOW", 10))}
