@@ -59,11 +59,16 @@ def make_net():
                                               nn.Linear(8, 2)).double())
 
 
-def train(net, local_x, local_y, steps=3):
+def train(net, local_x, local_y, steps=3, one_call=False):
+    """Adam steps; with ``one_call``, written with ``funcdp.value_and_update``."""
     opt = optim.adam(1e-2)
+    value_and_update = funcdp.value_and_update(lambda p, x, y: loss_fn(net, p, x, y), opt, AX)
 
     @funcdp.pmap(axis_name=AX, in_axes=(None, None, 0, 0), out_axes=None)
     def step(p, s, x, y):
+        if one_call:
+            loss, p, s = value_and_update(p, s, x, y)
+            return p, s, loss
         loss, g = funcdp.value_and_grad(lambda p: loss_fn(net, p, x, y), AX)(p)
         p, s = opt.step(g, s, p)
         return p, s, loss
@@ -106,6 +111,8 @@ def main() -> int:
         p, losses = train(net, x[offset:offset + k], y[offset:offset + k])
         result["params"] = p
         result["losses"] = losses
+        result["one_call"] = train(net, x[offset:offset + k], y[offset:offset + k],
+                                   one_call=True)
         # helpers
         mine = {"w": torch.full((2,), float(rank))}
         result["broadcast"] = funcdp.distributed.broadcast(mine, src=1)["w"]

@@ -98,6 +98,7 @@ def test_training_matches_a_single_process_run_and_helpers(tmp_path):
     for res in got:
         assert_trees_close(res["params"], ref_p, rtol=1e-10, atol=1e-12)
         assert_trees_close(res["losses"], ref_losses, rtol=1e-10, atol=1e-12)
+        assert_trees_close(res["one_call"], (ref_p, ref_losses), rtol=1e-10, atol=1e-12)
         assert res["broadcast"].tolist() == [1.0, 1.0]
         assert res["allgather"].tolist() == [[0], [1]]
     saved = funcdp.load_checkpoint(tmp_path / "ckpt.pt")
