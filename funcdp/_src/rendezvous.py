@@ -85,7 +85,7 @@ class Mesh:
         # Multi-process runs: this process's place; coordinates along axis 0 are global.
         self.proc = proc
         self.offset = offset
-        self.watched: list[tuple[Any, int, str]] = []
+        self.watched: list[tuple[Any, int, str, str | None]] = []
 
     @property
     def cond(self) -> threading.Condition:
@@ -99,20 +99,21 @@ class Mesh:
                     c = self._cond = threading.Condition(threading.Lock())
         return c
 
-    def watch(self, tensor: Any, label: str) -> None:
-        """Remembers a result shared by all participants, to check it was not written to."""
-        self.watched.append((tensor, tensor._version, label))
+    def watch(self, tensor: Any, label: str, what: str | None = None) -> None:
+        """Remembers a result shared by all participants, to check it was not written to;
+        ``what`` says which results are shared (by default, large collective results)."""
+        self.watched.append((tensor, tensor._version, label, what))
 
     def check_watched(self) -> None:
         """Raises if a device modified a shared collective result in place."""
-        for tensor, version, label in self.watched:
+        for tensor, version, label, what in self.watched:
             if tensor._version != version:
+                what = what or f"Collective results of more than {_copy_max()} elements"
                 raise CollectiveError(
                     f"{self.label}: the result of {label} was modified in place on a device "
-                    f"(an in-place op such as `+=`, `add_` or `copy_`). Collective results of "
-                    f"more than {_copy_max()} elements are one buffer that every device "
-                    f"reads, as values are in JAX: write `y = y + ...` instead of "
-                    f"`y += ...`, or `y.clone()` first.")
+                    f"(an in-place op such as `+=`, `add_` or `copy_`). {what} are one buffer "
+                    f"that every device reads, as values are in JAX: write `y = y + ...` "
+                    f"instead of `y += ...`, or `y.clone()` first.")
         self.watched.clear()
 
     # -- participants ----------------------------------------------------------------

@@ -27,7 +27,7 @@ from torch._C import _functorch
 from funcdp._src import axes as axes_mod
 from funcdp._src.api_util import internal
 from funcdp._src.axes import DeviceComp
-from funcdp._src.collectives import _divisor
+from funcdp._src.collectives import _sum_into_many
 
 # Leaves with at least this many elements are shared; smaller ones (biases, step
 # counters) are computed by every device, which is cheaper than a rendezvous.
@@ -41,6 +41,10 @@ _SHARED_MIN_DEVICES = 2
 
 Lists = Sequence[list[torch.Tensor]]
 
+# Which results are shared, for the error when one is written to in place.
+_SHARED_WHAT = (f"The new parameters and optimizer state of a shared update (tensors of "
+                f"{_SHARED_MIN_NUMEL} elements or more)")
+
 
 class Mean:
     """Asks ``elementwise`` to average its first input list over the axis first: each
@@ -49,9 +53,11 @@ class Mean:
     loss, is averaged in the same round, into ``result``. ``reduce(value, grads)`` is that
     ``pmean`` in a round of its own, for where the round cannot be shared."""
 
-    def __init__(self, value: torch.Tensor, reduce: Callable[[Any, Any], tuple[Any, Any]]):
+    def __init__(self, value: torch.Tensor, reduce: Callable[[Any, Any], tuple[Any, Any]],
+                 label: str) -> None:
         self.value = value
         self.reduce = reduce
+        self.label = label  # the public call, for messages
         self.result: Any = None
 
     def now(self, grads: Any) -> Any:
@@ -80,6 +86,8 @@ def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lis
     local = lambda lists: [list(o) for o in kernel(*lists)]  # noqa: E731
     if axis_name is None:
         return local(inputs)
+    if mean is not None:
+        call = f"{mean.label} ({call})"
     comps, _ = axes_mod.resolve(axis_name, call)  # an unbound name is an error
     frame = axes_mod.current_pmap_frame()
     if mean is not None:
@@ -153,7 +161,7 @@ def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], co
         if result is not None:
             for lst in result:
                 for t in lst:
-                    mesh.watch(t, call)
+                    mesh.watch(t, call, _SHARED_WHAT)
 
     result = mesh.exchange(coord, tuple(c.axis for c in comps), None, rank, size, call, desc,
                            payload, compute, chunked, finish)
@@ -222,7 +230,7 @@ def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple
         if result.shared is not None:
             for lst in result.shared:
                 for j in big:
-                    mesh.watch(lst[j], call)
+                    mesh.watch(lst[j], call, _SHARED_WHAT)
 
     desc = (call, "mean", _shapes([[value], *inputs]))
     result = mesh.exchange(frame.coord, tuple(c.axis for c in comps), None, rank, size, call,
@@ -272,17 +280,11 @@ def _averaged_kernel(kernel, grads: list[list[torch.Tensor]], inputs: Lists,
 
 
 def _mean_of(lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """The elementwise mean of the devices' lists (new tensors): the sum in device order,
-    then the division, as ``pmean`` computes it (see ``collectives._divisor``)."""
-    n = len(lists)
-    out = list(torch._foreach_add(lists[0], lists[1]))
-    for other in lists[2:]:
-        torch._foreach_add_(out, other)
-    div, by_mul = _divisor(1.0 / n)
-    if by_mul:
-        torch._foreach_mul_(out, 1.0 / n)
-    else:
-        torch._foreach_div_(out, div)
+    """The elementwise mean of the devices' lists, as ``pmean`` computes it: into new
+    contiguous tensors (as ``pmean``'s results are: the optimizer's kernels may round
+    differently on other layouts), the sum in device order, then the division."""
+    out = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in lists[0]]
+    _sum_into_many(out, lists, 1.0 / len(lists))
     return out
 
 

@@ -155,18 +155,20 @@ def value_and_update(fun: Callable, optimizer: Any, axis_name: Any = None, *,
             f"A torch.optim optimizer updates parameters in place; funcdp's return new ones.")
     grad_fn = value_and_grad(fun, None, has_aux=has_aux, compile=compile)
     reduce = functools.partial(_pmean_owned, axis_name=axis_name)
+    name = f"value_and_update({getattr(fun, '__name__', type(fun).__name__)})"
 
     def step(params: Any, opt_state: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
         value, grads = grad_fn(params, *args, **kwargs)
         if axis_name is None:
             params, opt_state = optimizer.step(grads, opt_state, params)
             return value, params, opt_state
-        mean = Mean(value[0] if has_aux else value, reduce)
+        mean = Mean(value[0] if has_aux else value, reduce, name)
         # (grads: no other reference, so that a round of their own may average in place.)
         params, opt_state = step_of_mean(optimizer, grads, opt_state, params, axis_name, mean)
         return ((mean.result, value[1]) if has_aux else mean.result), params, opt_state
 
-    functools.update_wrapper(step, fun)
+    # (Not functools.wraps: the step's arguments are not the loss function's.)
+    step.__name__ = step.__qualname__ = name
     return step
 
 
