@@ -346,6 +346,62 @@ def test_messages_name_the_call(devices):
     step = funcdp.value_and_update(loss_fn, opt, "zz")
     assert step.__name__ == "value_and_update(loss_fn)"
     f = funcdp.pmap(step, axis_name="i", in_axes=(None, None, 0), devices=devices[:2])
-    with pytest.raises(NameError, match=r"value_and_update\(loss_fn\) \(funcdp.optim.sgd step\)"
-                                        r": unbound axis name 'zz'"):
+    with pytest.raises(NameError, match=r"value_and_update\(loss_fn\).*: unbound axis name 'zz'"):
         f(tree(SIZES, 0), opt.init(tree(SIZES, 0)), tree(SIZES, 1, lead=(2,)))
+
+
+LARGE = [(5 * BIG,), (4 * BIG + 3,), (7,)]  # enough for the in-place average (pmean's rule)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_average_into_the_first_devices_gradients(devices, monkeypatch, n):
+    # Gradients only the step refers to: the first device's hold the average (no new
+    # buffer), with the same results.
+    into = []
+    mean_of = shared_update._mean_of
+
+    def recording(lists, dst=None):
+        into.append(dst is not None and any(t is not None for t in dst))
+        return mean_of(lists, dst)
+
+    monkeypatch.setattr(shared_update, "_mean_of", recording)
+    opt = optim.sgd(0.1, momentum=0.9)
+    got = run(funcdp.value_and_update(loss_fn, opt, "i"), opt, LARGE, n, steps=2)
+    assert any(into)
+    monkeypatch.setattr(shared_update, "_mean_of", mean_of)
+    assert_equal_trees(got, run(two_rounds(loss_fn, opt), opt, LARGE, n, steps=2))
+
+
+class _GivenGradient(torch.autograd.Function):
+    """``x * 1`` whose gradient is a tensor of the caller's (not fresh)."""
+
+    @staticmethod
+    def forward(x, g):
+        return x.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.g = inputs[1]
+
+    @staticmethod
+    def backward(ctx, ct):
+        return ctx.g, None
+
+
+def test_a_gradient_of_the_callers_is_not_written_to(devices):
+    # A custom backward that returns the caller's own tensor as the gradient: it must
+    # not hold the average.
+    given = {k: [torch.full(s, 0.5 + d, dtype=torch.float64) for d in range(2)]
+             for k, s in zip(("p0", "p1"), LARGE)}
+    keep = {k: [t.clone() for t in v] for k, v in given.items()}
+
+    def loss(p, x):
+        d = int(funcdp.axis_index("i"))
+        return sum(_GivenGradient.apply(p[k], given[k][d]).sum() for k in given) + loss_fn(
+            {"p2": p["p2"]}, {"p2": x["p2"]})
+
+    opt = optim.sgd(0.1)
+    got = run(funcdp.value_and_update(loss, opt, "i"), opt, LARGE, 2, steps=1)
+    for k in given:
+        assert all(torch.equal(a, b) for a, b in zip(given[k], keep[k]))
+    assert_equal_trees(got, run(two_rounds(loss, opt), opt, LARGE, 2, steps=1))

@@ -54,10 +54,13 @@ class Mean:
     ``pmean`` in a round of its own, for where the round cannot be shared."""
 
     def __init__(self, value: torch.Tensor, reduce: Callable[[Any, Any], tuple[Any, Any]],
-                 label: str) -> None:
+                 label: str, owned: frozenset[int] = frozenset()) -> None:
         self.value = value
         self.reduce = reduce
         self.label = label  # the public call, for messages
+        # ids of this device's gradients that only the step refers to: the first device's
+        # may hold the average (see collectives._Owned).
+        self.owned = owned
         self.result: Any = None
 
     def now(self, grads: Any) -> Any:
@@ -203,20 +206,24 @@ def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple
         # be the same tensors everywhere.)
         def same(where: list[int]) -> bool:
             return _same_everywhere([[[lst[j] for j in where] for lst in lists[1:]]
-                                     for _, lists in items])
+                                     for _, lists, _ in items])
 
         n = len(items)
-        grads = [lists[0] for _, lists in items]
+        grads = [lists[0] for _, lists, _ in items]
         out = _Round([[None] * nleaves for _ in like] if big and same(big) else None,
-                     [c[0][0] for c in _copies([_mean_of([[v] for v, _ in items])], n)])
+                     [c[0][0] for c in _copies([_mean_of([[v] for v, _, _ in items])], n)])
         if small and same(small):
             out.small = _copies(_averaged_kernel(kernel, grads, inputs, small), n)
         return out
 
     def chunked(items: list, result: _Round, r: int, n: int) -> None:
-        grads = [lists[0] for _, lists in items]
+        grads = [lists[0] for _, lists, _ in items]
         if result.shared is not None and mine[r]:
-            outs = _averaged_kernel(kernel, grads, inputs, mine[r])
+            # (Into the first device's own gradients where only the step refers to them,
+            # as pmean does: no new buffer, and they may still be in cache.)
+            into = [g if id(g) in items[0][2] and _reusable(g) else None
+                    for g in (grads[0][j] for j in mine[r])]
+            outs = _averaged_kernel(kernel, grads, inputs, mine[r], into)
             for k, new in enumerate(outs):
                 for j, t in zip(mine[r], new):
                     result.shared[k][j] = t
@@ -234,7 +241,7 @@ def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple
 
     desc = (call, "mean", _shapes([[value], *inputs]))
     result = mesh.exchange(frame.coord, tuple(c.axis for c in comps), None, rank, size, call,
-                           desc, (value, inputs), compute, chunked, finish)
+                           desc, (value, inputs, mean.owned), compute, chunked, finish)
     mean.result = result.values[rank]
     outs: list[list[Any]] = [[None] * nleaves for _ in like]
     if result.shared is not None:
@@ -272,20 +279,28 @@ def _copies(lists: list[list[torch.Tensor]], n: int) -> list[list[list[torch.Ten
 
 
 def _averaged_kernel(kernel, grads: list[list[torch.Tensor]], inputs: Lists,
-                     where: Sequence[int]) -> list[list[torch.Tensor]]:
-    """``kernel`` on leaves ``where``: the average of every device's gradients, and this
-    device's other inputs."""
-    avg = _mean_of([[g[j] for j in where] for g in grads])
+                     where: Sequence[int], into: list | None = None) -> list[list[torch.Tensor]]:
+    """``kernel`` on leaves ``where``: the average of every device's gradients (written
+    into the tensors of ``into`` that are not None), and this device's other inputs."""
+    avg = _mean_of([[g[j] for j in where] for g in grads], into)
     return [list(o) for o in kernel(avg, *[[lst[j] for j in where] for lst in inputs[1:]])]
 
 
-def _mean_of(lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """The elementwise mean of the devices' lists, as ``pmean`` computes it: into new
+def _mean_of(lists: list[list[torch.Tensor]], into: list | None = None) -> list[torch.Tensor]:
+    """The elementwise mean of the devices' lists, as ``pmean`` computes it: into
     contiguous tensors (as ``pmean``'s results are: the optimizer's kernels may round
-    differently on other layouts), the sum in device order, then the division."""
-    out = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in lists[0]]
+    differently on other layouts), new ones or those of ``into``, the sum in device
+    order, then the division."""
+    out = [t if t is not None else torch.empty_like(s, memory_format=torch.contiguous_format)
+           for t, s in zip(into or [None] * len(lists[0]), lists[0])]
     _sum_into_many(out, lists, 1.0 / len(lists))
     return out
+
+
+def _reusable(t: torch.Tensor) -> bool:
+    """Whether the first device's gradient ``t`` can hold the average (as pmean's)."""
+    return (type(t) is torch.Tensor and t.is_contiguous()
+            and not (t.is_inference() or t.is_conj() or t.is_neg()))
 
 
 def _position(comps: tuple, coord: tuple) -> tuple[int, int]:

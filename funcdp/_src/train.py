@@ -162,7 +162,8 @@ def value_and_update(fun: Callable, optimizer: Any, axis_name: Any = None, *,
         if axis_name is None:
             params, opt_state = optimizer.step(grads, opt_state, params)
             return value, params, opt_state
-        mean = Mean(value[0] if has_aux else value, reduce, name)
+        mean = Mean(value[0] if has_aux else value, reduce, name,
+                    _owned(grads, axis_name, name))
         # (grads: no other reference, so that a round of their own may average in place.)
         params, opt_state = step_of_mean(optimizer, grads, opt_state, params, axis_name, mean)
         return ((mean.result, value[1]) if has_aux else mean.result), params, opt_state
@@ -373,16 +374,21 @@ class _Graph:
 @internal
 def _pmean_owned(value: Any, grads: Any, axis_name: Any) -> tuple[Any, Any]:
     """``pmean((value, grads), axis_name)``, free to write the result into the gradients
-    that only this call refers to (fresh from the backward pass), instead of a new buffer.
-    (Only a reduction large enough to be computed in parallel does; smaller ones skip the
-    ownership check, which costs tens of microseconds.)"""
+    that only this call refers to (fresh from the backward pass), instead of a new buffer."""
+    return _reduction("pmean", (value, grads), axis_name, None, "pmean",
+                      _owned(grads, axis_name))
+
+
+def _owned(grads: Any, axis_name: Any, call: str = "pmean") -> frozenset[int]:
+    """ids of the leaves of ``grads`` that nothing but ``grads`` refers to (see ``_sole``).
+    Only for a reduction large enough to be computed in parallel; smaller ones skip the
+    check, which costs tens of microseconds."""
     leaves = tree_util.tree_leaves(grads)
     # (Over one participant the average is the identity: nothing is written.)
-    big = (axes_mod.size_of(axes_mod.resolve(axis_name, "pmean")[0]) > 1
+    big = (axes_mod.size_of(axes_mod.resolve(axis_name, call)[0]) > 1
            and sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
            >= _PARALLEL_MIN_NUMEL)
-    return _reduction("pmean", (value, grads), axis_name, None, "pmean",
-                      _sole(leaves) if big else frozenset())
+    return _sole(leaves) if big else frozenset()
 
 
 def _sole(leaves: list) -> frozenset[int]:
