@@ -109,13 +109,15 @@ def value_and_update(fun: Callable, optimizer: Any, axis_name: Any = None, *,
 
     Written out, that is two collective rounds: the average of the gradients, then the
     update shared by the devices. Here the devices meet once, inside pmap over virtual CPU
-    devices, with ``funcdp.optim``'s ``sgd``, ``adam`` and ``adamw`` (or a ``chain`` that
-    ends in one, with nothing before it): each device averages the gradients of the large
-    parameters dealt to it and updates them at once, while they are still in cache. That
-    made the 2-device MLP benchmark step 7-10 % faster. Elsewhere (a ``chain`` with a
-    clip before the optimizer, a custom optimizer, GPUs, several processes, a gradient
-    taken through the step, a named ``vmap`` axis) it runs the two rounds, as written
-    above.
+    devices, with ``funcdp.optim``'s ``sgd``, ``adam`` and ``adamw`` (or a ``chain`` of
+    one of them alone): each device averages the gradients of the large parameters dealt
+    to it and updates them at once; the loss and the small parameters are averaged and
+    updated once, by the last device to arrive. A round costs each device a thread
+    wake-up and some Python, so steps whose cost is Python gain most: on the 2-device
+    benchmark, 2-8 % on the tiny step and up to 7 % on the deep one, varying from run
+    to run, and about 1 % on the MLP step, whose cost is its kernels. Elsewhere (a ``chain`` with a clip before
+    the optimizer, a custom optimizer, GPUs, several processes, a gradient taken through
+    the step, a named ``vmap`` axis) it runs the two rounds, as written above.
 
     Args:
         fun: the loss function; its first argument, the parameters, is differentiated.
@@ -143,7 +145,7 @@ def value_and_update(fun: Callable, optimizer: Any, axis_name: Any = None, *,
         (tensor(5.), tensor(-4.))
     """
     from funcdp._src.optim import GradientTransformation, step_of_mean
-    from funcdp._src.shared_update import Mean
+    from funcdp._src.shared_update import _SHARED_MIN_NUMEL, Mean
 
     if not callable(fun):
         raise TypeError(f"value_and_update: `fun` must be the loss function (a callable), got "
@@ -162,8 +164,9 @@ def value_and_update(fun: Callable, optimizer: Any, axis_name: Any = None, *,
         if axis_name is None:
             params, opt_state = optimizer.step(grads, opt_state, params)
             return value, params, opt_state
+        # (Only a large leaf may hold the average: see shared_update.)
         mean = Mean(value[0] if has_aux else value, reduce, name,
-                    _owned(grads, axis_name, name))
+                    _owned(grads, axis_name, name, _SHARED_MIN_NUMEL))
         # (grads: no other reference, so that a round of their own may average in place.)
         params, opt_state = step_of_mean(optimizer, grads, opt_state, params, axis_name, mean)
         return ((mean.result, value[1]) if has_aux else mean.result), params, opt_state
@@ -379,16 +382,22 @@ def _pmean_owned(value: Any, grads: Any, axis_name: Any) -> tuple[Any, Any]:
                       _owned(grads, axis_name))
 
 
-def _owned(grads: Any, axis_name: Any, call: str = "pmean") -> frozenset[int]:
-    """ids of the leaves of ``grads`` that nothing but ``grads`` refers to (see ``_sole``).
-    Only for a reduction large enough to be computed in parallel; smaller ones skip the
-    check, which costs tens of microseconds."""
+def _owned(grads: Any, axis_name: Any, call: str = "pmean",
+           min_numel: int = 0) -> frozenset[int]:
+    """ids of the leaves of ``grads`` (of ``min_numel`` elements or more) that nothing but
+    ``grads`` refers to (see ``_sole``). Only for a reduction large enough to be computed
+    in parallel; smaller ones skip the check, which costs a few microseconds per leaf."""
     leaves = tree_util.tree_leaves(grads)
     # (Over one participant the average is the identity: nothing is written.)
     big = (axes_mod.size_of(axes_mod.resolve(axis_name, call)[0]) > 1
            and sum(t.numel() for t in leaves if isinstance(t, torch.Tensor))
            >= _PARALLEL_MIN_NUMEL)
-    return _sole(leaves) if big else frozenset()
+    if not big:
+        return frozenset()
+    if min_numel:
+        # (One list of the leaves, as _sole counts references.)
+        leaves = [t for t in leaves if not isinstance(t, torch.Tensor) or t.numel() >= min_numel]
+    return _sole(leaves)
 
 
 def _sole(leaves: list) -> frozenset[int]:
