@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_shared_update import OPTIMIZERS as SHARED_OPTIMIZERS
 
 import funcdp
 from funcdp import optim
@@ -15,18 +16,12 @@ from funcdp._src import shared_update
 BIG = shared_update._SHARED_MIN_NUMEL
 
 OPTIMIZERS = {
-    "sgd": lambda: optim.sgd(0.1),
-    "sgd_momentum": lambda: optim.sgd(0.1, momentum=0.9, weight_decay=0.01, nesterov=True),
-    "sgd_schedule": lambda: optim.sgd(optim.linear_warmup(0.1, 3), momentum=0.5,
-                                      dampening=0.1, maximize=True),
-    "adam": lambda: optim.adam(0.01, weight_decay=0.1),
-    "adamw_amsgrad": lambda: optim.adamw(0.01, amsgrad=True),
-    "adam_schedule": lambda: optim.adam(optim.cosine_decay(0.01, 5)),
-    "chain_clip": lambda: optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(0.01)),
+    **SHARED_OPTIMIZERS,
     "chain_one": lambda: optim.chain(optim.sgd(0.05, momentum=0.9)),
     # Without a fused step (a user's own optimizer): the two rounds, written out.
     "custom": lambda: optim.GradientTransformation(optim.sgd(0.1).init, optim.sgd(0.1).update),
 }
+OPTIMIZERS["chain_clip"] = OPTIMIZERS.pop("chain")
 
 
 def tree(sizes, seed, dtype=torch.float64, lead=()):

@@ -115,9 +115,10 @@ def value_and_update(fun: Callable, optimizer: Any, axis_name: Any = None, *,
     updated once, by the last device to arrive. A round costs each device a thread
     wake-up and some Python, so steps whose cost is Python gain most: on the 2-device
     benchmark, 2-8 % on the tiny step and up to 7 % on the deep one, varying from run
-    to run, and about 1 % on the MLP step, whose cost is its kernels. Elsewhere (a ``chain`` with a clip before
-    the optimizer, a custom optimizer, GPUs, several processes, a gradient taken through
-    the step, a named ``vmap`` axis) it runs the two rounds, as written above.
+    to run, and about 1 % on the MLP step, whose cost is its kernels. Elsewhere (a
+    ``chain`` with a clip before the optimizer, a custom optimizer, GPUs, several
+    processes, a gradient taken through the step, a named ``vmap`` axis) it runs the two
+    rounds, as written above.
 
     Args:
         fun: the loss function; its first argument, the parameters, is differentiated.
