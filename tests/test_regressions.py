@@ -565,3 +565,19 @@ def test_the_callers_torch_modes_reach_every_device():
 def test_out_axes_none_takes_signed_zeros_as_equal():
     x = torch.tensor([[1.0], [-1.0], [1.0], [-1.0]])
     assert float(funcdp.pmap(lambda v: v.sum() * 0, out_axes=None)(x)) == 0.0
+
+
+def test_a_reduction_buffer_whose_storage_the_user_holds_is_not_reused():
+    # torch keeps one Python object per storage: a user who keeps only the storage of a
+    # large psum result (not the tensor) still refers to its memory, which the buffer
+    # pool must not hand out again.
+    n = 1 << 17
+    f = funcdp.pmap(lambda v: funcdp.psum(v, "i"), axis_name="i", out_axes=None,
+                    devices=funcdp.local_devices()[:2])
+    out = f(torch.ones(2, n))
+    storage, was = out.untyped_storage(), out.clone()
+    del out
+    for _ in range(3):
+        f(torch.full((2, n), 5.0))
+    seen = torch.empty(0).set_(storage, 0, was.shape)
+    assert torch.equal(seen, was)

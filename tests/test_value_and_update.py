@@ -3,6 +3,8 @@ in one collective round, equal bit for bit to ``value_and_grad`` then ``opt.step
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given
@@ -400,3 +402,27 @@ def test_a_gradient_of_the_callers_is_not_written_to(devices):
     for k in given:
         assert all(torch.equal(a, b) for a, b in zip(given[k], keep[k]))
     assert_equal_trees(got, run(two_rounds(loss, opt), opt, LARGE, 2, steps=1))
+
+
+@pytest.mark.parametrize("written_out", [False, True])
+@pytest.mark.parametrize("hold", ["untyped", "typed"])
+def test_a_gradients_storage_the_user_holds_is_not_written_to(devices, written_out, hold):
+    # torch keeps one Python object per storage: holding it (t.untyped_storage(),
+    # t.storage()) refers to the gradient's memory without a reference to the tensor.
+    stash = {}
+
+    def loss(p, x):
+        d = int(funcdp.axis_index("i"))
+        p["p0"].register_hook(lambda g: stash.__setitem__(d, (
+            g.untyped_storage() if hold == "untyped" else g.storage(), g.clone())))
+        return loss_fn(p, x)
+
+    opt = optim.sgd(0.1)
+    step = two_rounds(loss, opt) if written_out else funcdp.value_and_update(loss, opt, "i")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (TypedStorage is deprecated)
+        run(step, opt, LARGE, 2, steps=1)
+        for d, (storage, was) in stash.items():
+            seen = torch.empty(0, dtype=was.dtype).set_(
+                storage if hold == "untyped" else storage._untyped_storage, 0, was.shape)
+            assert torch.equal(seen, was), d

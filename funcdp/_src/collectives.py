@@ -23,7 +23,9 @@ component (``ppermute`` over a pmap axis *and* a vmap axis, say) are built from
 
 from __future__ import annotations
 
+import functools
 import numbers
+import sys
 import threading
 from typing import Any, NamedTuple
 
@@ -355,15 +357,24 @@ HAS_STORAGE_USES = hasattr(torch._C, "_storage_Use_Count")
 
 
 def storage_uses(t: torch.Tensor) -> int:
-    """How many holders ``t``'s storage has: its tensors, plus the temporary storage
-    object this call makes (needs ``HAS_STORAGE_USES``)."""
-    return storage_use_count(t.untyped_storage())
+    """How many holders ``t``'s storage has: its tensors (and other holders in C++), the
+    storage object this call takes, and every reference to that object held elsewhere
+    (needs ``HAS_STORAGE_USES``).
+
+    torch keeps one Python object per storage while anything refers to it: a storage
+    object the caller holds (``t.untyped_storage()``, ``t.storage()``) is the one this
+    call receives, and counts once in torch's count however many hold it; the
+    references to it count the rest."""
+    storage = t.untyped_storage()
+    return (torch._C._storage_Use_Count(storage._cdata)
+            + sys.getrefcount(storage) - _fresh_storage_refs())
 
 
-def storage_use_count(storage: torch.UntypedStorage) -> int:
-    """How many holders a storage has: its tensors, plus ``storage`` itself (a storage
-    object from ``t.untyped_storage()``, which makes one each time)."""
-    return torch._C._storage_Use_Count(storage._cdata)
+@functools.cache
+def _fresh_storage_refs() -> int:
+    """The references ``storage_uses`` sees to a storage object that nothing else holds."""
+    storage = torch.empty(1).untyped_storage()
+    return sys.getrefcount(storage)
 
 
 class _BufferPool:

@@ -21,7 +21,6 @@ from funcdp._src.collectives import (
     _reduction,
     _unpack_dual,
 )
-from funcdp._src.collectives import storage_use_count as _storage_use_count
 from funcdp._src.collectives import storage_uses as _storage_uses
 from funcdp._src.transform_util import a_type
 
@@ -421,10 +420,9 @@ def _sole(leaves: list) -> frozenset[int]:
         # alone: its storage is not resizable.)
         if n != ref or type(t) is not torch.Tensor or not t.is_cpu:
             continue
-        storage = t.untyped_storage()
-        if not storage.resizable():
+        if not t.untyped_storage().resizable():
             continue
-        u = _storage_use_count(storage)
+        u = _storage_uses(t)  # (with a storage object the user holds, from t.storage())
         if u == uses if not t._is_view() else (
                 u == view_uses and sys.getrefcount(t._base) == base_ref):
             sole.append(id(t))
