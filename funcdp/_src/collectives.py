@@ -283,6 +283,16 @@ def _bottom(spec: Spec, leaves: list[torch.Tensor],
     return _device_collective(spec, dev_pos, leaves, owned)
 
 
+def position(comps: Any, coord: tuple) -> tuple[int, int]:
+    """``(rank, size)`` of the device at ``coord`` among the devices of the axis
+    components ``comps`` (row-major)."""
+    rank, size = 0, 1
+    for c in comps:
+        rank = rank * c.size + coord[c.axis]
+        size *= c.size
+    return rank, size
+
+
 def _device_collective(spec: Spec, dev_pos: list[int], leaves: list[torch.Tensor],
                        owned: frozenset[int] = frozenset()):
     frame = axes_mod.current_pmap_frame()
@@ -296,12 +306,7 @@ def _device_collective(spec: Spec, dev_pos: list[int], leaves: list[torch.Tensor
 
         return process_collective(spec, dev_pos, leaves, frame, mesh.proc)
     sizes = [c.size for c in comps]
-    rank = 0
-    for c in comps:
-        rank = rank * c.size + coord[c.axis]
-    size = 1
-    for s in sizes:
-        size *= s
+    rank, size = position(comps, coord)
     group = None
     if spec.groups is not None:
         for gid, members in enumerate(spec.groups):
@@ -464,15 +469,17 @@ def _reusable(items: list[list[torch.Tensor]]) -> frozenset[int]:
     if not isinstance(first, _Owned):
         return frozenset()
     others = {id(t) for it in items[1:] for t in it}
-    ok = []
-    for i in first.owned:
-        t = first[i]
-        if (type(t) is torch.Tensor and t.device.type == "cpu" and t.is_contiguous()
-                and not (t.requires_grad or t.is_inference() or t.is_conj() or t.is_neg()
-                         or _functorch.is_functorch_wrapped_tensor(t))
-                and id(t) not in others):
-            ok.append(i)
-    return frozenset(ok)
+    return frozenset(i for i in first.owned
+                     if can_hold_result(first[i]) and id(first[i]) not in others)
+
+
+def can_hold_result(t: torch.Tensor) -> bool:
+    """Whether an owned leaf can hold a reduction's result: a plain, dense, writable CPU
+    tensor (results are contiguous; the optimizers' kernels may round differently on
+    other layouts)."""
+    return (type(t) is torch.Tensor and t.device.type == "cpu" and t.is_contiguous()
+            and not (t.requires_grad or t.is_inference() or t.is_conj() or t.is_neg()
+                     or _functorch.is_functorch_wrapped_tensor(t)))
 
 
 def _scale_of(spec: Spec) -> float | None:

@@ -27,7 +27,7 @@ from torch._C import _functorch
 from funcdp._src import axes as axes_mod
 from funcdp._src.api_util import internal
 from funcdp._src.axes import DeviceComp
-from funcdp._src.collectives import _sum_into_many
+from funcdp._src.collectives import _sum_into_many, can_hold_result, position
 
 # Leaves with at least this many elements are shared; smaller ones (biases, step
 # counters) are computed by every device, which is cheaper than a rendezvous.
@@ -141,7 +141,7 @@ def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], co
               frame: Any, call: str) -> list[list[torch.Tensor]] | None:
     mesh = frame.mesh
     coord = frame.coord
-    rank, size = _position(comps, coord)
+    rank, size = position(comps, coord)
     if size < _SHARED_MIN_DEVICES:
         return None
     desc = (call, _shapes(payload))
@@ -189,7 +189,7 @@ def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple
             or not all(type(c) is DeviceComp for c in comps)
             or not isinstance(value, torch.Tensor)):
         return None
-    rank, size = _position(comps, frame.coord)
+    rank, size = position(comps, frame.coord)
     nleaves = len(inputs[0])
     if (size < _SHARED_MIN_DEVICES or not _plain(inputs, range(nleaves))
             or not _plain([[value]], [0])
@@ -221,7 +221,7 @@ def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple
         if result.shared is not None and mine[r]:
             # (Into the first device's own gradients where only the step refers to them,
             # as pmean does: no new buffer, and they may still be in cache.)
-            into = [g if id(g) in items[0][2] and _reusable(g) else None
+            into = [g if id(g) in items[0][2] and can_hold_result(g) else None
                     for g in (grads[0][j] for j in mine[r])]
             outs = _averaged_kernel(kernel, grads, inputs, mine[r], into)
             for k, new in enumerate(outs):
@@ -295,21 +295,6 @@ def _mean_of(lists: list[list[torch.Tensor]], into: list | None = None) -> list[
            for t, s in zip(into or [None] * len(lists[0]), lists[0])]
     _sum_into_many(out, lists, 1.0 / len(lists))
     return out
-
-
-def _reusable(t: torch.Tensor) -> bool:
-    """Whether the first device's gradient ``t`` can hold the average (as pmean's)."""
-    return (type(t) is torch.Tensor and t.is_contiguous()
-            and not (t.is_inference() or t.is_conj() or t.is_neg()))
-
-
-def _position(comps: tuple, coord: tuple) -> tuple[int, int]:
-    """``(rank, size)`` of the device at ``coord`` among those of the axis components."""
-    rank, size = 0, 1
-    for c in comps:
-        rank = rank * c.size + coord[c.axis]
-        size *= c.size
-    return rank, size
 
 
 def _shapes(lists: Sequence[Sequence[torch.Tensor]]) -> tuple:

@@ -22,6 +22,8 @@ from funcdp._src.collectives import (
     _unpack_dual,
 )
 from funcdp._src.collectives import storage_uses as _storage_uses
+from funcdp._src.optim import GradientTransformation, step_of_mean
+from funcdp._src.shared_update import _SHARED_MIN_NUMEL, Mean
 from funcdp._src.transform_util import a_type
 
 
@@ -144,9 +146,6 @@ def value_and_update(fun: Callable, optimizer: Any, axis_name: Any = None, *,
         >>> value, w
         (tensor(5.), tensor(-4.))
     """
-    from funcdp._src.optim import GradientTransformation, step_of_mean
-    from funcdp._src.shared_update import _SHARED_MIN_NUMEL, Mean
-
     if not callable(fun):
         raise TypeError(f"value_and_update: `fun` must be the loss function (a callable), got "
                         f"{a_type(fun)}.")
