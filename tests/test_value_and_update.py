@@ -426,3 +426,42 @@ def test_a_gradients_storage_the_user_holds_is_not_written_to(devices, written_o
             seen = torch.empty(0, dtype=was.dtype).set_(
                 storage if hold == "untyped" else storage._untyped_storage, 0, was.shape)
             assert torch.equal(seen, was), d
+
+
+@pytest.mark.parametrize("name", ["sgd", "sgd_momentum", "sgd_schedule", "adam",
+                                  "adamw_amsgrad", "chain_one"])
+def test_new_parameters_go_into_the_average(devices, monkeypatch, name):
+    # The average of the gradients is the round's own buffer: the optimizer writes the new
+    # large parameters into it instead of into new memory, with the same results (and
+    # layouts) as the two rounds. A transposed parameter gets a new tensor, laid out as
+    # the two rounds lay it out.
+    averages = set()
+    mean_of = shared_update._mean_of
+
+    def recording(lists, dst=None):
+        out = mean_of(lists, dst)
+        averages.update(t.data_ptr() for t in out)
+        return out
+
+    sizes = [(5 * BIG,), (3, 2 * BIG), (7,)]
+
+    def steps(step, opt):
+        f = funcdp.pmap(step, axis_name="i", in_axes=(None, None, 0), out_axes=None,
+                        devices=funcdp.local_devices()[:2])
+        params = tree(sizes, 0)
+        params["p1"] = params["p1"].t().contiguous().t()  # (3, 2 * BIG), transposed
+        state = opt.init(params)
+        for t in range(2):
+            value, params, state = f(params, state, tree(sizes, 100 + t, lead=(2,)))
+        return value, params, state
+
+    opt = OPTIMIZERS[name]()
+    expected = steps(two_rounds(loss_fn, opt), opt)
+    monkeypatch.setattr(shared_update, "_mean_of", recording)
+    got = steps(funcdp.value_and_update(loss_fn, opt, "i"), opt)
+    assert_equal_trees(got, expected)
+    assert got[1]["p0"].data_ptr() in averages
+    assert got[1]["p1"].data_ptr() not in averages
+    leaves = torch.utils._pytree.tree_leaves
+    for a, b in zip(leaves(got), leaves(expected)):
+        assert a.stride() == b.stride()

