@@ -244,6 +244,14 @@ def test_value_and_grad_matches_torch_func_at_the_edges():
     # Under no_grad, results do not connect to captured tensors.
     with torch.no_grad():
         _same(*both(lambda w: (w * c).sum() + (w ** 2).sum(), w))
+        assert not torch.is_grad_enabled()
+    # The caller's grad mode is left as it was, whatever the loss function does to it.
+    for outer in (True, False):
+        with torch.set_grad_enabled(outer):
+            for inner in (True, False):
+                funcdp.value_and_grad(lambda w: (torch.set_grad_enabled(inner),
+                                                 (w ** 2).sum())[1])(w)
+                assert torch.is_grad_enabled() is outer
     # aux that shares graph nodes with the loss keeps a usable graph to c.
     def shared(w):
         h = w.exp()

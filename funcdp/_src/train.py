@@ -207,7 +207,13 @@ def _by_autograd(fun: Callable, argnums: Any, has_aux: bool, args: tuple,
     if prepared is None:
         return None
     new_args, graph, xs, diff = prepared
-    with torch.enable_grad():
+    # Under grad mode, as ``torch.enable_grad()`` (written out: entering and leaving it
+    # are two tensor calls, each a Python call under the device's routing mode, while
+    # grad mode is almost always on already).
+    grad_was = torch.is_grad_enabled()
+    if not grad_was:
+        torch.set_grad_enabled(True)
+    try:
         # The loss function runs under the modes in effect (inside pmap, the device's
         # random routing); the bookkeeping around it, a few tensor calls per
         # differentiated leaf, runs without that mode (see ``internal``). The backward
@@ -219,6 +225,9 @@ def _by_autograd(fun: Callable, argnums: Any, has_aux: bool, args: tuple,
         # its Python (which would run under the mode, a Python call per tensor call).
         found = (_run_backward((loss,), (ones,), keep, keep, tuple(xs), True, False)
                  if ones is not None else (None,) * len(xs))
+    finally:
+        if torch.is_grad_enabled() != grad_was:
+            torch.set_grad_enabled(grad_was)
     return _after_backward(found, loss, aux, keep, graph, xs, diff, argnums, has_aux)
 
 
@@ -381,6 +390,7 @@ def _pmean_owned(value: Any, grads: Any, axis_name: Any) -> tuple[Any, Any]:
                       _owned(grads, axis_name))
 
 
+@internal
 def _owned(grads: Any, axis_name: Any, call: str = "pmean",
            min_numel: int = 0) -> frozenset[int]:
     """ids of the leaves of ``grads`` (of ``min_numel`` elements or more) that nothing but
