@@ -434,7 +434,7 @@ def test_new_parameters_go_into_the_average(devices, monkeypatch, name):
     # The average of the gradients is the round's own buffer: the optimizer writes the new
     # large parameters into it instead of into new memory, with the same results (and
     # layouts) as the two rounds. A transposed parameter gets a new tensor, laid out as
-    # the two rounds lay it out.
+    # the two rounds lay it out, and so do small ones.
     averages = set()
     mean_of = shared_update._mean_of
 
@@ -462,6 +462,8 @@ def test_new_parameters_go_into_the_average(devices, monkeypatch, name):
     assert_equal_trees(got, expected)
     assert got[1]["p0"].data_ptr() in averages
     assert got[1]["p1"].data_ptr() not in averages
+    # Small leaves: new tensors, all made by one multi-tensor call.
+    assert got[1]["p2"].data_ptr() not in averages
     leaves = torch.utils._pytree.tree_leaves
     for a, b in zip(leaves(got), leaves(expected)):
         assert a.stride() == b.stride()

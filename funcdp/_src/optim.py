@@ -238,11 +238,8 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
             d, new_bufs = direction(step, g, p, *buf)
             if isinstance(lr_t, torch.Tensor):
                 return ([pi - lr_t * di for pi, di in zip(p, d)], *new_bufs)
-            if scratch:
-                return ([torch.add(pi, di, alpha=-lr_t, out=o) if o is not None
-                         else torch.add(pi, di, alpha=-lr_t)
-                         for pi, di, o in zip(p, d, _into(g, p, d))], *new_bufs)
-            return (list(_foreach.add(p, d, alpha=-lr_t)), *new_bufs)
+            into = _into(g, p, d) if scratch else None
+            return (_foreach_into("add", into, p, d, alpha=-lr_t), *new_bufs)
 
         new, *bufs = _shared_step(kernel, g, p, bufs, axis_name, "funcdp.optim.sgd step", mean)
         return tree_util.tree_unflatten(new, pspec), new_state(step, bufs, spec)
@@ -263,17 +260,45 @@ def _into(scratch: list[torch.Tensor], p: list[torch.Tensor],
           *operands: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
     """Where a kernel called with ``scratch=True`` may write each new parameter: into the
     leaf of ``scratch`` (the average of the gradients, a buffer of the shared update's
-    own that nothing needs once the kernel has read it) where it has the parameter's
-    shape, dtype and contiguous layout (the layout the new tensor would have) and the
-    kernel's other ``operands`` have its shape and dtype (no broadcasting or promotion);
-    elsewhere None (a new tensor). Writing there instead of into new memory saves fetching
-    that memory into the cache: 2-3 % of the MLP step with 2 devices, measured on 2 cores.
-    The kernels are the same, so are the results, bit for bit."""
-    return [s if (s.shape == t.shape and s.dtype == t.dtype and t.is_contiguous()
-                  and s.is_contiguous() and all(o.shape == t.shape and o.dtype == t.dtype
-                                                 for o in others))
+    own that nothing needs once the kernel has read it) where the parameter is large
+    (``_INTO_MIN_NUMEL``), ``scratch`` has its shape, dtype and contiguous layout (the
+    layout the new tensor would have) and the kernel's other ``operands`` its shape and
+    dtype (no broadcasting or promotion); elsewhere None (a new tensor). Writing there
+    instead of into new memory saves fetching that memory into the cache: 2-3 % of the
+    MLP step with 2 devices, measured on 2 cores. The kernels are the same, so are the
+    results, bit for bit."""
+    return [s if (t.numel() >= _INTO_MIN_NUMEL and s.shape == t.shape
+                  and s.dtype == t.dtype and t.is_contiguous() and s.is_contiguous()
+                  and all(o.shape == t.shape and o.dtype == t.dtype for o in others))
             else None
             for s, t, *others in zip(scratch, p, *operands)]
+
+
+# Smaller leaves are updated into new tensors by one multi-tensor kernel call: a kernel
+# call per leaf, needed to write into a given tensor, costs more than the new memory
+# (measured on a model of 102 small tensors).
+_INTO_MIN_NUMEL = 1 << 14
+
+
+def _foreach_into(name: str, into: list[torch.Tensor | None] | None, *args: Any,
+                  **kwargs: Any) -> list[torch.Tensor]:
+    """``_foreach.<name>(*args, **kwargs)`` (``args``: aligned lists of tensors, or
+    scalars), the result of each leaf whose ``into`` is not None written there, one kernel
+    call each (``torch.<name>(..., out=)``); the others made by one multi-tensor call."""
+    many = getattr(_foreach, name)
+    if into is None or all(o is None for o in into):
+        return list(many(*args, **kwargs))
+    out: list[Any] = list(into)
+    rest = [j for j, o in enumerate(into) if o is None]
+    if rest:
+        part = [[a[j] for j in rest] if isinstance(a, (list, tuple)) else a for a in args]
+        for j, t in zip(rest, many(*part, **kwargs)):
+            out[j] = t
+    one = getattr(torch, name)
+    for j, o in enumerate(into):
+        if o is not None:
+            one(*[a[j] if isinstance(a, (list, tuple)) else a for a in args], **kwargs, out=o)
+    return out
 
 
 def _takes_mean(fused: Callable) -> Callable:
@@ -400,17 +425,10 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
             elif decoupled and weight_decay:
                 # As torch.optim.AdamW: decay the parameters, then the Adam step, in place
                 # on the new tensors (the inputs are never written).
-                decay = 1 - lr_t * weight_decay
-                out = (list(_foreach.mul(p, decay)) if into is None else
-                       [torch.mul(pi, decay, out=o) if o is not None else torch.mul(pi, decay)
-                        for pi, o in zip(p, into)])
+                out = _foreach_into("mul", into, p, 1 - lr_t * weight_decay)
                 _foreach.addcdiv_(out, mu, denom, value=size)
-            elif into is not None:
-                out = [torch.addcdiv(pi, m, d, value=size, out=o) if o is not None
-                       else torch.addcdiv(pi, m, d, value=size)
-                       for pi, m, d, o in zip(p, mu, denom, into)]
             else:
-                out = list(_foreach.addcdiv(p, mu, denom, value=size))
+                out = _foreach_into("addcdiv", into, p, mu, denom, value=size)
             return (out, *new)
 
         out, *new = _shared_step(kernel, g, p, moments, axis_name, f"funcdp.optim.{name} step",
