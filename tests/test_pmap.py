@@ -460,3 +460,42 @@ def test_none_arguments_numpy_with_negative_strides_and_scalar_keywords():
     with pytest.raises(ValueError, match=r"kwargs\['mask'\] is a scalar \(rank 0\) and cannot "
                                          r"be mapped: keyword arguments are always mapped"):
         f(torch.ones(4), mask=torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("write", [None, "add_", "copy_", "view"])
+def test_replicated_copies_of_a_collective_result_are_not_compared(devices, monkeypatch,
+                                                                  write):
+    # Small collective results are copied for each device; after a plan's first calls,
+    # out_axes=None recognises those copies (unchanged since) without comparing them. A
+    # copy written in place on one device is compared, and caught, on every call.
+    from funcdp._src import pmap as pmap_mod
+
+    compared = []
+    same_bits = pmap_mod._same_bits
+    monkeypatch.setattr(pmap_mod, "_same_bits",
+                        lambda a, b: compared.append(1) or same_bits(a, b))
+
+    def f(x):
+        y = funcdp.pmean(x, "i")
+        if write is not None and int(funcdp.axis_index("i")) == 1:
+            if write == "add_":
+                y.add_(1)
+            elif write == "copy_":
+                y.copy_(torch.zeros_like(y))
+            else:
+                y[0] += 1  # through a view: the same version counter
+        return y, y * 2  # (y * 2: computed per device, always compared)
+
+    f = funcdp.pmap(f, axis_name="i", out_axes=None, devices=devices[:2])
+    x = torch.arange(6.0).reshape(2, 3)
+    for call in range(5):
+        compared.clear()
+        if write is None:
+            y, y2 = f(x)
+            assert torch.equal(y, x.mean(0)) and torch.equal(y2, 2 * x.mean(0))
+            # Full comparisons on the first calls (two), then only the per-device value.
+            assert len(compared) == (2 if call < 2 else 1), (call, len(compared))
+        else:
+            with pytest.raises(ValueError, match="out_axes=None for output 0, but its value "
+                                                 "differs across devices"):
+                f(x)

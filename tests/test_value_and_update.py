@@ -467,3 +467,24 @@ def test_new_parameters_go_into_the_average(devices, monkeypatch, name):
     leaves = torch.utils._pytree.tree_leaves
     for a, b in zip(leaves(got), leaves(expected)):
         assert a.stride() == b.stride()
+
+
+def test_replicated_results_known_equal_are_not_compared(devices, monkeypatch):
+    # The loss and the small results are copies the round made for each device: after
+    # the plan's first calls pmap's out_axes=None check knows them equal without
+    # comparing them; the step counter, computed by every device, is still compared.
+    from funcdp._src import pmap as pmap_mod
+
+    compared = []
+    same_bits = pmap_mod._same_bits
+    monkeypatch.setattr(pmap_mod, "_same_bits",
+                        lambda a, b: compared.append(tuple(a.shape)) or same_bits(a, b))
+    opt = optim.sgd(0.1, momentum=0.9)
+    f = funcdp.pmap(funcdp.value_and_update(loss_fn, opt, "i"), axis_name="i",
+                    in_axes=(None, None, 0), out_axes=None, devices=funcdp.local_devices()[:2])
+    params = tree(LARGE, 0)
+    state = opt.init(params)
+    for t in range(4):
+        compared.clear()
+        value, params, state = f(params, state, tree(LARGE, 100 + t, lead=(2,)))
+    assert compared == [()]  # the step counter

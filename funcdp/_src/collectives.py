@@ -343,7 +343,7 @@ def _device_collective(spec: Spec, dev_pos: list[int], leaves: list[torch.Tensor
             return _watched(mesh, spec, _compute(spec, dev_pos, items, size))
     result = mesh.exchange(coord, mesh_axes, group, rank, size, spec.label, desc, leaves,
                            compute, chunked, lambda res: _watched(mesh, spec, res))
-    out = _take(spec, dev_pos, result, rank, coord, comps)
+    out = _take(spec, dev_pos, result, rank, coord, comps, mesh)
     dev = leaves[0].device if leaves else None
     if dev is not None and dev.type == "cuda":
         out = [t if t.device == dev else t.to(dev) for t in out]
@@ -648,8 +648,10 @@ def _watched(mesh: Mesh, spec: Spec, result: Any) -> Any:
     return result
 
 
-def _take(spec: Spec, dev_pos: list[int], result, rank: int, coord: tuple, comps: list):
-    """This participant's part of a round's result (distinct tensor objects per device)."""
+def _take(spec: Spec, dev_pos: list[int], result, rank: int, coord: tuple, comps: list,
+          mesh: Mesh | None = None):
+    """This participant's part of a round's result (distinct tensor objects per device;
+    the copies noted on ``mesh``, if given)."""
     op = spec.op
     if op in _SHARED_OPS:
         # Inference tensors carry no version counter, so writes to a shared one could not
@@ -658,7 +660,11 @@ def _take(spec: Spec, dev_pos: list[int], result, rank: int, coord: tuple, comps
         if not any(copied):
             return [t.detach() for t in result]
         # (One call for all the copies: a model may have hundreds of small leaves.)
-        copies = iter(torch._foreach_clone([t for t, c in zip(result, copied) if c]))
+        sources = [t for t, c in zip(result, copied) if c]
+        made = torch._foreach_clone(sources)
+        if mesh is not None:
+            mesh.note_copies(sources, made)
+        copies = iter(made)
         return [next(copies) if c else t.detach() for t, c in zip(result, copied)]
     if op in ("ppermute", "all_to_all"):
         return [t.detach() for t in result[rank]]

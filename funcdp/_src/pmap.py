@@ -39,7 +39,7 @@ from funcdp._src.api_util import fun_name, public
 from funcdp._src.config import config
 from funcdp._src.devices import Device, local_devices
 from funcdp._src.executor import Inline, executor
-from funcdp._src.rendezvous import CollectiveError, Mesh
+from funcdp._src.rendezvous import CollectiveError, Mesh, same_copies
 from funcdp._src.sharded import ShardedValue, to_devices
 from funcdp._src.transform_util import (
     a_type,
@@ -579,6 +579,9 @@ class _Call:
     caller_mode: Any = random_mod.ACTIVE
     fwd_vmaps: frozenset[int] = frozenset()
     around: tuple = ()
+    # The copies the devices' collectives made (see rendezvous.same_copies), from the end
+    # of the devices' run to the end of the output checks.
+    copies: dict | None = None
 
     # -- inputs ------------------------------------------------------------------------
     def _device_inputs(self, leaves: list) -> list[list]:
@@ -696,6 +699,8 @@ class _Call:
             _raise_device_error(plan, errors)
         if mesh.watched:
             mesh.check_watched()
+        # (For the output checks of this call only: see _run.)
+        self.copies = mesh.copies
         return [o.value for o in outcomes]
 
     def _execute(self, inputs: list[list], record: bool) -> list:
@@ -840,7 +845,7 @@ class _Call:
                 if s.requires_grad:
                     self._grad_output_error(j)
             if ax is None:
-                outs.append(_replicated(plan, shards, j))
+                outs.append(_replicated(plan, shards, j, self.copies))
             else:
                 nd = shards[0].ndim - plan.keeps_axis
                 o = ax if 0 <= ax <= nd else normalize_axis(
@@ -849,6 +854,7 @@ class _Call:
                     outs.append(_concat(shards, o))
                 else:
                     outs.append(ShardedValue(shards, plan.devices, o, plan.block))
+        self.copies = None
         if treedef is _LEAF:
             return outs[0]
         return tree_util.tree_unflatten(outs, treedef)
@@ -901,6 +907,7 @@ class _Call:
         for i, t in zip(self.tensor_pos, tensors):
             leaves[i] = t
         results = self._execute(self._device_inputs(leaves), record=True)
+        self.copies = None  # (the call is kept for the backward pass: not these)
         treedef = _same_structure(plan, results)
         axes = plan.out_axes_for(treedef)
         self.per_device = [(r[0], r[1]) for r in results]
@@ -1309,17 +1316,22 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1)[:: t.numel() // _SAMPLE]
 
 
-def _replicated(plan: _Plan, shards: list, j: int) -> torch.Tensor:
+def _replicated(plan: _Plan, shards: list, j: int,
+                copies: dict | None = None) -> torch.Tensor:
     """Device 0's value of an ``out_axes=None`` output, after checking it is the same
     everywhere: results of one collective are recognised by their shared storage; other
     values are compared in full on a plan's first calls, then on a sample of about a
     thousand elements (catching the usual mistake, a value that differs everywhere,
-    without a full pass over every replicated parameter on every step)."""
+    without a full pass over every replicated parameter on every step), or not at all
+    where they are copies of one value that the call's collectives made for each device
+    (``copies``), unchanged since."""
     first = shards[0]
     if config.check_replicated:
         full = plan.full_checks > 0
         for i, s in enumerate(shards[1:], start=1):
             if s is first or _same_storage(first, s):
+                continue
+            if not full and copies and same_copies(copies, first, s):
                 continue
             if s.shape != first.shape or s.dtype != first.dtype:
                 raise ValueError(_not_replicated_msg(plan, j, 0, i, f"shape {tuple(first.shape)}"

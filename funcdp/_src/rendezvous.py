@@ -86,6 +86,10 @@ class Mesh:
         self.proc = proc
         self.offset = offset
         self.watched: list[tuple[Any, int, str, str | None]] = []
+        # Copies of one value made for the participants (small collective results, the
+        # small results of a shared update): id(copy) -> (copy, source, the versions of
+        # both when the copy was made). See ``same_copies``.
+        self.copies: dict[int, tuple] = {}
 
     @property
     def cond(self) -> threading.Condition:
@@ -103,6 +107,12 @@ class Mesh:
         """Remembers a result shared by all participants, to check it was not written to;
         ``what`` says which results are shared (by default, large collective results)."""
         self.watched.append((tensor, tensor._version, label, what))
+
+    def note_copies(self, sources: Any, copies: Any) -> None:
+        """Remembers that each tensor of ``copies`` was just copied from the same position
+        of ``sources`` (see ``same_copies``)."""
+        for src, c in zip(sources, copies):
+            self.copies[id(c)] = (c, src, c._version, src._version)
 
     def check_watched(self) -> None:
         """Raises if a device modified a shared collective result in place."""
@@ -394,3 +404,20 @@ def _fmt_desc(desc: Any) -> str:
                            for shape, dtype in shapes)
         return f"{params} with values [{values}]"
     return repr(desc)
+
+
+def same_copies(copies: dict[int, tuple], a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are known to hold the same values: copies of one source
+    noted by ``Mesh.note_copies`` (or the source and a copy of it), each unchanged since
+    (their version counters: an in-place write bumps them). A write that bypasses the
+    version counter (through ``.data``, or a NumPy view) is not seen: like a sampled
+    comparison, this is for calls after a plan's first ones (see pmap's ``_replicated``)."""
+    eb = copies.get(id(b))
+    if eb is None or eb[0] is not b or b._version != eb[2]:
+        return False
+    src = eb[1]
+    if a is src:
+        return a._version == eb[3]
+    ea = copies.get(id(a))
+    return (ea is not None and ea[0] is a and a._version == ea[2] and ea[1] is src
+            and ea[3] == eb[3])

@@ -213,9 +213,10 @@ def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple
         n = len(items)
         grads = [lists[0] for _, lists, _ in items]
         out = _Round([[None] * nleaves for _ in like] if big and same(big) else None,
-                     [c[0][0] for c in _copies([_mean_of([[v] for v, _, _ in items])], n)])
+                     [c[0][0] for c in _copies([_mean_of([[v] for v, _, _ in items])], n,
+                                               mesh)])
         if small and same(small):
-            out.small = _copies(_averaged_kernel(kernel, grads, inputs, small), n)
+            out.small = _copies(_averaged_kernel(kernel, grads, inputs, small), n, mesh)
         return out
 
     def chunked(items: list, result: _Round, r: int, n: int) -> None:
@@ -274,10 +275,17 @@ class _Round:
         self.local: dict[int, tuple] = {}
 
 
-def _copies(lists: list[list[torch.Tensor]], n: int) -> list[list[list[torch.Tensor]]]:
-    """``lists``, and ``n - 1`` copies of it (the same values in new tensors)."""
-    return [lists] + [[list(torch._foreach_clone(lst)) for lst in lists]
-                      for _ in range(n - 1)]
+def _copies(lists: list[list[torch.Tensor]], n: int,
+            mesh: Any) -> list[list[list[torch.Tensor]]]:
+    """``lists``, and ``n - 1`` copies of it (the same values in new tensors), noted on
+    ``mesh`` (pmap then knows they are equal without comparing them)."""
+    out = [lists]
+    for _ in range(n - 1):
+        copy = [list(torch._foreach_clone(lst)) for lst in lists]
+        for src, c in zip(lists, copy):
+            mesh.note_copies(src, c)
+        out.append(copy)
+    return out
 
 
 def _averaged_kernel(kernel, grads: list[list[torch.Tensor]], inputs: Lists,
