@@ -499,3 +499,27 @@ def test_replicated_copies_of_a_collective_result_are_not_compared(devices, monk
             with pytest.raises(ValueError, match="out_axes=None for output 0, but its value "
                                                  "differs across devices"):
                 f(x)
+
+
+def test_small_collective_results_under_inference_mode_and_in_loops(devices):
+    # Found in review: noting the per-device copies read the version counter of inference
+    # tensors (which have none), and kept every copy of a call alive until its end.
+    import weakref
+
+    f = funcdp.pmap(lambda x: funcdp.pmean(x, "i"), axis_name="i", out_axes=None,
+                    devices=devices[:2])
+    x = torch.arange(6.0).reshape(2, 3)
+    with torch.inference_mode():
+        for _ in range(4):
+            assert torch.equal(f(x), x.mean(0))
+            assert torch.equal(f(x.repeat(1, 2000)), x.repeat(1, 2000).mean(0))
+
+    def loop(x):
+        refs = []
+        for _ in range(20):
+            x = funcdp.pmean(x * 0.5, "i")
+            refs.append(weakref.ref(x))
+        return x, torch.tensor(sum(r() is not None for r in refs))
+
+    y, alive = funcdp.pmap(loop, axis_name="i", out_axes=(None, 0), devices=devices[:2])(x)
+    assert alive.tolist() == [1, 1]

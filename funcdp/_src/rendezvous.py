@@ -17,9 +17,11 @@ fails the same way.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -110,9 +112,16 @@ class Mesh:
 
     def note_copies(self, sources: Any, copies: Any) -> None:
         """Remembers that each tensor of ``copies`` was just copied from the same position
-        of ``sources`` (see ``same_copies``)."""
+        of ``sources`` (see ``same_copies``). Only weak references: an entry goes when its
+        copy does, and keeps no tensor alive (a call may run many collectives). Inference
+        tensors, which have no version counter, are left out."""
+        table = self.copies
         for src, c in zip(sources, copies):
-            self.copies[id(c)] = (c, src, c._version, src._version)
+            if c.is_inference() or src.is_inference():
+                continue
+            key = id(c)
+            table[key] = (weakref.ref(c, functools.partial(_drop, table, key)),
+                          weakref.ref(src), c._version, src._version)
 
     def check_watched(self) -> None:
         """Raises if a device modified a shared collective result in place."""
@@ -406,18 +415,25 @@ def _fmt_desc(desc: Any) -> str:
     return repr(desc)
 
 
+def _drop(table: dict, key: int, _ref: Any) -> None:
+    table.pop(key, None)
+
+
 def same_copies(copies: dict[int, tuple], a: Any, b: Any) -> bool:
     """Whether ``a`` and ``b`` are known to hold the same values: copies of one source
     noted by ``Mesh.note_copies`` (or the source and a copy of it), each unchanged since
     (their version counters: an in-place write bumps them). A write that bypasses the
-    version counter (through ``.data``, or a NumPy view) is not seen: like a sampled
-    comparison, this is for calls after a plan's first ones (see pmap's ``_replicated``)."""
+    version counter (through ``.data``, DLPack or a NumPy view, another tensor set to the
+    same storage, ``torch.utils.swap_tensors``) is not seen: like a sampled comparison,
+    this is for calls after a plan's first ones (see pmap's ``_replicated``)."""
     eb = copies.get(id(b))
-    if eb is None or eb[0] is not b or b._version != eb[2]:
+    if eb is None or eb[0]() is not b or b._version != eb[2]:
         return False
+    # (The source's weak reference is the same object for every copy of it while it
+    # lives, and never that of another tensor: it identifies the source.)
     src = eb[1]
-    if a is src:
+    if src() is a:
         return a._version == eb[3]
     ea = copies.get(id(a))
-    return (ea is not None and ea[0] is a and a._version == ea[2] and ea[1] is src
+    return (ea is not None and ea[0]() is a and a._version == ea[2] and ea[1] is src
             and ea[3] == eb[3])
