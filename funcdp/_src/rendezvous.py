@@ -423,9 +423,10 @@ def same_copies(copies: dict[int, tuple], a: Any, b: Any) -> bool:
     """Whether ``a`` and ``b`` are known to hold the same values: copies of one source
     noted by ``Mesh.note_copies`` (or the source and a copy of it), each unchanged since
     (their version counters: an in-place write bumps them). A write that bypasses the
-    version counter (through ``.data``, DLPack or a NumPy view, another tensor set to the
-    same storage, ``torch.utils.swap_tensors``) is not seen: like a sampled comparison,
-    this is for calls after a plan's first ones (see pmap's ``_replicated``)."""
+    version counter (through ``.data``, DLPack or a NumPy view, the tensor's storage,
+    another tensor set to the same storage, ``torch.utils.swap_tensors``) is not seen:
+    like a sampled comparison, this is for calls after a plan's first ones (see pmap's
+    ``_replicated``)."""
     eb = copies.get(id(b))
     if eb is None or eb[0]() is not b or b._version != eb[2]:
         return False
