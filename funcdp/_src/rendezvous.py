@@ -89,8 +89,9 @@ class Mesh:
         self.offset = offset
         self.watched: list[tuple[Any, int, str, str | None]] = []
         # Copies of one value made for the participants (small collective results, the
-        # small results of a shared update): id(copy) -> (copy, source, the versions of
-        # both when the copy was made). See ``same_copies``.
+        # small results of a shared update): id(copy) -> (weak reference to the copy, weak
+        # reference to the source, the versions of both when the copy was made). See
+        # ``same_copies``.
         self.copies: dict[int, tuple] = {}
 
     @property
