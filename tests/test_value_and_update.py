@@ -436,11 +436,13 @@ def test_new_parameters_go_into_the_average(devices, monkeypatch, name):
     # layouts) as the two rounds. A transposed parameter gets a new tensor, laid out as
     # the two rounds lay it out, and so do small ones.
     averages = set()
+    kept = []  # (alive, so that no later tensor is given an average's address)
     mean_of = shared_update._mean_of
 
     def recording(lists, dst=None):
         out = mean_of(lists, dst)
         averages.update(t.data_ptr() for t in out)
+        kept.extend(out)
         return out
 
     sizes = [(5 * BIG,), (3, 2 * BIG), (7,)]

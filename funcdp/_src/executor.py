@@ -65,6 +65,10 @@ class Inline:
         self.handed_off = False
 
 
+# One call for "is autocast on for any device type" (a newer torch's), else a stand-in.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 class ThreadState:
     """The caller's thread-local torch state, to be re-created on workers: grad and
     inference mode, autocast, and the torch function and dispatch modes in effect (a
@@ -78,7 +82,8 @@ class ThreadState:
         self.grad = torch.is_grad_enabled()
         self.inference = torch.is_inference_mode_enabled()
         self.autocast: tuple = ()
-        if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+        if _any_autocast() and (torch.is_autocast_enabled("cpu")
+                                or torch.is_autocast_enabled("cuda")):
             self.autocast = tuple((kind, torch.get_autocast_dtype(kind))
                                   for kind in ("cpu", "cuda") if torch.is_autocast_enabled(kind))
         self.fmodes: tuple = ()
@@ -321,6 +326,8 @@ class Executor:
             if _JVP_STATE and _eager.JVP_NESTING == 0:
                 level = _enter_shared_forward_level()
                 try:
+                    if inline is not None:
+                        return self._run_sequential(devices, fn, inline)
                     return self._run(devices, fn, inline, lane)
                 finally:
                     _exit_shared_forward_level(level)
@@ -329,11 +336,11 @@ class Executor:
     def _run(self, devices: Sequence[Device], fn: Callable[[int], Any],
              inline: Inline | None, lane: tuple) -> list[_Outcome]:
         n = len(devices)
+        if n > 1 and inline is not None:
+            return self._run_sequential(devices, fn, inline)
         state = ThreadState()
         depth = current_depth()
         done: queue.SimpleQueue = queue.SimpleQueue()
-        if n > 1 and inline is not None:
-            return self._run_sequential(devices, fn, inline, state, depth, done)
         threads = self.threads_per_device(devices)
         outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
         if n > 1:
@@ -350,36 +357,55 @@ class Executor:
                 w.queue.put(_Task(fn, i, state, threads, done))
 
     def _run_sequential(self, devices: Sequence[Device], fn: Callable[[int], Any],
-                        inline: Inline, state: ThreadState, depth: int,
-                        done: queue.SimpleQueue) -> list[_Outcome]:
+                        inline: Inline) -> list[_Outcome]:
         # (The caller holds the thread budget already; it is restored if a device changes
-        # it. Sequential runs are for CPU devices only.)
+        # it. Sequential runs are for CPU devices only, of top-level calls: lane ().)
         n = len(devices)
         outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
+        # The caller's state, for the workers of a hand-off (a device may have changed it
+        # by the time one happens).
+        state = ThreadState()
+        depth = current_depth()
+        grad = state.grad
         started = [0]  # devices started so far (here or on workers)
+        done: list = []  # the workers' queue, made by a hand-off
 
         def hand_off() -> None:
             if started[0] < n:
+                done.append(queue.SimpleQueue())
                 threads = self.threads_per_device(devices)
-                self._submit(devices, fn, range(started[0], n), state, threads, depth, done)
+                self._submit(devices, fn, range(started[0], n), state, threads, depth,
+                             done[0])
                 inline.handed_off = True
                 started[0] = n
 
         hooks = _blocking_hooks()
         hooks.append(hand_off)
         budget = torch.get_num_threads()  # the caller's thread budget, held for the call
+        _tls.depth = depth + 1
         i = 0
         try:
-            # Device i runs here unless it was handed off while an earlier one waited.
+            # Device i runs here unless it was handed off while an earlier one waited
+            # (_run_inline_fn, written out: this loop is every small call's path).
             while i < n and started[0] <= i:
                 started[0] = i + 1
-                outcomes[i] = _run_inline_fn(fn, i, depth)
-                if torch.get_num_threads() != budget:  # a device changed it
+                try:
+                    outcomes[i] = _Outcome(fn(i))
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+                    outcomes[i] = _Outcome(error=e)
+                # A device's function that switched grad mode for good, or the thread
+                # budget, changes neither for the next device nor for the caller.
+                if torch.is_grad_enabled() != grad:
+                    torch.set_grad_enabled(grad)
+                if torch.get_num_threads() != budget:
                     torch.set_num_threads(budget)
                 i += 1
         finally:
+            _tls.depth = depth
             hooks.remove(hand_off)
-        return _collect(done, outcomes, n - i)
+        if i < n:
+            return _collect(done[0], outcomes, n - i)
+        return outcomes
 
     def _run_inline(self, devices: Sequence[Device], i: int, fn: Callable[[int], Any],
                     threads: int, depth: int) -> _Outcome:

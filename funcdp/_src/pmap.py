@@ -180,7 +180,7 @@ class Pmapped:
         return functools.partial(self._call, instance)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._call(_NO_SELF, *args, **kwargs)
+        return self._call_chunks(_NO_SELF, None, args, kwargs)
 
     def _call(self, bound: Any, *args: Any, **kwargs: Any) -> Any:
         return self._call_chunks(bound, None, args, kwargs)
@@ -424,7 +424,12 @@ class _Plan:
             else:
                 kinds.append(_SPLIT)
         self.kinds = kinds
+        # Arguments that _Call._device_inputs splits the simple way (see there).
+        self.plain_split = (chunks is None and self.block == 1
+                            and self.devices[0].platform == "cpu"
+                            and all(k in (_SPLIT, _SHARDED) for k in kinds))
         self.out_plans: dict = {}
+        self.ranked_axes: dict = {}
         self.full_checks = 3
         # Calls of a nested plan always run nested (the enclosing call is in its key).
         self.top_level = top_level
@@ -454,6 +459,10 @@ class _Plan:
                     f"structure of the output at out{tree_util.keystr(e.path)}: {e.reason}. "
                     f"`out_axes` must be a prefix of the output.")) from None
             self.out_plans[out_treedef] = axes
+            # The integer axes that some rank of output could make out of range (0 and -1
+            # fit every rank), by output position: for _Call._body's check.
+            self.ranked_axes[out_treedef] = [(i, a) for i, a in enumerate(axes)
+                                             if a is not None and a not in (0, -1)]
         return axes
 
 
@@ -587,6 +596,20 @@ class _Call:
     def _device_inputs(self, leaves: list) -> list[list]:
         """Per-device argument leaves (views, shards in place, or shared values)."""
         plan = self.plan
+        if plan.plain_split:
+            # Every leaf split along its axis into one shard per CPU device, or sharded
+            # in place already: the general loop below, for these kinds only.
+            cols = []
+            for leaf, a in zip(leaves, plan.axes):
+                t = type(leaf)
+                if t is torch.Tensor and leaf.is_cpu:
+                    cols.append(leaf.unbind(a))
+                elif t is ShardedValue and a is not None:  # (a plan's leaf: _SHARDED)
+                    cols.append(leaf.shards)
+                else:
+                    break
+            else:
+                return [list(row) for row in zip(*cols)]
         ndev, k = plan.ndev, plan.block
         cols = []
         for leaf, kind, a in zip(leaves, plan.kinds, plan.axes):
@@ -648,11 +671,13 @@ class _Call:
                 mesh.devices[parent.coord + (i,)] = d
         return mesh, parent.coord, _inherited_names()
 
-    def _on_devices(self, work) -> list:
-        """Runs ``work(i, frame)`` on every device with the axis name bound."""
+    def _on_devices(self, work, top: bool | None = None) -> list:
+        """Runs ``work(i, frame)`` on every device with the axis name bound; ``top``:
+        whether no pmap encloses the caller, if known."""
         plan = self.plan
-        # (Not plan.top_level: a backward pass may run where its forward did not.)
-        top = axes_mod.current_pmap_frame() is None
+        if top is None:
+            # (Not plan.top_level: a backward pass may run where its forward did not.)
+            top = axes_mod.current_pmap_frame() is None
         if top and not plan.spans_processes:
             mesh = Mesh(plan.label, (plan.owner._axis_name,), (plan.ndev,), plan.coords)
             coords = plan.coord_list
@@ -667,10 +692,13 @@ class _Call:
                 names = dict(names)
                 names[name] = (axes_mod.DeviceComp(axis_pos, mesh.sizes[axis_pos]),)
 
+        # A dict per device where a device runs several shards: it rebinds its name.
+        per_block = plan.block > 1
+
         def per_device(i: int) -> Any:
             coord = coords[i]
-            # A dict per device: a device running several shards rebinds its name.
-            frame = axes_mod.PmapFrame(dict(names), mesh, coord, plan.devices[i].torch_device)
+            frame = axes_mod.PmapFrame(dict(names) if per_block else names, mesh, coord,
+                                       plan.devices[i].torch_device)
             frames = axes_mod.frames()  # (``with axes_mod.bind(frame)``, written out)
             frames.append(frame)
             try:
@@ -703,7 +731,7 @@ class _Call:
         self.copies = mesh.copies
         return [o.value for o in outcomes]
 
-    def _execute(self, inputs: list[list], record: bool) -> list:
+    def _execute(self, inputs: list[list], record: bool, top: bool | None = None) -> list:
         plan = self.plan
         name = plan.owner._axis_name
         blocked = plan.block > 1
@@ -727,7 +755,7 @@ class _Call:
                 return self._blocked(inputs[i], False, frame, name, rnd)
             return self._body(inputs[i], False, rnd)
 
-        return self._on_devices(work)
+        return self._on_devices(work, top)
 
     def _blocked(self, flat: list, record: bool, frame, name, rnd: Any) -> Any:
         """Runs ``block`` shards on one device as a named vmap (more shards than devices)."""
@@ -796,10 +824,14 @@ class _Call:
                       for i, x in enumerate(leaves)]
         if raw:
             return leaves, treedef
-        axes = plan.out_plans.get(treedef) or plan.out_axes_for(treedef)
-        for i, (x, ax) in enumerate(zip(leaves, axes)):
+        ranked = plan.ranked_axes.get(treedef)
+        if ranked is None:
+            plan.out_axes_for(treedef)
+            ranked = plan.ranked_axes[treedef]
+        for i, ax in ranked:
+            x = leaves[i]
             # The check's fast path inline (the full one only to word the error).
-            if ax is not None and x is not None and not -x.ndim - 1 <= ax <= x.ndim:
+            if x is not None and not -x.ndim - 1 <= ax <= x.ndim:
                 try:
                     normalize_axis(ax, x.ndim, plan.name, lambda: f"output {i}", extra=1,
                                    what="out_axes entry")
@@ -830,7 +862,8 @@ class _Call:
 
     def _run(self) -> Any:
         plan = self.plan
-        results = self._execute(self._device_inputs(self.leaves), record=False)
+        # (The plan's key holds whether a pmap encloses this call: _context.)
+        results = self._execute(self._device_inputs(self.leaves), False, plan.top_level)
         treedef = _same_structure(plan, results)
         axes = plan.out_axes_for(treedef)
         outs: list[Any] = []
@@ -1293,7 +1326,7 @@ def _to_output(x: Any, plan: _Plan, i: int) -> Any:
 def _same_structure(plan: _Plan, results: list) -> Any:
     treedef = results[0][2]
     for i, r in enumerate(results[1:], start=1):
-        if r[2] != treedef:
+        if r[2] is not treedef and r[2] != treedef:
             raise ValueError(
                 f"{plan.name}: devices returned differently structured outputs: device 0 "
                 f"returned {treedef} but device {i} returned {r[2]}. Every device must return "
