@@ -430,6 +430,7 @@ class _Plan:
                             and all(k in (_SPLIT, _SHARDED) for k in kinds))
         self.out_plans: dict = {}
         self.ranked_axes: dict = {}
+        self.leaf_ranked: list | None = None  # ranked_axes[_LEAF], once known
         self.full_checks = 3
         # Calls of a nested plan always run nested (the enclosing call is in its key).
         self.top_level = top_level
@@ -461,8 +462,10 @@ class _Plan:
             self.out_plans[out_treedef] = axes
             # The integer axes that some rank of output could make out of range (0 and -1
             # fit every rank), by output position: for _Call._body's check.
-            self.ranked_axes[out_treedef] = [(i, a) for i, a in enumerate(axes)
-                                             if a is not None and a not in (0, -1)]
+            ranked = self.ranked_axes[out_treedef] = [
+                (i, a) for i, a in enumerate(axes) if a is not None and a not in (0, -1)]
+            if out_treedef is _LEAF:
+                self.leaf_ranked = ranked
         return axes
 
 
@@ -722,9 +725,10 @@ class _Call:
                     outcomes = executor().run(plan.devices, per_device, self.inline, prefix)
             else:
                 outcomes = executor().run(plan.devices, per_device, self.inline, prefix)
-        errors = [(i, o.error) for i, o in enumerate(outcomes) if o.error is not None]
-        if errors:
-            _raise_device_error(plan, errors)
+        for o in outcomes:
+            if o.error is not None:
+                _raise_device_error(plan, [(i, o.error) for i, o in enumerate(outcomes)
+                                           if o.error is not None])
         if mesh.watched:
             mesh.check_watched()
         # (For the output checks of this call only: see _run.)
@@ -818,13 +822,16 @@ class _Call:
             torch._C._pop_torch_function_stack()
         if type(out) is torch.Tensor:
             leaves, treedef = [out], _LEAF
+            ranked = plan.leaf_ranked
         else:
             leaves, treedef = tree_util.tree_flatten(out)
             leaves = [x if type(x) is torch.Tensor else _to_output(x, plan, i)
                       for i, x in enumerate(leaves)]
+            ranked = None
         if raw:
             return leaves, treedef
-        ranked = plan.ranked_axes.get(treedef)
+        if ranked is None:
+            ranked = plan.ranked_axes.get(treedef)
         if ranked is None:
             plan.out_axes_for(treedef)
             ranked = plan.ranked_axes[treedef]
@@ -1325,7 +1332,7 @@ def _to_output(x: Any, plan: _Plan, i: int) -> Any:
 
 def _same_structure(plan: _Plan, results: list) -> Any:
     treedef = results[0][2]
-    for i, r in enumerate(results[1:], start=1):
+    for i, r in enumerate(results):
         if r[2] is not treedef and r[2] != treedef:
             raise ValueError(
                 f"{plan.name}: devices returned differently structured outputs: device 0 "
