@@ -308,6 +308,8 @@ def _signature(leaf: Any) -> Any:
 
 def _context() -> Any:
     """What besides the arguments decides the devices: the enclosing pmap, if any."""
+    if not axes_mod.frames():
+        return None
     frame = axes_mod.current_pmap_frame()
     return None if frame is None else (frame.mesh.sizes, frame.coord)
 

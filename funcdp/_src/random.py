@@ -309,8 +309,8 @@ class DeviceRandomness(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         special = _SPECIAL.get(func)
-        if special is None:
-            return func(*args, **(kwargs or {}))
+        if special is None:  # (every tensor call of a device's function: kept lean)
+            return func(*args, **kwargs) if kwargs else func(*args)
         return special(self, func, types, args, kwargs or {})
 
 

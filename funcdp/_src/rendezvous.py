@@ -80,7 +80,7 @@ class Mesh:
         self.states: dict[tuple, Any] = dict.fromkeys(devices, _RUNNING)
         # Every participant of this process, registered or not yet (a nested mesh learns
         # its devices as the outer devices join).
-        self.total = max(len(devices), _product(sizes))
+        self.total = max(len(devices), sizes[0] if len(sizes) == 1 else _product(sizes))
         self.rounds: dict[tuple, _Round] = {}
         self.failure: CollectiveError | None = None
         self.children: dict[Any, Mesh] = {}
