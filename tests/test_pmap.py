@@ -373,6 +373,29 @@ def test_error_out_axes_leaf_and_structure():
         funcdp.pmap(lambda a: a, out_axes=(0, 0))(torch.ones(2))
 
 
+def test_error_out_axes_out_of_range_for_an_output_on_every_call():
+    # The axis checks are worked out once per output structure; a later call whose output
+    # has another rank (the same structure) is checked again, as are calls run in the
+    # calling thread (after a plan's first small calls).
+    devs = funcdp.local_devices()[:2]
+    f = funcdp.pmap(lambda v: v if v.ndim > 1 else v + 1, out_axes=2, devices=devs)
+    assert f(torch.zeros(2, 3, 4)).shape == (3, 4, 2)
+    for _ in range(5):
+        with pytest.raises(ValueError, match=r"out_axes entry 2 is out of range for output 0 "
+                                             r"of rank 1; valid axes are -2\.\.1"):
+            f(torch.zeros(2, 3))
+    g = funcdp.pmap(lambda v: (v, v.sum()), out_axes=(1, -2), devices=devs)
+    for _ in range(5):
+        with pytest.raises(ValueError, match=r"out_axes entry -2 is out of range for output 1 "
+                                             r"of rank 0"):
+            g(torch.zeros(2, 3))
+    h = funcdp.pmap(lambda v: (v, v.sum()), out_axes=(-2, -1), devices=devs)
+    for _ in range(5):
+        a, b = h(torch.arange(6.0).reshape(2, 3))
+        assert a.shape == (2, 3) and b.shape == (2,)
+    assert_trees_close(b.to_tensor(), torch.tensor([3.0, 12.0]))
+
+
 def test_error_no_mapped_argument():
     with pytest.raises(ValueError, match="no argument is mapped"):
         funcdp.pmap(lambda a: a, in_axes=None)(torch.ones(2))
