@@ -581,3 +581,29 @@ def test_a_reduction_buffer_whose_storage_the_user_holds_is_not_reused():
         f(torch.full((2, n), 5.0))
     seen = torch.empty(0).set_(storage, 0, was.shape)
     assert torch.equal(seen, was)
+
+
+@pytest.mark.parametrize("slow", ["out_plans", "ranked_axes"])
+def test_devices_working_out_the_output_axes_at_once(monkeypatch, slow):
+    # Found in review: on a plan's first call every device works out the output axes of
+    # the structure it returned; a device that found the axes but not yet their checks
+    # (another device between storing one and the other) failed with a KeyError.
+    from funcdp._src import pmap as pmap_mod
+
+    class SlowDict(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            time.sleep(0.05)  # the other device's thread runs meanwhile
+
+    init = pmap_mod._Plan.__init__
+
+    def slow_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        setattr(self, slow, SlowDict())
+
+    monkeypatch.setattr(pmap_mod._Plan, "__init__", slow_init)
+    devs = funcdp.local_devices()[:2]
+    out = funcdp.pmap(lambda x: x * 2, devices=devs)(torch.arange(2.0))
+    assert_trees_close(out.to_tensor(), torch.tensor([0.0, 2.0]))
+    a, b = funcdp.pmap(lambda x: (x, x + 1), out_axes=(0, -1), devices=devs)(torch.ones(2, 3))
+    assert a.shape == (2, 3) and b.shape == (3, 2)

@@ -461,14 +461,19 @@ class _Plan:
                     f"{self.name}: `out_axes` {self.owner._out_axes!r} does not match the "
                     f"structure of the output at out{tree_util.keystr(e.path)}: {e.reason}. "
                     f"`out_axes` must be a prefix of the output.")) from None
-            self.out_plans[out_treedef] = axes
-            # The integer axes that some rank of output could make out of range (0 and -1
-            # fit every rank), by output position: for _Call._body's check.
-            ranked = self.ranked_axes[out_treedef] = [
-                (i, a) for i, a in enumerate(axes) if a is not None and a not in (0, -1)]
+            # (Devices of a call may get here at once: the ranked axes first, so that a
+            # device finding the axes finds them too.)
+            ranked = self.ranked_axes[out_treedef] = _ranked(axes)
             if out_treedef is _LEAF:
                 self.leaf_ranked = ranked
+            self.out_plans[out_treedef] = axes
         return axes
+
+
+def _ranked(axes: list) -> list[tuple[int, int]]:
+    """The integer axes of ``axes`` that some rank of output could make out of range (0
+    and -1 fit every rank), with their output positions: for ``_Call._body``'s check."""
+    return [(i, a) for i, a in enumerate(axes) if a is not None and a not in (0, -1)]
 
 
 class _ExecutionPolicy:
@@ -834,9 +839,8 @@ class _Call:
             return leaves, treedef
         if ranked is None:
             ranked = plan.ranked_axes.get(treedef)
-        if ranked is None:
-            plan.out_axes_for(treedef)
-            ranked = plan.ranked_axes[treedef]
+            if ranked is None:
+                ranked = _ranked(plan.out_axes_for(treedef))
         for i, ax in ranked:
             x = leaves[i]
             # The check's fast path inline (the full one only to word the error).
