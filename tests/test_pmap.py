@@ -183,6 +183,30 @@ def test_plan_cache_is_hit_for_repeated_calls(monkeypatch):
     assert len(built) == 2
 
 
+def test_sharded_arguments_of_one_layout_share_a_plan():
+    # A sharded value's layout (devices, axis, block, shape) is one object in plan keys:
+    # values of the same layout find the same plan, through the fast path and through the
+    # pytree one (keyword arguments), and another layout gets a plan of its own.
+    devs = funcdp.local_devices()[:2]
+    place = funcdp.pmap(lambda v: v, devices=devs)
+    f = funcdp.pmap(lambda v: v * 2, devices=devs)
+    a, b = place(torch.zeros(2, 3)), place(torch.arange(6.0).reshape(2, 3))
+    f(a)
+    assert_trees_close(f(b).to_tensor(), torch.arange(6.0).reshape(2, 3) * 2)
+    assert len(f._cache) == 1
+    g = funcdp.pmap(lambda v=None: v * 2, devices=devs)
+    g(v=a)
+    g(v=b)
+    assert len(g._cache) == 1
+    x = torch.arange(4.0).reshape(2, 2)
+    c = funcdp.pmap(lambda v: v, out_axes=1, devices=devs)(x)  # axis 1: x transposed
+    assert_trees_close(f(c).to_tensor(), x.t() * 2)
+    assert len(f._cache) == 2
+    d = place(torch.zeros(2, 4))  # another shape
+    f(d)
+    assert len(f._cache) == 3
+
+
 @given(device_layout(), st.integers(1, 3), st.sampled_from([0, 1, -1, -2, None]),
        st.sampled_from(["tensor", "sharded", "subclass", "keyword"]))
 def test_single_tensor_outputs_for_every_input_form(layout, d, out_axes, form):

@@ -199,7 +199,7 @@ class Pmapped:
                 if t is torch.Tensor:
                     sig.append((0, a.shape))  # _signature's, for a tensor
                 elif t is ShardedValue:
-                    sig.append(_signature(a))
+                    sig.append(a._key or _signature(a))
                 else:
                     sig = None
                     break
@@ -295,12 +295,35 @@ def _flat_args_treedef(n: int) -> Any:
 _LEAF = tree_util.tree_flatten(0)[1]
 
 
+class _Layout:
+    """A sharded value's layout in plan keys (see ``_signature``)."""
+
+    __slots__ = ("layout",)
+
+    def __init__(self, layout: tuple) -> None:
+        self.layout = layout
+
+    def __repr__(self) -> str:
+        return f"_Layout{self.layout!r}"
+
+
+# Every sharded layout seen, to its one _Layout.
+_LAYOUTS: dict[tuple, _Layout] = {}
+
+
 def _signature(leaf: Any) -> Any:
     t = type(leaf)
     if t is torch.Tensor or isinstance(leaf, torch.Tensor):
         return (0, leaf.shape)
     if t is ShardedValue:
-        return (1, leaf.devices, leaf.axis, leaf.block, leaf.shape)
+        key = leaf._key
+        if key is None:
+            # One object per layout, hashed and compared by identity: cheaper in a plan
+            # key than the tuple (a shape and devices hashed in Python) on every call.
+            layout = (leaf.devices, leaf.axis, leaf.block, leaf.shape)
+            key = _LAYOUTS.get(layout) or _LAYOUTS.setdefault(layout, _Layout(layout))
+            leaf._key = key
+        return key
     if t is np.ndarray:
         return (2, leaf.shape)
     return (3, t)

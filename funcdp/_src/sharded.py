@@ -41,7 +41,7 @@ class ShardedValue:
         (3, tensor([2., 2., 2.]))
     """
 
-    __slots__ = ("_shards", "_devices", "_axis", "_block", "_value", "_shard_shape",
+    __slots__ = ("_shards", "_devices", "_axis", "_block", "_value", "_shard_shape", "_key",
                  "__weakref__")
 
     def __init__(self, shards: Sequence[torch.Tensor], devices: Sequence[Device], axis: int,
@@ -51,6 +51,7 @@ class ShardedValue:
         self._axis = axis
         self._block = block
         self._value: torch.Tensor | None = None
+        self._key: Any = None  # the layout's part of a pmap plan key, once made there
         self._shard_shape = self._shards[0].shape
 
     # -- structure -----------------------------------------------------------
