@@ -326,8 +326,6 @@ class Executor:
             if _JVP_STATE and _eager.JVP_NESTING == 0:
                 level = _enter_shared_forward_level()
                 try:
-                    if inline is not None:
-                        return self._run_sequential(devices, fn, inline)
                     return self._run(devices, fn, inline, lane)
                 finally:
                     _exit_shared_forward_level(level)

@@ -453,9 +453,8 @@ class _Plan:
         self.plain_split = (chunks is None and self.block == 1
                             and self.devices[0].platform == "cpu"
                             and all(k in (_SPLIT, _SHARDED) for k in kinds))
-        self.out_plans: dict = {}
-        self.ranked_axes: dict = {}
-        self.leaf_ranked: list | None = None  # ranked_axes[_LEAF], once known
+        self.out_plans: dict = {}  # output structure -> (axes, ranked axes): _out_plan
+        self.leaf_ranked: list | None = None  # ranked_axes_for(_LEAF), once known
         self.full_checks = 3
         # Calls of a nested plan always run nested (the enclosing call is in its key).
         self.top_level = top_level
@@ -474,8 +473,18 @@ class _Plan:
         self.flat_args = treedef == _flat_args_treedef(len(leaves))
 
     def out_axes_for(self, out_treedef) -> list:
-        axes = self.out_plans.get(out_treedef)
-        if axes is None:
+        return self._out_plan(out_treedef)[0]
+
+    def ranked_axes_for(self, out_treedef) -> list[tuple[int, int]]:
+        """The output positions and integer ``out_axes`` that some rank of output could
+        make out of range (0 and -1 fit every rank): for ``_Call._body``'s check."""
+        return self._out_plan(out_treedef)[1]
+
+    def _out_plan(self, out_treedef) -> tuple[list, list[tuple[int, int]]]:
+        """``(axes, ranked axes)`` for outputs of structure ``out_treedef`` (worked out
+        once per structure; one entry, so devices storing it at once find both)."""
+        plan = self.out_plans.get(out_treedef)
+        if plan is None:
             try:
                 axes = tree_util.broadcast_prefix(self.owner._out_axes, out_treedef,
                                                   is_axis_leaf)
@@ -484,19 +493,11 @@ class _Plan:
                     f"{self.name}: `out_axes` {self.owner._out_axes!r} does not match the "
                     f"structure of the output at out{tree_util.keystr(e.path)}: {e.reason}. "
                     f"`out_axes` must be a prefix of the output.")) from None
-            # (Devices of a call may get here at once: the ranked axes first, so that a
-            # device finding the axes finds them too.)
-            ranked = self.ranked_axes[out_treedef] = _ranked(axes)
+            ranked = [(i, a) for i, a in enumerate(axes) if a is not None and a not in (0, -1)]
+            plan = self.out_plans[out_treedef] = (axes, ranked)
             if out_treedef is _LEAF:
                 self.leaf_ranked = ranked
-            self.out_plans[out_treedef] = axes
-        return axes
-
-
-def _ranked(axes: list) -> list[tuple[int, int]]:
-    """The integer axes of ``axes`` that some rank of output could make out of range (0
-    and -1 fit every rank), with their output positions: for ``_Call._body``'s check."""
-    return [(i, a) for i, a in enumerate(axes) if a is not None and a not in (0, -1)]
+        return plan
 
 
 class _ExecutionPolicy:
@@ -637,7 +638,7 @@ class _Call:
                 t = type(leaf)
                 if t is torch.Tensor and leaf.is_cpu:
                     cols.append(leaf.unbind(a))
-                elif t is ShardedValue and a is not None:  # (a plan's leaf: _SHARDED)
+                elif t is ShardedValue:  # (of this plan: _SHARDED)
                     cols.append(leaf.shards)
                 else:
                     break
@@ -861,9 +862,7 @@ class _Call:
         if raw:
             return leaves, treedef
         if ranked is None:
-            ranked = plan.ranked_axes.get(treedef)
-            if ranked is None:
-                ranked = _ranked(plan.out_axes_for(treedef))
+            ranked = plan.ranked_axes_for(treedef)
         for i, ax in ranked:
             x = leaves[i]
             # The check's fast path inline (the full one only to word the error).
