@@ -180,9 +180,10 @@ def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple
     """``kernel(pmean(inputs[0]), *inputs[1:])`` and ``pmean(mean.value)`` (into
     ``mean.result``) in one round: each device averages the gradients of the large leaves
     dealt to it and updates them at once, while they are in cache. The value and the small
-    leaves are computed once, by the last device to arrive while the others wait (every
-    device computing them at once would take turns on the GIL at every kernel call), and
-    every device receives its own copy of them, as from ``pmean`` and the two-round step.
+    leaves are computed once, by a device dealt the fewest large elements (the last to
+    arrive if it is one of them) while the others work on their large leaves (every
+    device computing them would take turns on the GIL at every kernel call), and every
+    device receives its own copy of them, as from ``pmean`` and the two-round step.
     The same operations as the ``pmean`` and the update in two rounds, so the same results
     bit for bit. None, having run nothing, where the devices cannot do it this way (see
     ``_plain``; the value and the gradients must be floating point)."""
@@ -201,6 +202,10 @@ def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple
     big = [j for j in range(nleaves) if sizes[j] >= _SHARED_MIN_NUMEL]
     small = [j for j in range(nleaves) if sizes[j] < _SHARED_MIN_NUMEL]
     mine = [[big[i] for i in dealt] for dealt in _deal([sizes[j] for j in big], size)]
+    # Which devices may also compute the value and the small leaves: those dealt the
+    # fewest large elements (of them, the last to arrive, which need not be woken first).
+    loads = [sum(sizes[j] for j in dealt) for dealt in mine]
+    least = min(loads)
     mesh = frame.mesh
 
     def compute(items: list) -> _Round:
@@ -210,17 +215,18 @@ def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple
             return _same_everywhere([[[lst[j] for j in where] for lst in lists[1:]]
                                      for _, lists, _ in items])
 
-        n = len(items)
-        grads = [lists[0] for _, lists, _ in items]
-        out = _Round([[None] * nleaves for _ in like] if big and same(big) else None,
-                     [c[0][0] for c in _copies([_mean_of([[v] for v, _, _ in items])], n,
-                                               mesh)])
-        if small and same(small):
-            out.small = _copies(_averaged_kernel(kernel, grads, inputs, small), n, mesh)
-        return out
+        # (Run by the last to arrive: ``rank`` is its own.)
+        return _Round([[None] * nleaves for _ in like] if big and same(big) else None,
+                      bool(small) and same(small),
+                      rank if loads[rank] == least else loads.index(least))
 
     def chunked(items: list, result: _Round, r: int, n: int) -> None:
         grads = [lists[0] for _, lists, _ in items]
+        if r == result.extra:
+            result.values = [c[0][0] for c in _copies(
+                [_mean_of([[v] for v, _, _ in items])], n, mesh)]
+            if result.small_shared:
+                result.small = _copies(_averaged_kernel(kernel, grads, inputs, small), n, mesh)
         if result.shared is not None and mine[r]:
             # (Into the first device's own gradients where only the step refers to them,
             # as pmean does: no new buffer, and they may still be in cache.)
@@ -231,7 +237,7 @@ def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple
                 for j, t in zip(mine[r], new):
                     result.shared[k][j] = t
         # Where the other inputs differ between devices, each updates those leaves itself.
-        local = ([] if result.small is not None else small) + (
+        local = ([] if result.small_shared else small) + (
             [] if result.shared is not None else big)
         if local:
             result.local[r] = local, _averaged_kernel(kernel, grads, inputs, local)
@@ -265,12 +271,15 @@ def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple
 class _Round:
     """What ``_average_and_update``'s round computes: the large leaves' results (one
     tensor each, for all devices; None where the devices' inputs differ), each device's
-    copy of the value and of the small leaves' results (None where the inputs differ),
-    and the leaves each device computed for itself."""
+    copy of the value and of the small leaves' results (if ``small_shared``: the inputs
+    are the same everywhere; computed by device ``extra``), and the leaves each device
+    computed for itself."""
 
-    def __init__(self, shared: list | None, values: list[torch.Tensor]) -> None:
+    def __init__(self, shared: list | None, small_shared: bool, extra: int) -> None:
         self.shared = shared
-        self.values = values
+        self.small_shared = small_shared
+        self.extra = extra
+        self.values: list[torch.Tensor] = []
         self.small: list | None = None
         self.local: dict[int, tuple] = {}
 
