@@ -570,3 +570,56 @@ def test_small_collective_results_under_inference_mode_and_in_loops(devices):
 
     y, alive = funcdp.pmap(loop, axis_name="i", out_axes=(None, 0), devices=devices[:2])(x)
     assert alive.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("none_on", [0, 1])
+@pytest.mark.parametrize("grad", [False, True])
+def test_error_output_none_on_some_devices_only(none_on, grad):
+    # None is a leaf of the output's structure: the structures compare equal, so the
+    # leaves themselves must be checked (the result was a silently dropped tensor, or an
+    # AttributeError).
+    devs = funcdp.local_devices()[:2]
+    f = funcdp.pmap(lambda a: (a, None if int(funcdp.axis_index("i")) == none_on else a),
+                    axis_name="i", devices=devs)
+    x = torch.arange(6.).reshape(2, 3).requires_grad_(grad)
+    with pytest.raises(ValueError, match=r"differently structured outputs: output leaf 1 is "
+                                         r"(None|a tensor) on device 0 but (a tensor|None) on "
+                                         r"device 1"):
+        f(x)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_error_mapped_output_of_different_shapes_or_dtypes(grad):
+    devs = funcdp.local_devices()[:2]
+    x = torch.arange(2.).requires_grad_(grad)
+    with pytest.raises(ValueError, match=r"output leaf 0 is stacked along its out_axes entry, "
+                                         r"but its values differ in shape or dtype across "
+                                         r"devices: \(1,\) torch.float32 on device 0, \(2,\) "
+                                         r"torch.float32 on device 1"):
+        funcdp.pmap(lambda a: torch.ones(2 if a.item() else 1) * a, devices=devs)(x)
+    with pytest.raises(ValueError, match=r"\(\) torch.float32 on device 0, \(\) "
+                                         r"torch.float64 on device 1"):
+        funcdp.pmap(lambda a: a.double() if a.item() else a, devices=devs)(x)
+
+
+def test_replicated_output_of_other_layouts_on_every_call():
+    # Equal values in different memory layouts are equal (the sampled check, after a
+    # plan's first calls, compared a sample of one with the whole of the other).
+    w = torch.arange(10000.).reshape(100, 100)
+    g = funcdp.pmap(lambda a: w.clone() if int(funcdp.axis_index("i")) == 0
+                    else w.t().contiguous().t(), axis_name="i", out_axes=None,
+                    devices=funcdp.local_devices()[:2])
+    for _ in range(5):
+        assert torch.equal(g(torch.zeros(2)), w)
+    h = funcdp.pmap(lambda a: w.clone() if int(funcdp.axis_index("i")) == 0
+                    else w.t().contiguous().t() + 1, axis_name="i", out_axes=None,
+                    devices=funcdp.local_devices()[:2])
+    for _ in range(5):
+        with pytest.raises(ValueError, match="differs across devices"):
+            h(torch.zeros(2))
+
+
+def test_error_mapped_size_zero():
+    with pytest.raises(ValueError, match=r"the mapped axis has size 0: every argument mapped "
+                                         r"by `in_axes`"):
+        funcdp.pmap(lambda a: a)(torch.ones(0, 3))

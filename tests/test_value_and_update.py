@@ -490,3 +490,45 @@ def test_replicated_results_known_equal_are_not_compared(devices, monkeypatch):
         compared.clear()
         value, params, state = f(params, state, tree(LARGE, 100 + t, lead=(2,)))
     assert compared == [()]  # the step counter
+
+
+@pytest.mark.parametrize("make", [
+    lambda lr: optim.sgd(lr, momentum=0.9),
+    lambda lr: optim.adam(lr),
+])
+@pytest.mark.parametrize("per_device", ["lr", "step"])
+def test_a_step_or_learning_rate_that_differs_per_device(devices, make, per_device):
+    # Replicated parameters and moments, but a learning rate (from a schedule of the
+    # device's index) or a step counter that differs per device: each device's update is
+    # its own, as without axis_name (a shared update would give every device one
+    # device's update).
+    n = 3
+    if per_device == "lr":
+        opt = make(lambda step: 0.01 * (funcdp.axis_index("i") + 1).to(torch.float64))
+        state_axes = None
+    else:
+        opt = make(lambda step: 0.01 * step.to(torch.float64))
+        state_axes = {k: 0 if k == "step" else None for k in make(0.1).init({}).keys()}
+
+    def written(p, s, x):
+        _, g = funcdp.value_and_grad(loss_fn, "i")(p, x)
+        return opt.step(g, s, p, axis_name="i")
+
+    def alone(p, s, x):
+        _, g = funcdp.value_and_grad(loss_fn, "i")(p, x)
+        return opt.step(g, s, p)
+
+    def fused(p, s, x):
+        return funcdp.value_and_update(loss_fn, opt, "i")(p, s, x)[1:]
+
+    params = tree(SIZES, 0)
+    state = opt.init(params)
+    if per_device == "step":
+        state["step"] = torch.arange(n) * 10
+    x = tree(SIZES, 100, lead=(n,))
+    out = [funcdp.pmap(f, axis_name="i", in_axes=(None, state_axes, 0), out_axes=0,
+                       devices=funcdp.local_devices()[:n])(params, state, x)
+           for f in (alone, written, fused)]
+    assert_equal_trees(out[1], out[0])
+    assert_equal_trees(out[2], out[0])
+    assert not torch.equal(out[0][0]["p0"][0], out[0][0]["p0"][1])

@@ -241,19 +241,22 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
             into = _into(g, p, d) if scratch else None
             return (_foreach_into("add", into, p, d, alpha=-lr_t), *new_bufs)
 
-        new, *bufs = _shared_step(kernel, g, p, bufs, axis_name, "funcdp.optim.sgd step", mean)
+        new, *bufs = _shared_step(kernel, g, p, bufs, axis_name, "funcdp.optim.sgd step", mean,
+                                  (step, lr_t))
         return tree_util.tree_unflatten(new, pspec), new_state(step, bufs, spec)
 
     return GradientTransformation(init, update, fused)
 
 
 def _shared_step(kernel: Callable, g: list, p: list, state: list, axis_name: Any,
-                 call: str, mean: shared_update.Mean | None = None) -> list:
+                 call: str, mean: shared_update.Mean | None = None,
+                 scalars: tuple = ()) -> list:
     """``kernel(g, p, *state) -> (new_p, *new_state)``, shared over ``axis_name`` where
     the devices can share it (see ``shared_update``); with ``mean``, on the average of
-    the devices' ``g``."""
+    the devices' ``g``. ``scalars``: the values other than those lists that the kernel
+    uses (the step, the learning rate): it is shared only where they are equal too."""
     return shared_update.elementwise(kernel, [g, p, *state], list(range(1, 2 + len(state))),
-                                     axis_name, call, mean)
+                                     axis_name, call, mean, scalars)
 
 
 def _into(scratch: list[torch.Tensor], p: list[torch.Tensor],
@@ -432,7 +435,7 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
             return (out, *new)
 
         out, *new = _shared_step(kernel, g, p, moments, axis_name, f"funcdp.optim.{name} step",
-                                 mean)
+                                 mean, (step, lr_t, bc1, bc2_sqrt))
         return tree_util.tree_unflatten(out, pspec), state_of(step, new, spec)
 
     return GradientTransformation(init, update, fused)

@@ -542,6 +542,11 @@ class _ExecutionPolicy:
 
 def _choose_devices(owner: Pmapped, n: int) -> tuple[list[Device], int]:
     name = owner._name
+    if n == 0:
+        raise ValueError(
+            f"{name}: the mapped axis has size 0: every argument mapped by `in_axes` (or "
+            f"`axis_size`) must have at least one element along it, one per device. Skip "
+            f"the call for an empty batch.")
     if owner._devices is not None:
         devs = owner._devices
         d = len(devs)
@@ -907,14 +912,19 @@ class _Call:
         for j, ax in enumerate(axes):
             shards = [r[1][j] for r in results]
             if shards[0] is None:
+                _all_none(plan, shards, j)
                 outs.append(None)
                 continue
             for s in shards:
+                if s is None:
+                    _all_none(plan, shards, j)
                 if s.requires_grad:
                     self._grad_output_error(j)
             if ax is None:
                 outs.append(_replicated(plan, shards, j, self.copies))
             else:
+                if plan.chunks is None:  # (chunks of an uneven split may differ in length)
+                    _same_shapes(plan, shards, j)
                 nd = shards[0].ndim - plan.keeps_axis
                 o = ax if 0 <= ax <= nd else normalize_axis(
                     ax, nd, plan.name, lambda: "an output", extra=1, what="out_axes entry")
@@ -987,7 +997,8 @@ class _Call:
         for j, ax in enumerate(axes):
             shards = [r[1][j] for r in results]
             norm.append(None)
-            if shards[0] is None:
+            if any(s is None for s in shards):
+                _all_none(plan, shards, j)
                 outs.append(None)
                 continue
             tensor_pos.append(j)
@@ -995,6 +1006,8 @@ class _Call:
             if ax is None:
                 outs.append(_replicated(plan, det, j))
             else:
+                if not plan.keeps_axis:
+                    _same_shapes(plan, det, j)
                 o = normalize_axis(ax, det[0].ndim - plan.keeps_axis, plan.name,
                                    lambda: "an output", extra=1, what="out_axes entry")
                 norm[j] = o
@@ -1369,6 +1382,33 @@ def _same_structure(plan: _Plan, results: list) -> Any:
     return treedef
 
 
+def _same_shapes(plan: _Plan, shards: list, j: int) -> None:
+    """Raises unless the devices' values of mapped output leaf ``j`` can be stacked: the
+    same shape and dtype everywhere."""
+    first = shards[0]
+    shape, dtype = first.shape, first.dtype
+    for i, s in enumerate(shards):
+        if s.shape != shape or s.dtype != dtype:
+            raise ValueError(
+                f"{plan.name}: output leaf {j} is stacked along its out_axes entry, but its "
+                f"values differ in shape or dtype across devices: {tuple(shape)} {dtype} on "
+                f"device 0, {tuple(s.shape)} {s.dtype} on device {i}. Every device must "
+                f"return values of the same shape and dtype for a mapped output: pad them to "
+                f"one shape and cast them to one dtype.")
+
+
+def _all_none(plan: _Plan, shards: list, j: int) -> None:
+    """Raises unless output leaf ``j`` is None on every device (None is a leaf of the
+    output's structure, so structures that differ only there compare equal)."""
+    kinds = ["None" if s is None else "a tensor" for s in shards]
+    if any(k != kinds[0] for k in kinds):
+        i = next(i for i, k in enumerate(kinds) if k != kinds[0])
+        raise ValueError(
+            f"{plan.name}: devices returned differently structured outputs: output leaf {j} "
+            f"is {kinds[0]} on device 0 but {kinds[i]} on device {i}. Every device must "
+            f"return the same pytree structure, with None in the same places.")
+
+
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
             and a.dtype == b.dtype and a.device == b.device)
@@ -1379,7 +1419,7 @@ _SAMPLE = 1024
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
     """About ``_SAMPLE`` evenly spaced elements of a contiguous tensor (a view)."""
-    if t.numel() <= 4 * _SAMPLE or not t.is_contiguous():
+    if t.numel() <= 4 * _SAMPLE:
         return t
     return t.view(-1)[:: t.numel() // _SAMPLE]
 
@@ -1405,7 +1445,10 @@ def _replicated(plan: _Plan, shards: list, j: int,
                 raise ValueError(_not_replicated_msg(plan, j, 0, i, f"shape {tuple(first.shape)}"
                                                      f" vs {tuple(s.shape)}"))
             other = s if s.device == first.device else s.to(first.device)
-            a, b = (first, other) if full else (_sample(first), _sample(other))
+            # (Samples of the same elements need both laid out contiguously.)
+            a, b = ((first, other) if full or not (first.is_contiguous()
+                                                   and other.is_contiguous())
+                    else (_sample(first), _sample(other)))
             if not _same_bits(a, b):
                 raise ValueError(_not_replicated_msg(plan, j, 0, i, _diff(a, b)))
     return first

@@ -72,7 +72,7 @@ class Mean:
 @internal
 def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lists,
                 like: Sequence[int], axis_name: Any, call: str,
-                mean: Mean | None = None) -> list[list[torch.Tensor]]:
+                mean: Mean | None = None, scalars: tuple = ()) -> list[list[torch.Tensor]]:
     """``kernel(*inputs)``, split between the devices of ``axis_name`` where possible.
 
     Args:
@@ -87,6 +87,9 @@ def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lis
         call: the public call, for messages.
         mean: the first input list is each device's own, to be averaged over
             ``axis_name`` before the kernel runs (see ``Mean``).
+        scalars: the other values the kernel uses (numbers, tensors; the optimizer's
+            step and learning rate): the devices share the work only where these are
+            equal on every device too.
     """
     local = lambda lists: [list(o) for o in kernel(*lists)]  # noqa: E731
     if axis_name is None:
@@ -97,7 +100,7 @@ def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lis
     frame = axes_mod.current_pmap_frame()
     if mean is not None:
         done = _average_and_update(kernel, inputs, like, comps, frame, mean,
-                                   f"{call}(axis_name={axis_name!r})")
+                                   f"{call}(axis_name={axis_name!r})", scalars)
         if done is not None:
             return done
         inputs = [list(mean.now(list(inputs[0]))), *inputs[1:]]
@@ -116,7 +119,8 @@ def elementwise(kernel: Callable[..., Sequence[list[torch.Tensor]]], inputs: Lis
             for j, t in zip(small, o):
                 outs[k][j] = t
     payload = [[lst[j] for j in big] for lst in inputs]
-    shared = _exchange(kernel, payload, like, comps, frame, f"{call}(axis_name={axis_name!r})")
+    shared = _exchange(kernel, payload, like, comps, frame, f"{call}(axis_name={axis_name!r})",
+                       scalars)
     done = shared if shared is not None else local(payload)
     for k, o in enumerate(done):
         for j, t in zip(big, o):
@@ -140,7 +144,7 @@ def _plain(inputs: Lists, big: Sequence[int]) -> bool:
 
 
 def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], comps: tuple,
-              frame: Any, call: str) -> list[list[torch.Tensor]] | None:
+              frame: Any, call: str, scalars: tuple) -> list[list[torch.Tensor]] | None:
     mesh = frame.mesh
     coord = frame.coord
     rank, size = position(comps, coord)
@@ -150,14 +154,15 @@ def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], co
     mine = _deal([t.numel() for t in payload[like[0]]], size)
 
     def compute(items: list) -> list[list[Any]] | None:
-        if not _same_everywhere(items):
+        if not (_same_everywhere([lists for lists, _ in items])
+                and _same_scalars([sc for _, sc in items])):
             return None  # not the same values everywhere: no sharing
-        return [[None] * len(items[0][k]) for k in like]
+        return [[None] * len(items[0][0][k]) for k in like]
 
     def chunked(items: list, result: Any, r: int, n: int) -> None:
         if result is None or not mine[r]:
             return
-        outs = kernel(*[[lst[j] for j in mine[r]] for lst in items[r]])
+        outs = kernel(*[[lst[j] for j in mine[r]] for lst in items[r][0]])
         for k, new in enumerate(outs):
             for j, t in zip(mine[r], new):
                 result[k][j] = t
@@ -169,14 +174,15 @@ def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], co
                     mesh.watch(t, call, _SHARED_WHAT)
 
     result = mesh.exchange(coord, tuple(c.axis for c in comps), None, rank, size, call, desc,
-                           payload, compute, chunked, finish)
+                           (payload, scalars), compute, chunked, finish)
     if result is None:
         return None
     return [[t.detach() for t in lst] for lst in result]
 
 
 def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple, frame: Any,
-                        mean: Mean, call: str) -> list[list[torch.Tensor]] | None:
+                        mean: Mean, call: str,
+                        scalars: tuple = ()) -> list[list[torch.Tensor]] | None:
     """``kernel(pmean(inputs[0]), *inputs[1:])`` and ``pmean(mean.value)`` (into
     ``mean.result``) in one round: each device averages the gradients of the large leaves
     dealt to it and updates them at once, while they are in cache. The value and the small
@@ -213,18 +219,21 @@ def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple
         # be the same tensors everywhere.)
         def same(where: list[int]) -> bool:
             return _same_everywhere([[[lst[j] for j in where] for lst in lists[1:]]
-                                     for _, lists, _ in items])
+                                     for _, lists, _, _ in items])
 
+        if not _same_scalars([sc for _, _, _, sc in items]):
+            # (The step or the learning rate differs: each device updates everything.)
+            return _Round(None, False, rank)
         # (Run by the last to arrive: ``rank`` is its own.)
         return _Round([[None] * nleaves for _ in like] if big and same(big) else None,
                       bool(small) and same(small),
                       rank if loads[rank] == least else loads.index(least))
 
     def chunked(items: list, result: _Round, r: int, n: int) -> None:
-        grads = [lists[0] for _, lists, _ in items]
+        grads = [lists[0] for _, lists, _, _ in items]
         if r == result.extra:
             result.values = [c[0][0] for c in _copies(
-                [_mean_of([[v] for v, _, _ in items])], n, mesh)]
+                [_mean_of([[v] for v, _, _, _ in items])], n, mesh)]
             if result.small_shared:
                 result.small = _copies(_averaged_kernel(kernel, grads, inputs, small), n, mesh)
         if result.shared is not None and mine[r]:
@@ -250,7 +259,8 @@ def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple
 
     desc = (call, "mean", _shapes([[value], *inputs]))
     result = mesh.exchange(frame.coord, tuple(c.axis for c in comps), None, rank, size, call,
-                           desc, (value, inputs, mean.owned), compute, chunked, finish)
+                           desc, (value, inputs, mean.owned, scalars), compute, chunked,
+                           finish)
     mean.result = result.values[rank]
     outs: list[list[Any]] = [[None] * nleaves for _ in like]
     if result.shared is not None:
@@ -333,6 +343,23 @@ def _deal(sizes: list[int], n: int) -> list[list[int]]:
         mine[r].append(j)
         load[r] += sizes[j]
     return mine
+
+
+def _same_scalars(items: list[tuple]) -> bool:
+    """Whether every participant passed equal scalars (numbers or tensors)."""
+    first = items[0]
+    for other in items[1:]:
+        for a, b in zip(first, other):
+            if a is b:
+                continue
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                        and a.shape == b.shape and a.dtype == b.dtype
+                        and a.device == b.device and torch.equal(a, b)):
+                    return False
+            elif type(a) is not type(b) or a != b:
+                return False
+    return True
 
 
 def _same_everywhere(items: list) -> bool:
