@@ -3,6 +3,7 @@ in one collective round, equal bit for bit to ``value_and_grad`` then ``opt.step
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -532,3 +533,21 @@ def test_a_step_or_learning_rate_that_differs_per_device(devices, make, per_devi
     assert_equal_trees(out[1], out[0])
     assert_equal_trees(out[2], out[0])
     assert not torch.equal(out[0][0]["p0"][0], out[0][0]["p0"][1])
+
+
+def test_error_devices_reaching_other_collectives_is_worded(devices):
+    opt = optim.sgd(0.1)
+    step = funcdp.value_and_update(lambda p, x: (p["w"].sum() * x).mean(), opt, "i")
+
+    def f(p, s, x):
+        if int(funcdp.axis_index("i")) == 0:
+            return funcdp.pmean(x.mean(), "i"), p, s
+        return step(p, s, x)
+
+    p = {"w": torch.zeros(3)}
+    with pytest.raises(funcdp.CollectiveError) as e:
+        funcdp.pmap(f, axis_name="i", in_axes=(None, None, 0), out_axes=0,
+                    devices=funcdp.local_devices()[:2])(p, opt.init(p), torch.ones(2))
+    assert re.search(r"device 1 .*: value_and_update\(<lambda>\) \(funcdp.optim.sgd step\)"
+                     r"\(axis_name='i'\) with values \[\(\) float32, \(3,\) float32, \(3,\) "
+                     r"float32\]", str(e.value)), str(e.value)

@@ -408,8 +408,9 @@ def _fmt_coord(coord: tuple) -> str:
 
 
 def _fmt_desc(desc: Any) -> str:
-    if isinstance(desc, tuple) and len(desc) == 2:
-        params, shapes = desc
+    if isinstance(desc, tuple) and len(desc) in (2, 3):
+        # ((call, kind, shapes): a shared update's round, whose kind is for matching only.)
+        params, shapes = desc[0], desc[-1]
         values = ", ".join(f"{tuple(shape)} {dtype.replace('torch.', '')}"
                            for shape, dtype in shapes)
         return f"{params} with values [{values}]"
