@@ -225,3 +225,24 @@ def test_step_docstring_example():
         runner.run(test)
     result = runner.summarize(verbose=False)
     assert result.attempted >= 5 and result.failed == 0
+
+
+@pytest.mark.parametrize("make, arg, value", [
+    (lambda v: optim.sgd(0.1, momentum=v), "momentum", -0.5),
+    (lambda v: optim.sgd(0.1, dampening=v), "dampening", -1.0),
+    (lambda v: optim.sgd(0.1, weight_decay=v), "weight_decay", float("nan")),
+    (lambda v: optim.adam(1e-3, eps=v), "eps", -1.0),
+    (lambda v: optim.adamw(1e-3, weight_decay=v), "weight_decay", -1.0),
+    (lambda v: optim.adam(1e-3, eps=v), "eps", "1e-8"),
+])
+def test_error_negative_hyperparameters(make, arg, value):
+    # As torch.optim: a negative momentum, eps or weight decay is an error at construction.
+    with pytest.raises(ValueError, match=rf"`{arg}` must be a non-negative number, got"):
+        make(value)
+
+
+@pytest.mark.parametrize("betas", [0.9, (0.9,), (0.9, 0.99, 0.999), ("0.9", 0.99), None])
+def test_error_betas_not_a_pair(betas):
+    with pytest.raises(ValueError, match=r"`betas` must be a pair of numbers in \[0, 1\), "
+                                         r"such as \(0.9, 0.999\), got"):
+        optim.adam(1e-3, betas=betas)

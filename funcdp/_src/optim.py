@@ -148,6 +148,14 @@ def _check_lr(lr: Any, name: str) -> None:
                          f"schedule (a function of the step), got {lr!r}.")
 
 
+def _check_nonnegative(name: str, **values: Any) -> None:
+    """Each of ``values`` a non-negative number, as ``torch.optim`` requires."""
+    for arg, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"funcdp.optim.{name}: `{arg}` must be a non-negative number, got "
+                             f"{v!r}.")
+
+
 @_public
 def apply_updates(params: Any, updates: Any) -> Any:
     """Returns ``params + updates`` leafwise (new tensors; nothing is modified).
@@ -181,6 +189,8 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
         {'w': tensor([-0.1000, -0.1000])}
     """
     _check_lr(lr, "sgd")
+    _check_nonnegative("sgd", momentum=momentum, dampening=dampening,
+                       weight_decay=weight_decay)
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("funcdp.optim.sgd: nesterov momentum requires momentum > 0 and "
                          "dampening = 0 (as in torch.optim.SGD).")
@@ -352,6 +362,11 @@ def _same_spec(spec: Any, pspec: Any) -> None:
 
 def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled):
     _check_lr(lr, name)
+    _check_nonnegative(name, eps=eps, weight_decay=weight_decay)
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)):
+        raise ValueError(f"funcdp.optim.{name}: `betas` must be a pair of numbers in [0, 1), "
+                         f"such as (0.9, 0.999), got {betas!r}.")
     b1, b2 = betas
     if not (0 <= b1 < 1 and 0 <= b2 < 1):
         raise ValueError(f"funcdp.optim.{name}: `betas` must be in [0, 1), got {betas!r}.")
