@@ -1387,7 +1387,7 @@ def _same_shapes(plan: _Plan, shards: list, j: int) -> None:
     same shape and dtype everywhere."""
     first = shards[0]
     shape, dtype = first.shape, first.dtype
-    for i, s in enumerate(shards):
+    for i, s in enumerate(shards[1:], start=1):
         if s.shape != shape or s.dtype != dtype:
             raise ValueError(
                 f"{plan.name}: output leaf {j} is stacked along its out_axes entry, but its "

@@ -182,7 +182,7 @@ def _exchange(kernel, payload: list[list[torch.Tensor]], like: Sequence[int], co
 
 def _average_and_update(kernel, inputs: Lists, like: Sequence[int], comps: tuple, frame: Any,
                         mean: Mean, call: str,
-                        scalars: tuple = ()) -> list[list[torch.Tensor]] | None:
+                        scalars: tuple) -> list[list[torch.Tensor]] | None:
     """``kernel(pmean(inputs[0]), *inputs[1:])`` and ``pmean(mean.value)`` (into
     ``mean.result``) in one round: each device averages the gradients of the large leaves
     dealt to it and updates them at once, while they are in cache. The value and the small
