@@ -405,12 +405,12 @@ def test_error_out_axes_out_of_range_for_an_output_on_every_call():
     f = funcdp.pmap(lambda v: v if v.ndim > 1 else v + 1, out_axes=2, devices=devs)
     assert f(torch.zeros(2, 3, 4)).shape == (3, 4, 2)
     for _ in range(5):
-        with pytest.raises(ValueError, match=r"out_axes entry 2 is out of range for output 0 "
+        with pytest.raises(ValueError, match=r"out_axes entry 2 is out of range for the output "
                                              r"of rank 1; valid axes are -2\.\.1"):
             f(torch.zeros(2, 3))
     g = funcdp.pmap(lambda v: (v, v.sum()), out_axes=(1, -2), devices=devs)
     for _ in range(5):
-        with pytest.raises(ValueError, match=r"out_axes entry -2 is out of range for output 1 "
+        with pytest.raises(ValueError, match=r"out_axes entry -2 is out of range for output\[1\] "
                                              r"of rank 0"):
             g(torch.zeros(2, 3))
     h = funcdp.pmap(lambda v: (v, v.sum()), out_axes=(-2, -1), devices=devs)
@@ -418,6 +418,22 @@ def test_error_out_axes_out_of_range_for_an_output_on_every_call():
         a, b = h(torch.arange(6.0).reshape(2, 3))
         assert a.shape == (2, 3) and b.shape == (2,)
     assert_trees_close(b.to_tensor(), torch.tensor([3.0, 12.0]))
+
+
+def test_plans_and_layouts_kept_are_bounded(monkeypatch):
+    # A function called with ever new shapes keeps the newest plans only (and the global
+    # table of sharded layouts its newest entries); a dropped plan is made again.
+    from funcdp._src import pmap as pmap_mod
+
+    monkeypatch.setattr(pmap_mod, "_MAX_CACHED", 3)
+    monkeypatch.setattr(pmap_mod, "_LAYOUTS", {})
+    f = funcdp.pmap(lambda v: v * 2, devices=funcdp.local_devices()[:2])
+    outs = [f(torch.ones(2, n)) for n in range(1, 6)]
+    assert len(f._cache) == 3
+    assert [out.shape for out in outs] == [(2, n) for n in range(1, 6)]
+    for n, out in enumerate(outs, start=1):  # (sharded inputs of every layout, old ones too)
+        assert_trees_close(f(out).to_tensor(), torch.full((2, n), 4.0))
+    assert len(f._cache) == 3 and len(pmap_mod._LAYOUTS) == 3
 
 
 def test_error_no_mapped_argument():
@@ -456,8 +472,8 @@ def test_error_axis_size_mismatch():
 
 
 def test_error_out_axes_none_on_a_differing_value():
-    with pytest.raises(ValueError, match=r"out_axes=None for output 0, but its value differs "
-                                         r"across devices \(device 0 \(CpuDevice\(id=0\)\) "
+    with pytest.raises(ValueError, match=r"out_axes=None for the output, but its value "
+                                         r"differs across devices \(device 0 \(CpuDevice\(id=0\)\) "
                                          r"vs device 1 \(CpuDevice\(id=1\)\)"):
         funcdp.pmap(lambda a: a, out_axes=None)(torch.arange(4.0))
     with funcdp.config.override(check_replicated=False):
@@ -472,7 +488,7 @@ def test_error_out_axes_none_within_a_block():
     # Reported as an error of the call (not "caught on device 2"), with the call's shard
     # numbers: device 2 of 4 holds shards 4 and 5.
     x = torch.tensor([0.0, 0, 0, 0, 1, 2, 0, 0])
-    with pytest.raises(ValueError, match=r"^pmap\([\w.<>]+\): out_axes=None for output 0, "
+    with pytest.raises(ValueError, match=r"^pmap\([\w.<>]+\): out_axes=None for the output, "
                                          r"but its value differs across devices \(shard 4 "
                                          r"vs shard 5"):
         funcdp.pmap(lambda a: a, out_axes=None, devices=funcdp.local_devices()[:4])(x)
@@ -543,7 +559,7 @@ def test_replicated_copies_of_a_collective_result_are_not_compared(devices, monk
             # Full comparisons on the first calls (two), then only the per-device value.
             assert len(compared) == (2 if call < 2 else 1), (call, len(compared))
         else:
-            with pytest.raises(ValueError, match="out_axes=None for output 0, but its value "
+            with pytest.raises(ValueError, match=r"out_axes=None for output\[0\], but its value "
                                                  "differs across devices"):
                 f(x)
 
@@ -572,6 +588,36 @@ def test_small_collective_results_under_inference_mode_and_in_loops(devices):
     assert alive.tolist() == [1, 1]
 
 
+def test_errors_name_an_output_leaf_by_its_path():
+    # An output leaf is named as indexing into the output, not by its position among the
+    # flattened leaves.
+    devs = funcdp.local_devices()[:2]
+    x = torch.arange(4.0).reshape(2, 2)
+
+    def f(a):
+        return {"loss": funcdp.pmean(a.sum(), "i"), "parts": [a, a * 2]}
+
+    with pytest.raises(ValueError, match=r"out_axes=None for output\['parts'\]\[0\], but its "
+                                         r"value differs across devices"):
+        funcdp.pmap(f, axis_name="i", out_axes=None, devices=devs)(x)
+    with pytest.raises(ValueError, match=r"out_axes entry 3 is out of range for "
+                                         r"output\['parts'\]\[1\] of rank 1"):
+        funcdp.pmap(f, axis_name="i", out_axes={"loss": None, "parts": [0, 3]},
+                    devices=devs)(x)
+
+
+@pytest.mark.parametrize("ndev", [2, 4])
+def test_error_out_axes_out_of_range_with_more_shards_than_devices(ndev):
+    # Each device runs several shards (a vmap over its block): the error is about the
+    # call's out_axes, reported as it is (it was "caught on device 0", naming "an output").
+    f = funcdp.pmap(lambda a: {"a": a, "b": a.sum()}, out_axes={"a": 0, "b": 2},
+                    devices=funcdp.local_devices()[:ndev // 2])
+    with pytest.raises(ValueError, match=r"^pmap\([\w.<>]+\): out_axes entry 2 is out of range "
+                                         r"for output\['b'\] of rank 0; valid axes are "
+                                         r"-1\.\.0\.$"):
+        f(torch.ones(ndev, 3))
+
+
 @pytest.mark.parametrize("none_on", [0, 1])
 @pytest.mark.parametrize("grad", [False, True])
 def test_error_output_none_on_some_devices_only(none_on, grad):
@@ -582,7 +628,7 @@ def test_error_output_none_on_some_devices_only(none_on, grad):
     f = funcdp.pmap(lambda a: (a, None if int(funcdp.axis_index("i")) == none_on else a),
                     axis_name="i", devices=devs)
     x = torch.arange(6.).reshape(2, 3).requires_grad_(grad)
-    with pytest.raises(ValueError, match=r"differently structured outputs: output leaf 1 is "
+    with pytest.raises(ValueError, match=r"differently structured outputs: output\[1\] is "
                                          r"(None|a tensor) on device 0 but (a tensor|None) on "
                                          r"device 1"):
         f(x)
@@ -592,7 +638,7 @@ def test_error_output_none_on_some_devices_only(none_on, grad):
 def test_error_mapped_output_of_different_shapes_or_dtypes(grad):
     devs = funcdp.local_devices()[:2]
     x = torch.arange(2.).requires_grad_(grad)
-    with pytest.raises(ValueError, match=r"output leaf 0 is stacked along its out_axes entry, "
+    with pytest.raises(ValueError, match=r"the output is stacked along its out_axes entry, "
                                          r"but its values differ in shape or dtype across "
                                          r"devices: \(1,\) torch.float32 on device 0, \(2,\) "
                                          r"torch.float32 on device 1"):

@@ -267,8 +267,7 @@ class Pmapped:
         axes = flat_in_axes(in_axes, dyn_args, kwargs, treedef, self._name)
         plan = _Plan(self, treedef, leaves, axes, key[-1], top_level=key[3] is None)
         with self._lock:
-            self._cache[key] = plan
-        return plan
+            return _bounded_insert(self._cache, key, plan)
 
 
 class _NoSelf:
@@ -307,8 +306,24 @@ class _Layout:
         return f"_Layout{self.layout!r}"
 
 
-# Every sharded layout seen, to its one _Layout.
+# Every sharded layout seen lately, to its one _Layout (the oldest are dropped past
+# _MAX_CACHED: a value that holds a dropped one still works, its plan is made anew).
 _LAYOUTS: dict[tuple, _Layout] = {}
+# The most plans kept per pmapped function, and layouts kept in all: a function called
+# with ever new shapes (sequences of every length, say) would otherwise hold a plan for
+# each for good. Past it the oldest is dropped, to be made again if needed.
+_MAX_CACHED = 4096
+
+
+def _bounded_insert(cache: dict, key: Any, value: Any) -> Any:
+    """``cache.setdefault(key, value)``, first dropping the oldest entry if ``cache`` is
+    full."""
+    if len(cache) >= _MAX_CACHED and key not in cache:
+        try:
+            del cache[next(iter(cache))]
+        except (KeyError, StopIteration, RuntimeError):  # (another thread got there)
+            pass
+    return cache.setdefault(key, value)
 
 
 def _signature(leaf: Any) -> Any:
@@ -321,7 +336,7 @@ def _signature(leaf: Any) -> Any:
             # One object per layout, hashed and compared by identity: cheaper in a plan
             # key than the tuple (a shape and devices hashed in Python) on every call.
             layout = (leaf.devices, leaf.axis, leaf.block, leaf.shape)
-            key = _LAYOUTS.get(layout) or _LAYOUTS.setdefault(layout, _Layout(layout))
+            key = _LAYOUTS.get(layout) or _bounded_insert(_LAYOUTS, layout, _Layout(layout))
             leaf._key = key
         return key
     if t is np.ndarray:
@@ -826,15 +841,19 @@ class _Call:
         it = iter(outs)
         outs = [next(it) if p else None for p in holder["present"]]
         final: list[torch.Tensor | None] = []
-        for t, ax in zip(outs, axes):
+        for j, (t, ax) in enumerate(zip(outs, axes)):
             if t is None:
                 final.append(None)
             elif ax is None:
-                final.append(_check_block_replicated(plan, t, len(final),
+                final.append(_check_block_replicated(plan, t, j, treedef,
                                                      frame.coord[-1] * k))
             else:
-                o = normalize_axis(ax, t.ndim - 1, plan.name,
-                                   lambda: "an output", extra=1, what="out_axes entry")
+                try:
+                    o = normalize_axis(ax, t.ndim - 1, plan.name,
+                                       lambda: _output_leaf(treedef, j), extra=1,
+                                       what="out_axes entry")
+                except ValueError as e:  # (about the call: see _call_error)
+                    raise _call_error(e) from None
                 final.append(t.movedim(0, o))
         return (flat if record else None), final, treedef
 
@@ -873,7 +892,7 @@ class _Call:
             # The check's fast path inline (the full one only to word the error).
             if x is not None and not -x.ndim - 1 <= ax <= x.ndim:
                 try:
-                    normalize_axis(ax, x.ndim, plan.name, lambda: f"output {i}", extra=1,
+                    normalize_axis(ax, x.ndim, plan.name, lambda: _output_leaf(treedef, i), extra=1,
                                    what="out_axes entry")
                 except ValueError as e:
                     raise _call_error(e) from None
@@ -912,22 +931,23 @@ class _Call:
         for j, ax in enumerate(axes):
             shards = [r[1][j] for r in results]
             if shards[0] is None:
-                _all_none(plan, shards, j)
+                _all_none(plan, shards, j, treedef)
                 outs.append(None)
                 continue
             for s in shards:
                 if s is None:
-                    _all_none(plan, shards, j)
+                    _all_none(plan, shards, j, treedef)
                 if s.requires_grad:
                     self._grad_output_error(j)
             if ax is None:
-                outs.append(_replicated(plan, shards, j, self.copies))
+                outs.append(_replicated(plan, shards, j, treedef, self.copies))
             else:
                 if plan.chunks is None:  # (chunks of an uneven split may differ in length)
-                    _same_shapes(plan, shards, j)
+                    _same_shapes(plan, shards, j, treedef)
                 nd = shards[0].ndim - plan.keeps_axis
                 o = ax if 0 <= ax <= nd else normalize_axis(
-                    ax, nd, plan.name, lambda: "an output", extra=1, what="out_axes entry")
+                    ax, nd, plan.name, lambda: _output_leaf(treedef, j), extra=1,
+                    what="out_axes entry")
                 if plan.chunks is not None:
                     outs.append(_concat(shards, o))
                 else:
@@ -998,18 +1018,19 @@ class _Call:
             shards = [r[1][j] for r in results]
             norm.append(None)
             if any(s is None for s in shards):
-                _all_none(plan, shards, j)
+                _all_none(plan, shards, j, treedef)
                 outs.append(None)
                 continue
             tensor_pos.append(j)
             det = [s.detach() for s in shards]
             if ax is None:
-                outs.append(_replicated(plan, det, j))
+                outs.append(_replicated(plan, det, j, treedef))
             else:
                 if not plan.keeps_axis:
-                    _same_shapes(plan, det, j)
+                    _same_shapes(plan, det, j, treedef)
                 o = normalize_axis(ax, det[0].ndim - plan.keeps_axis, plan.name,
-                                   lambda: "an output", extra=1, what="out_axes entry")
+                                   lambda: _output_leaf(treedef, j), extra=1,
+                                   what="out_axes entry")
                 norm[j] = o
                 outs.append(_concat(det, o) if plan.keeps_axis else torch.stack(det, o))
         self.out_norm = norm
@@ -1278,9 +1299,9 @@ class _Call:
         # recompute path of a later backward reads it); the batch dimension is not counted.
         axes = plan.out_axes_for(out_treedef)
         self.out_norm = [None if ax is None or x is None else
-                         normalize_axis(ax, x.ndim - 2, plan.name, lambda: "an output",
-                                        extra=1)
-                         for ax, x in zip(axes, out_leaves)]
+                         normalize_axis(ax, x.ndim - 2, plan.name,
+                                        lambda: _output_leaf(out_treedef, j), extra=1)
+                         for j, (ax, x) in enumerate(zip(axes, out_leaves))]
         outs = tuple(out_leaves[j] for j in self.out_tensor_pos)
         return outs, (0,) * len(outs)
 
@@ -1382,7 +1403,18 @@ def _same_structure(plan: _Plan, results: list) -> Any:
     return treedef
 
 
-def _same_shapes(plan: _Plan, shards: list, j: int) -> None:
+def _output_leaf(treedef: Any, j: int) -> str:
+    """Output leaf ``j`` of a call whose output has structure ``treedef``, for messages:
+    "the output", or its path as indexing (``output['loss']``, ``output[1][0]``)."""
+    if treedef is _LEAF:
+        return "the output"
+    try:
+        return "output" + tree_util.keystr(tree_util.leaf_paths(treedef)[j])
+    except Exception:  # noqa: BLE001 - a structure without key paths: its leaf number
+        return f"output leaf {j}"
+
+
+def _same_shapes(plan: _Plan, shards: list, j: int, treedef: Any) -> None:
     """Raises unless the devices' values of mapped output leaf ``j`` can be stacked: the
     same shape and dtype everywhere."""
     first = shards[0]
@@ -1390,23 +1422,25 @@ def _same_shapes(plan: _Plan, shards: list, j: int) -> None:
     for i, s in enumerate(shards[1:], start=1):
         if s.shape != shape or s.dtype != dtype:
             raise ValueError(
-                f"{plan.name}: output leaf {j} is stacked along its out_axes entry, but its "
-                f"values differ in shape or dtype across devices: {tuple(shape)} {dtype} on "
+                f"{plan.name}: {_output_leaf(treedef, j)} is stacked along its out_axes "
+                f"entry, but its values differ in shape or dtype across devices: "
+                f"{tuple(shape)} {dtype} on "
                 f"device 0, {tuple(s.shape)} {s.dtype} on device {i}. Every device must "
                 f"return values of the same shape and dtype for a mapped output: pad them to "
                 f"one shape and cast them to one dtype.")
 
 
-def _all_none(plan: _Plan, shards: list, j: int) -> None:
+def _all_none(plan: _Plan, shards: list, j: int, treedef: Any) -> None:
     """Raises unless output leaf ``j`` is None on every device (None is a leaf of the
     output's structure, so structures that differ only there compare equal)."""
     kinds = ["None" if s is None else "a tensor" for s in shards]
     if any(k != kinds[0] for k in kinds):
         i = next(i for i, k in enumerate(kinds) if k != kinds[0])
         raise ValueError(
-            f"{plan.name}: devices returned differently structured outputs: output leaf {j} "
-            f"is {kinds[0]} on device 0 but {kinds[i]} on device {i}. Every device must "
-            f"return the same pytree structure, with None in the same places.")
+            f"{plan.name}: devices returned differently structured outputs: "
+            f"{_output_leaf(treedef, j)} is {kinds[0]} on device 0 but {kinds[i]} on "
+            f"device {i}. Every device must return the same pytree structure, with None in "
+            f"the same places.")
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -1424,7 +1458,7 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
     return t.view(-1)[:: t.numel() // _SAMPLE]
 
 
-def _replicated(plan: _Plan, shards: list, j: int,
+def _replicated(plan: _Plan, shards: list, j: int, treedef: Any,
                 copies: dict | None = None) -> torch.Tensor:
     """Device 0's value of an ``out_axes=None`` output, after checking it is the same
     everywhere: results of one collective are recognised by their shared storage; other
@@ -1442,19 +1476,22 @@ def _replicated(plan: _Plan, shards: list, j: int,
             if not full and copies and same_copies(copies, first, s):
                 continue
             if s.shape != first.shape or s.dtype != first.dtype:
-                raise ValueError(_not_replicated_msg(plan, j, 0, i, f"shape {tuple(first.shape)}"
-                                                     f" vs {tuple(s.shape)}"))
+                raise ValueError(_not_replicated_msg(
+                    plan, _output_leaf(treedef, j), 0, i,
+                    f"shape {tuple(first.shape)} vs {tuple(s.shape)}"))
             other = s if s.device == first.device else s.to(first.device)
             # (Samples of the same elements need both laid out contiguously.)
             a, b = ((first, other) if full or not (first.is_contiguous()
                                                    and other.is_contiguous())
                     else (_sample(first), _sample(other)))
             if not _same_bits(a, b):
-                raise ValueError(_not_replicated_msg(plan, j, 0, i, _diff(a, b)))
+                raise ValueError(_not_replicated_msg(plan, _output_leaf(treedef, j), 0, i,
+                                                     _diff(a, b)))
     return first
 
 
-def _check_block_replicated(plan: _Plan, t: torch.Tensor, j: int, base: int) -> torch.Tensor:
+def _check_block_replicated(plan: _Plan, t: torch.Tensor, j: int, treedef: Any,
+                            base: int) -> torch.Tensor:
     """The value of an ``out_axes=None`` output over one device's ``block`` shards
     (numbered from ``base`` in the call), checked to be the same for each."""
     first = t[0]
@@ -1463,7 +1500,8 @@ def _check_block_replicated(plan: _Plan, t: torch.Tensor, j: int, base: int) -> 
             if not _same_bits(first, t[v]):
                 # About the call's output, not this device: reported as it is.
                 raise _call_error(ValueError(_not_replicated_msg(
-                    plan, j, base, base + v, _diff(first, t[v]), unit="shard")))
+                    plan, _output_leaf(treedef, j), base, base + v, _diff(first, t[v]),
+                    unit="shard")))
     return first
 
 
@@ -1490,13 +1528,13 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> str:
     return "values differ"
 
 
-def _not_replicated_msg(plan: _Plan, j: int, a: int, b: int, detail: str,
+def _not_replicated_msg(plan: _Plan, what: str, a: int, b: int, detail: str,
                         unit: str = "device") -> str:
     if unit == "device":  # which devices (their ids are global in a multi-process run)
         which = f"device {a} ({plan.devices[a]!r}) vs device {b} ({plan.devices[b]!r})"
     else:
         which = f"{unit} {a} vs {unit} {b}"
-    return (f"{plan.name}: out_axes=None for output {j}, but its value differs across devices "
+    return (f"{plan.name}: out_axes=None for {what}, but its value differs across devices "
             f"({which}: {detail}). Make it the same everywhere (for example "
             f"funcdp.pmean(x, axis_name) or psum) or give it an integer out_axes to get one "
             f"value per device. funcdp.config.check_replicated=False skips this check.")
