@@ -246,3 +246,60 @@ def test_error_betas_not_a_pair(betas):
     with pytest.raises(ValueError, match=r"`betas` must be a pair of numbers in \[0, 1\), "
                                          r"such as \(0.9, 0.999\), got"):
         optim.adam(1e-3, betas=betas)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_error_state_of_another_optimizer(fused):
+    # Was a KeyError ('mu', 'momentum') or an unpacking error deep in the step.
+    params = {"w": torch.ones(3)}
+    grads = {"w": torch.full((3,), 0.5)}
+
+    def step(opt, state):
+        return (opt.step if fused else opt.update)(grads, state, params)
+
+    sgd, momentum, adam = optim.sgd(0.1), optim.sgd(0.1, momentum=0.9), optim.adam(0.1)
+    with pytest.raises(ValueError, match=r"^funcdp.optim.adam: `state` must be the state this "
+                                         r"optimizer's init\(params\) makes, a dict with keys "
+                                         r"\['step', 'mu', 'nu'\]; got a dict with keys "
+                                         r"\['step'\]\. Was it made by another optimizer"):
+        step(adam, sgd.init(params))
+    with pytest.raises(ValueError, match=r"^funcdp.optim.sgd: `state` must be .* keys "
+                                         r"\['step', 'momentum'\]; got a dict with keys "
+                                         r"\['mu', 'nu', 'step'\]"):
+        step(momentum, adam.init(params))
+    chained = optim.chain(optim.clip_by_global_norm(1.0), adam)
+    with pytest.raises(ValueError, match=r"funcdp.optim.adam: `state` must be .*; got a tuple\."):
+        step(adam, chained.init(params))
+    with pytest.raises(ValueError, match=r"^funcdp.optim.chain: `state` must be the chain's "
+                                         r"state, a tuple of 2 .*; got a dict\."):
+        step(chained, adam.init(params))
+    with pytest.raises(ValueError, match=r"a tuple of 2 .*; got a tuple of 1\."):
+        step(chained, (adam.init(params),))
+    # (What sgd without momentum needs, a step count, any of them has.)
+    assert step(sgd, adam.init(params))[1]["step"] == 1
+
+
+def test_error_chain_of_something_else():
+    with pytest.raises(TypeError, match=r"^funcdp.optim.chain: argument 1 must be a "
+                                        r"GradientTransformation .*, got a SGD\.$"):
+        optim.chain(optim.clip_by_global_norm(1.0),
+                    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
+
+
+@pytest.mark.parametrize("opt", [optim.sgd(0.1, momentum=0.9), optim.adam(0.1),
+                                 optim.adamw(0.1, weight_decay=0.1)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_error_state_or_params_of_other_shapes(opt, fused):
+    # The same structure, other shapes (the state of another model of the same layout):
+    # was a broadcasting error from torch, or a silently broadcast step.
+    grads = {"b": torch.ones(2), "w": torch.ones(3)}
+    step = opt.step if fused else opt.update
+    params = {"b": torch.zeros(2), "w": torch.zeros(3)}
+    other = {"b": torch.zeros(2), "w": torch.zeros(2, 3)}
+    with pytest.raises(ValueError, match=r"leaf 1 of the optimizer state has shape \(2, 3\), "
+                                         r"but its gradient has shape \(3,\)\. The gradients, "
+                                         r"the parameters and the optimizer state"):
+        step(grads, opt.init(other), params)
+    with pytest.raises(ValueError, match=r"leaf 1 of `params` has shape \(2, 3\), but its "
+                                         r"gradient has shape \(3,\)"):
+        step(grads, opt.init(params), other)

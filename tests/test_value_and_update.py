@@ -64,9 +64,9 @@ def run(step, opt, sizes, n, steps=3, dtype=torch.float64, in_axes=(None, None, 
     f = funcdp.pmap(step, axis_name="i", in_axes=in_axes, out_axes=out_axes,
                     devices=funcdp.local_devices()[:ndev or n])
     params = tree(sizes, 0, dtype)
+    state = opt.init(params)  # (of one device's parameters: broadcast to each)
     if in_axes[0] == 0:
         params = {k: torch.stack([v + i for i in range(n)]) for k, v in params.items()}
-    state = opt.init(params)
     values = []
     for t in range(steps):
         value, params, state = f(params, state, tree(sizes, 100 + t, dtype, lead=(n,)))

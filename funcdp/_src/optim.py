@@ -24,6 +24,7 @@ from torch._C import _functorch
 from funcdp._src import shared_update
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import public_in
+from funcdp._src.transform_util import a_type
 
 _public = public_in("funcdp.optim")
 
@@ -219,9 +220,10 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
         return g, (new_buf,)
 
     def flat_state(grads: Any, state: dict, params: Any):
+        _check_state(state, ("step", "momentum") if momentum else ("step",), "sgd")
         g, spec = _flat(grads)
         p, pspec = _params_of(params, g, spec, weight_decay, "sgd")
-        bufs = [_state_leaves(state["momentum"], spec, "sgd")] if momentum else []
+        bufs = [_state_leaves(state["momentum"], spec, "sgd", g)] if momentum else []
         step = state["step"] + 1
         return g, spec, p, pspec, bufs, step, _scalar(_lr_at(lr, step))
 
@@ -336,22 +338,50 @@ def step_of_mean(opt: GradientTransformation, grads: Any, state: Any, params: An
 def _params_of(params: Any, g: list, spec: Any, weight_decay: float, name: str):
     """The flat parameters; ``update`` may omit them when nothing needs them."""
     if params is not None:
-        return _flat(params)
+        p, pspec = _flat(params)
+        if pspec == spec:
+            _same_shapes(p, g, name, "`params`")
+        return p, pspec
     if weight_decay:
         raise ValueError(f"funcdp.optim.{name}: `params` is needed for weight_decay; pass "
                          f"update(grads, state, params).")
     return g, spec
 
 
-def _state_leaves(tree: Any, spec: Any, name: str) -> list[torch.Tensor]:
-    """The leaves of a per-parameter state tree, checked against the gradients'."""
+def _state_leaves(tree: Any, spec: Any, name: str, g: list) -> list[torch.Tensor]:
+    """The leaves of a per-parameter state tree, checked against the gradients' ``g``."""
     leaves, state_spec = _flat(tree)
     if state_spec != spec:
         raise ValueError(
             f"funcdp.optim.{name}: the optimizer state was made for parameters of structure "
             f"{state_spec}, but the gradients have structure {spec}. Make the state with "
             f"opt.init(params) for the parameters being trained.")
+    _same_shapes(leaves, g, name, "the optimizer state")
     return leaves
+
+
+def _same_shapes(leaves: list, g: list, name: str, what: str) -> None:
+    """Raises unless each of ``leaves`` has the shape of the gradient leaf ``g`` it goes
+    with (the structures are equal)."""
+    for i, (t, x) in enumerate(zip(leaves, g)):
+        if getattr(t, "shape", None) != x.shape:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else a_type(t)
+            raise ValueError(
+                f"funcdp.optim.{name}: leaf {i} of {what} has shape {shape}, but its "
+                f"gradient has shape {tuple(x.shape)}. The gradients, the parameters and the "
+                f"optimizer state (opt.init(params)) must be of the same parameters.")
+
+
+def _check_state(state: Any, keys: tuple[str, ...], name: str) -> None:
+    """Raises unless ``state`` is a dict with ``keys``, as the optimizer's ``init`` makes."""
+    if isinstance(state, dict) and all(k in state for k in keys):
+        return
+    got = (f"a dict with keys {sorted(map(str, state))}" if isinstance(state, dict)
+           else a_type(state))
+    raise ValueError(
+        f"funcdp.optim.{name}: `state` must be the state this optimizer's init(params) "
+        f"makes, a dict with keys {list(keys)}; got {got}. Was it made by another optimizer "
+        f"(or a chain)? Make it with init(params) of the optimizer that steps with it.")
 
 
 def _same_spec(spec: Any, pspec: Any) -> None:
@@ -381,6 +411,7 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
         return state
 
     def scalars(grads: Any, state: dict, params: Any):
+        _check_state(state, ("step", *keys), name)
         g, spec = _flat(grads)
         p, pspec = _params_of(params, g, spec, weight_decay, name)
         step = state["step"] + 1
@@ -388,7 +419,7 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
         t = float(step) if not _traced(step) else step.to(torch.float64)
         bc1 = 1 - b1 ** t
         bc2_sqrt = (1 - b2 ** t) ** 0.5
-        moments = [_state_leaves(state[k], spec, name) for k in keys]
+        moments = [_state_leaves(state[k], spec, name, g) for k in keys]
         return g, spec, p, pspec, moments, step, lr_t, bc1, bc2_sqrt
 
     def moments_of(g: list, p: list, mu: list, nu: list, *nu_max: list, bc2_sqrt: Any):
@@ -538,10 +569,26 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         >>> import funcdp
         >>> opt = funcdp.optim.chain(funcdp.optim.clip_by_global_norm(1.0), funcdp.optim.sgd(0.1))
     """
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(
+                f"funcdp.optim.chain: argument {i} must be a GradientTransformation (a "
+                f"funcdp.optim optimizer or transformation, such as funcdp.optim.sgd(0.1)), "
+                f"got {a_type(t)}.")
+
     def init(params: Any) -> tuple:
         return tuple(t.init(params) for t in transforms)
 
+    def check(state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == len(transforms)):
+            got = (f"a tuple of {len(state)}" if isinstance(state, tuple) else a_type(state))
+            raise ValueError(
+                f"funcdp.optim.chain: `state` must be the chain's state, a tuple of "
+                f"{len(transforms)} (one per transformation, as its init(params) makes); got "
+                f"{got}.")
+
     def update(grads: Any, state: tuple, params: Any = None) -> tuple[Any, tuple]:
+        check(state)
         new = []
         for t, s in zip(transforms, state):
             grads, s = t.update(grads, s, params)
@@ -551,6 +598,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     @_takes_mean
     def fused(grads: Any, state: tuple, params: Any, axis_name: Any = None,
               mean: shared_update.Mean | None = None):
+        check(state)
         if mean is not None and len(transforms) > 1:
             # The transforms before the last need the averaged gradients (a clip needs
             # their global norm): averaged in a round of their own.
