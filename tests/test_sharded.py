@@ -26,6 +26,35 @@ def test_structure_and_cheap_shard_access():
     assert_trees_close(list(out), list(x))
 
 
+@pytest.mark.parametrize("block", [1, 2])
+def test_gathered_value_follows_writes(block):
+    # The gathered value is cached; writing into a shard, or into the gathered tensor (a
+    # copy, as every gather is), must not leave the cache stale.
+    devs = funcdp.local_devices()[:4 // block]
+    out = funcdp.pmap(lambda v: v * 1, devices=devs)(torch.arange(12.0).reshape(4, 3))
+    first = out.to_tensor()
+    assert out.to_tensor() is first  # nothing written: the cached tensor
+    out.shards[1].add_(100)
+    want = torch.arange(12.0).reshape(4, 3)
+    want[block:2 * block] += 100
+    assert_trees_close(out.to_tensor(), want)
+    out.to_tensor().zero_()
+    assert_trees_close(out.to_tensor(), want)
+    assert_trees_close(out[1:3], want[1:3])
+    with torch.inference_mode():  # (tensors without a version counter: never cached)
+        inf = funcdp.pmap(lambda v: v * 1, devices=devs)(torch.arange(4.0))
+    inf.to_tensor().zero_()
+    assert_trees_close(inf.to_tensor(), torch.arange(4.0))
+
+
+def test_bool_index_is_not_a_position():
+    # x[True] adds a dimension, as for a tensor (it was shard 1).
+    out, x = make()
+    for idx in (True, False):
+        assert_trees_close(out[idx], x[idx])
+    assert out[True].shape == (1, 4, 3) and out[False].shape == (0, 4, 3)
+
+
 def test_conversions():
     out, x = make()
     assert np.array_equal(np.asarray(out), x.numpy())

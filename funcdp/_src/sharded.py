@@ -41,8 +41,8 @@ class ShardedValue:
         (3, tensor([2., 2., 2.]))
     """
 
-    __slots__ = ("_shards", "_devices", "_axis", "_block", "_value", "_shard_shape", "_key",
-                 "__weakref__")
+    __slots__ = ("_shards", "_devices", "_axis", "_block", "_value", "_versions",
+                 "_shard_shape", "_key", "__weakref__")
 
     def __init__(self, shards: Sequence[torch.Tensor], devices: Sequence[Device], axis: int,
                  block: int = 1) -> None:
@@ -51,6 +51,8 @@ class ShardedValue:
         self._axis = axis
         self._block = block
         self._value: torch.Tensor | None = None
+        # The version counters of the shards and of ``_value`` when it was gathered.
+        self._versions: tuple | None = None
         self._key: Any = None  # the layout's part of a pmap plan key, once made there
         self._shard_shape = self._shards[0].shape
 
@@ -121,10 +123,11 @@ class ShardedValue:
         return self._shards[i // self._block].select(self._axis, i % self._block)
 
     def __getitem__(self, idx: Any) -> Any:
-        if self._axis == 0 and isinstance(idx, int):
+        # (A bool index is not a position: x[True] adds a dimension, as for a tensor.)
+        if self._axis == 0 and isinstance(idx, int) and not isinstance(idx, bool):
             return self.shard(idx)
         if (self._axis == 0 and isinstance(idx, slice) and idx.step in (None, 1)
-                and self._value is None):
+                and not self._gathered()):
             n = len(self)
             start, stop, _ = idx.indices(n)
             if stop <= start:
@@ -145,9 +148,11 @@ class ShardedValue:
             device: where to put the result; default: the first shard's device.
 
         Returns:
-            A tensor of shape ``shape`` (cached: asking again is free).
+            A tensor of shape ``shape``. It is cached, so asking again is free, until
+            a shard or the tensor returned is written to in place: the value is then
+            gathered again (the result is always the shards' current value).
         """
-        if self._value is None:
+        if not self._gathered():
             target = self._shards[0].device
             parts = [s if s.device == target else s.to(target) for s in self._shards]
             if self._block == 1:
@@ -155,10 +160,17 @@ class ShardedValue:
             else:
                 value = torch.cat(parts, self._axis)
             self._value = value
-        value = self._value
+            self._versions = _versions((value, *self._shards))
+        else:
+            value = self._value  # type: ignore[assignment]  # (gathered: not None)
         if device is not None and torch.device(device) != value.device:
             return value.to(device)
         return value
+
+    def _gathered(self) -> bool:
+        """Whether ``_value`` holds the shards' current value (nothing written since)."""
+        return (self._value is not None and self._versions is not None
+                and self._versions == _versions((self._value, *self._shards)))
 
     def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``x.to(...)`` gathers then behaves as ``torch.Tensor.to``."""
@@ -384,3 +396,12 @@ def unshard(tree: Any) -> Any:
                              f"{tuple(t.shape)}; expected [devices, batch, ...].")
         out.append(t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]))
     return tree_util.tree_unflatten(out, spec)
+
+
+def _versions(tensors: tuple) -> tuple | None:
+    """The tensors' version counters (bumped by every in-place write); None where one has
+    none (a tensor made in inference mode): such a value is never taken from the cache."""
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:
+        return None
