@@ -13,6 +13,7 @@ import torch.utils._pytree as _pt
 from torch._C import _functorch
 
 from funcdp._src import axes as axes_mod
+from funcdp._src import executor as executor_mod
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import internal, public
 from funcdp._src.collectives import (
@@ -247,8 +248,10 @@ def _prepare(argnums: Any, args: tuple, kwargs: dict) -> tuple | None:
         if isinstance(t, torch.Tensor) and t.requires_grad:
             return None
     diff = [tree_util.tree_flatten(args[i]) for i in nums]
-    # (A forward-mode tangent on another argument carries through by itself.)
-    level = _fwad._current_level
+    # (A forward-mode tangent on another argument carries through by itself. Only a level
+    # the caller opened can hold one here: at the level pmap opens for its devices' jvps,
+    # tangents live only inside those jvps, where torch.func is needed anyway.)
+    level = executor_mod.caller_forward_level()
     for leaves, _ in diff:
         for t in leaves:
             if (type(t) not in _PLAIN or not t.is_floating_point() or t.is_inference()
@@ -378,7 +381,7 @@ class _Graph:
             return original
         if not x.requires_grad or (self.recording and self.reaches_outer(x)):
             return x
-        level = _fwad._current_level
+        level = executor_mod.caller_forward_level()  # (as in _prepare)
         tangent = _unpack_dual(x, level)[1] if level >= 0 else None
         x = x.detach()
         return x if tangent is None else _fwad.make_dual(x, tangent)
