@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -279,6 +280,47 @@ def test_error_state_of_another_optimizer(fused):
     assert step(sgd, adam.init(params))[1]["step"] == 1
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_states_and_members_of_other_types_work(fused):
+    # A chain's state as a list (as a serializer may give it back), a state in a
+    # read-only mapping, and a member of the user's own with init/update (no step) are
+    # used as they are (they were rejected).
+    params = {"w": torch.ones(3)}
+    grads = {"w": torch.full((3,), 0.5)}
+
+    class Negate:  # (an optax-style transformation of one's own)
+        def init(self, params):
+            return {}
+
+        def update(self, grads, state, params=None):
+            return {k: -v for k, v in grads.items()}, state
+
+    def run(opt, state):
+        out = (opt.step if fused else opt.update)(grads, state, params)
+        return out[0]
+
+    chained = optim.chain(optim.clip_by_global_norm(0.1), optim.sgd(0.5))
+    assert_trees_close(run(chained, list(chained.init(params))),
+                       run(chained, chained.init(params)))
+    adam = optim.adam(0.1)
+    assert_trees_close(run(adam, types.MappingProxyType(adam.init(params))),
+                       run(adam, adam.init(params)))
+    mine = optim.chain(optim.clip_by_global_norm(0.1), Negate())
+    want = {"w": -grads["w"] * min(1.0, 0.1 / (float(grads["w"].norm()) + 1e-6))}
+    if fused:
+        want = {"w": params["w"] + want["w"]}
+    assert_trees_close(run(mine, mine.init(params)), want)
+    # value_and_update takes it too, with and without an axis.
+    loss = lambda w, x: ((x * w["w"]) ** 2).sum()  # noqa: E731
+    x = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    alone = funcdp.value_and_update(loss, Negate())(params, {}, x[0])
+    assert_trees_close(alone[1], {"w": params["w"] - 2 * x[0] ** 2})
+    step = funcdp.pmap(funcdp.value_and_update(loss, Negate(), "i"), axis_name="i",
+                       in_axes=(None, None, 0), out_axes=None, devices=funcdp.local_devices()[:2])
+    _, new, _ = step(params, {}, x)
+    assert_trees_close(new, {"w": params["w"] - (x ** 2).sum(0)})
+
+
 def test_error_chain_of_something_else():
     with pytest.raises(TypeError, match=r"^funcdp.optim.chain: argument 1 must be a "
                                         r"GradientTransformation .*, got a SGD\.$"):
@@ -296,10 +338,23 @@ def test_error_state_or_params_of_other_shapes(opt, fused):
     step = opt.step if fused else opt.update
     params = {"b": torch.zeros(2), "w": torch.zeros(3)}
     other = {"b": torch.zeros(2), "w": torch.zeros(2, 3)}
-    with pytest.raises(ValueError, match=r"leaf 1 of the optimizer state has shape \(2, 3\), "
-                                         r"but its gradient has shape \(3,\)\. The gradients, "
-                                         r"the parameters and the optimizer state"):
+    key = "momentum" if "momentum" in opt.init(params) else "mu"
+    with pytest.raises(ValueError, match=rf"state\['{key}'\]\['w'\] has shape \(2, 3\), but "
+                                         r"its gradient grads\['w'\] has shape \(3,\)\. The "
+                                         r"gradients, the parameters and the optimizer state"):
         step(grads, opt.init(other), params)
-    with pytest.raises(ValueError, match=r"leaf 1 of `params` has shape \(2, 3\), but its "
-                                         r"gradient has shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"params\['w'\] has shape \(2, 3\), but its "
+                                         r"gradient grads\['w'\] has shape \(3,\)"):
         step(grads, opt.init(params), other)
+    # A leaf that is not a tensor but has a shape (a ShardedValue) is named by its shape.
+    with pytest.raises(ValueError, match=r"params\['w'\] has shape \(1, 3\), but"):
+        one = funcdp.local_devices()[:1]
+        step(grads, opt.init(params), {"b": params["b"], "w": funcdp.replicate(params["w"], one)})
+    # A replicated state used outside the pmap: its step has a device axis (was torch's
+    # "only one element tensors can be converted" for Adam, a broadcast step for SGD).
+    replicated = funcdp.replicate(opt.init(params), funcdp.local_devices()[:2])
+    with pytest.raises(ValueError, match=r"state\['step'\] has shape \(2,\); a state has one "
+                                         r"step, of shape \(\)\..*funcdp\.unreplicate"):
+        step(grads, replicated, params)
+    assert_trees_close(step(grads, funcdp.unreplicate(replicated), params),
+                       step(grads, opt.init(params), params))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import hypothesis.strategies as st
@@ -604,6 +605,15 @@ def test_errors_name_an_output_leaf_by_its_path():
                                          r"output\['parts'\]\[1\] of rank 1"):
         funcdp.pmap(f, axis_name="i", out_axes={"loss": None, "parts": [0, 3]},
                     devices=devs)(x)
+    with pytest.raises(TypeError, match=r"output\['parts'\]\[1\] is a str; pmapped functions "
+                                        r"must return pytrees of tensors"):
+        funcdp.pmap(lambda a: {"loss": a.sum(), "parts": [a, "b"]}, devices=devs)(x)
+    with pytest.raises(TypeError, match=r"\): the output is a str; pmapped"):
+        funcdp.pmap(lambda a: "b", devices=devs)(x)
+    w = torch.ones(2, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"\): output\['parts'\]\[1\] requires grad but no "
+                                           r"argument of the call does"):
+        funcdp.pmap(lambda a: {"loss": a.sum(), "parts": [a, a * w]}, devices=devs)(x)
 
 
 @pytest.mark.parametrize("ndev", [2, 4])
@@ -669,3 +679,26 @@ def test_error_mapped_size_zero():
     with pytest.raises(ValueError, match=r"the mapped axis has size 0: every argument mapped "
                                          r"by `in_axes`"):
         funcdp.pmap(lambda a: a)(torch.ones(0, 3))
+
+
+@dataclasses.dataclass
+class _Pair:
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def test_registered_dataclass_in_and_out():
+    # torch.utils._pytree.register_dataclass reaches torch's Python pytree library only;
+    # funcdp's fast flattening took such an output for a non-tensor leaf (an error).
+    pt.register_dataclass(_Pair)
+    devs = funcdp.local_devices()[:2]
+    x = torch.arange(6.0).reshape(2, 3)
+    out = funcdp.pmap(lambda v: _Pair(v, funcdp.psum(v, "i")), axis_name="i",
+                      out_axes=_Pair(0, None), devices=devs)(x)
+    assert isinstance(out, _Pair)
+    assert_trees_close((out.a.to_tensor(), out.b), (x, x.sum(0)))
+    back = funcdp.pmap(lambda p: p.a * 2, in_axes=(_Pair(0, None),), devices=devs)(out)
+    assert_trees_close(back.to_tensor(), 2 * x)
+    g = torch.func.grad(lambda v: funcdp.pmap(lambda w: _Pair(w, w ** 2), devices=devs)(v)
+                        .b.sum())(x)
+    assert_trees_close(g, 2 * x)

@@ -607,3 +607,22 @@ def test_devices_working_out_the_output_axes_at_once(monkeypatch):
     assert_trees_close(out.to_tensor(), torch.tensor([0.0, 2.0]))
     a, b = funcdp.pmap(lambda x: (x, x + 1), out_axes=(0, -1), devices=devs)(torch.ones(2, 3))
     assert a.shape == (2, 3) and b.shape == (3, 2)
+
+
+def test_reduction_buffers_kept_are_bounded(monkeypatch):
+    # Found in review: the pool kept up to 4 buffers of every size ever reduced (a psum
+    # over sequences of 40 lengths held 51 MB for good); it keeps the newest sizes only.
+    from funcdp._src import collectives
+
+    pool = collectives._BufferPool()
+    monkeypatch.setattr(collectives, "_pool", pool)
+    monkeypatch.setattr(pool, "_KEYS", 3)
+    f = funcdp.pmap(lambda v: funcdp.psum(v, "i"), axis_name="i", out_axes=None,
+                    devices=funcdp.local_devices()[:2])
+    base = collectives._POOL_MIN_NUMEL
+    for k in range(1, 7):
+        x = torch.arange(2.0 * base * k).reshape(2, base * k)
+        assert_trees_close(f(x), x.sum(0))
+    if pool._enabled:
+        assert [numel for numel, _ in pool._free] == [base * k for k in (4, 5, 6)]
+    assert_trees_close(f(torch.ones(2, base * 4)), torch.full((base * 4,), 2.0))

@@ -41,10 +41,30 @@ def test_gathered_value_follows_writes(block):
     out.to_tensor().zero_()
     assert_trees_close(out.to_tensor(), want)
     assert_trees_close(out[1:3], want[1:3])
-    with torch.inference_mode():  # (tensors without a version counter: never cached)
+    with torch.inference_mode():  # (shards without a version counter: cached all the same)
         inf = funcdp.pmap(lambda v: v * 1, devices=devs)(torch.arange(4.0))
-    inf.to_tensor().zero_()
-    assert_trees_close(inf.to_tensor(), torch.arange(4.0))
+        other = funcdp.pmap(lambda v: v * 1, devices=devs)(torch.arange(4.0))
+        assert inf.to_tensor() is inf.to_tensor()
+    assert inf.to_tensor() is inf.to_tensor()
+    other.to_tensor().zero_()  # (gathered outside inference mode: a write torch counts)
+    assert_trees_close(other.to_tensor(), torch.arange(4.0))
+
+
+@pytest.mark.parametrize("write", [
+    lambda x: x.mul_(0), lambda x: x.clamp_(0, 1), lambda x: torch.relu_(x),
+    lambda x: torch.nn.functional.relu(x, inplace=True),
+    lambda x: torch.add(torch.ones(4, 3), 1, out=x), lambda x: x.__setitem__(0, 1.0),
+])
+def test_writing_in_place_is_an_error(write):
+    # An in-place write would land in the gathered copy and be lost (it was silently).
+    out, x = make()
+    with pytest.raises(TypeError, match=r"cannot be written in place.*to_tensor\(\)\.clone"):
+        write(out)
+    assert_trees_close(out.to_tensor(), x)
+    t = torch.zeros(4, 3)
+    t.add_(out)  # (writing a tensor of one's own, with the value as an operand, is fine)
+    assert_trees_close(t, x)
+    assert_trees_close(out.mul(2) + torch.relu(out), 3 * x)
 
 
 def test_bool_index_is_not_a_position():

@@ -23,6 +23,7 @@ component (``ppermute`` over a pmap axis *and* a vmap axis, say) are built from
 
 from __future__ import annotations
 
+import collections
 import functools
 import numbers
 import sys
@@ -389,14 +390,18 @@ class _BufferPool:
     allocator returns large blocks to the OS and maps them again), which on a gradient
     all-reduce can cost more than the reduction itself. A pooled buffer is handed out
     again only when its storage has no other user (no live result, view or autograd
-    reference), so reuse is never visible.
+    reference), so reuse is never visible. The pool keeps the buffers of the sizes used
+    most recently (``_KEYS`` sizes, ``_PER_KEY`` buffers each): sizes that come and go
+    (a reduction over sequences of varying length, say) do not pile up.
     """
 
     _PER_KEY = 4
+    _KEYS = 16
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._free: collections.OrderedDict[tuple, list[torch.Tensor]] = (
+            collections.OrderedDict())
         self._enabled = HAS_STORAGE_USES
 
     def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -404,7 +409,14 @@ class _BufferPool:
             return torch.empty(numel, dtype=dtype)
         key = (numel, dtype)
         with self._lock:
-            bufs = self._free.setdefault(key, [])
+            bufs = self._free.get(key)
+            if bufs is None:
+                bufs = self._free[key] = []
+                if len(self._free) > self._KEYS:
+                    # (Buffers still in use stay alive with their users.)
+                    self._free.popitem(last=False)
+            else:
+                self._free.move_to_end(key)
             for buf in bufs:
                 # The pool's tensor and the temporary storage object: nobody else.
                 if storage_uses(buf) <= 2:

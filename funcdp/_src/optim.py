@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -223,7 +223,7 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
         _check_state(state, ("step", "momentum") if momentum else ("step",), "sgd")
         g, spec = _flat(grads)
         p, pspec = _params_of(params, g, spec, weight_decay, "sgd")
-        bufs = [_state_leaves(state["momentum"], spec, "sgd", g)] if momentum else []
+        bufs = [_state_leaves(state, "momentum", spec, "sgd", g)] if momentum else []
         step = state["step"] + 1
         return g, spec, p, pspec, bufs, step, _scalar(_lr_at(lr, step))
 
@@ -324,15 +324,32 @@ def _takes_mean(fused: Callable) -> Callable:
     return fused
 
 
-def step_of_mean(opt: GradientTransformation, grads: Any, state: Any, params: Any,
+def step_of_mean(opt: Any, grads: Any, state: Any, params: Any,
                  axis_name: Any, mean: shared_update.Mean) -> tuple[Any, Any]:
     """``opt.step`` of the average of the devices' ``grads`` over ``axis_name`` (see
     ``shared_update.Mean``): in the update's round where ``opt``'s fused step can average
     them itself, else in a round of its own first."""
-    fused = opt.fused
+    fused = getattr(opt, "fused", None)
     if fused is None or not getattr(fused, "takes_mean", False):
-        return opt.step(mean.now(grads), state, params, axis_name=axis_name)
+        return step_of(opt, mean.now(grads), state, params, axis_name)
     return fused(grads, state, params, axis_name, mean=mean)
+
+
+def is_transformation(t: Any) -> bool:
+    """Whether ``t`` is a ``GradientTransformation`` or quacks like one (callable ``init``
+    and ``update``, as an optax-style object of the user's own)."""
+    return isinstance(t, GradientTransformation) or (
+        callable(getattr(t, "init", None)) and callable(getattr(t, "update", None)))
+
+
+def step_of(opt: Any, grads: Any, state: Any, params: Any,
+            axis_name: Any = None) -> tuple[Any, Any]:
+    """``opt.step(...)``; for a transformation without ``step``, its update, applied."""
+    step = getattr(opt, "step", None)
+    if callable(step):
+        return step(grads, state, params, axis_name=axis_name)
+    updates, state = opt.update(grads, state, params)
+    return apply_updates(params, updates), state
 
 
 def _params_of(params: Any, g: list, spec: Any, weight_decay: float, name: str):
@@ -340,7 +357,7 @@ def _params_of(params: Any, g: list, spec: Any, weight_decay: float, name: str):
     if params is not None:
         p, pspec = _flat(params)
         if pspec == spec:
-            _same_shapes(p, g, name, "`params`")
+            _same_shapes(p, g, spec, name, "params")
         return p, pspec
     if weight_decay:
         raise ValueError(f"funcdp.optim.{name}: `params` is needed for weight_decay; pass "
@@ -348,40 +365,51 @@ def _params_of(params: Any, g: list, spec: Any, weight_decay: float, name: str):
     return g, spec
 
 
-def _state_leaves(tree: Any, spec: Any, name: str, g: list) -> list[torch.Tensor]:
-    """The leaves of a per-parameter state tree, checked against the gradients' ``g``."""
-    leaves, state_spec = _flat(tree)
+def _state_leaves(state: Mapping, key: str, spec: Any, name: str,
+                  g: list) -> list[torch.Tensor]:
+    """The leaves of the per-parameter state ``state[key]``, checked against the
+    gradients' ``g``."""
+    leaves, state_spec = _flat(state[key])
     if state_spec != spec:
         raise ValueError(
             f"funcdp.optim.{name}: the optimizer state was made for parameters of structure "
             f"{state_spec}, but the gradients have structure {spec}. Make the state with "
             f"opt.init(params) for the parameters being trained.")
-    _same_shapes(leaves, g, name, "the optimizer state")
+    _same_shapes(leaves, g, spec, name, f"state[{key!r}]")
     return leaves
 
 
-def _same_shapes(leaves: list, g: list, name: str, what: str) -> None:
-    """Raises unless each of ``leaves`` has the shape of the gradient leaf ``g`` it goes
-    with (the structures are equal)."""
+def _same_shapes(leaves: list, g: list, spec: Any, name: str, what: str) -> None:
+    """Raises unless each of ``leaves`` (of the tree ``what``, of structure ``spec``) has
+    the shape of the gradient leaf ``g`` it goes with."""
     for i, (t, x) in enumerate(zip(leaves, g)):
         if getattr(t, "shape", None) != x.shape:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else a_type(t)
+            shape = tuple(t.shape) if hasattr(t, "shape") else a_type(t)
+            path = tree_util.keystr(tree_util.leaf_paths(spec)[i])
             raise ValueError(
-                f"funcdp.optim.{name}: leaf {i} of {what} has shape {shape}, but its "
-                f"gradient has shape {tuple(x.shape)}. The gradients, the parameters and the "
-                f"optimizer state (opt.init(params)) must be of the same parameters.")
+                f"funcdp.optim.{name}: {what}{path} has shape {shape}, but its gradient "
+                f"grads{path} has shape {tuple(x.shape)}. The gradients, the parameters and "
+                f"the optimizer state (opt.init(params)) must be of the same parameters.")
 
 
 def _check_state(state: Any, keys: tuple[str, ...], name: str) -> None:
-    """Raises unless ``state`` is a dict with ``keys``, as the optimizer's ``init`` makes."""
-    if isinstance(state, dict) and all(k in state for k in keys):
-        return
-    got = (f"a dict with keys {sorted(map(str, state))}" if isinstance(state, dict)
-           else a_type(state))
-    raise ValueError(
-        f"funcdp.optim.{name}: `state` must be the state this optimizer's init(params) "
-        f"makes, a dict with keys {list(keys)}; got {got}. Was it made by another optimizer "
-        f"(or a chain)? Make it with init(params) of the optimizer that steps with it.")
+    """Raises unless ``state`` is a mapping with ``keys`` (as the optimizer's ``init``
+    makes) and a scalar step."""
+    if not (isinstance(state, Mapping) and all(k in state for k in keys)):
+        got = (f"a {type(state).__name__} with keys {sorted(map(str, state))}"
+               if isinstance(state, Mapping) else a_type(state))
+        raise ValueError(
+            f"funcdp.optim.{name}: `state` must be the state this optimizer's init(params) "
+            f"makes, a dict with keys {list(keys)}; got {got}. Was it made by another "
+            f"optimizer (or a chain)? Make it with init(params) of the optimizer that steps "
+            f"with it.")
+    step = state["step"]
+    if len(getattr(step, "shape", ())) != 0:
+        raise ValueError(
+            f"funcdp.optim.{name}: state['step'] has shape {tuple(step.shape)}; a state "
+            f"has one step, of shape (). A state with a leading device axis (from "
+            f"funcdp.replicate, or stacked by a pmap with out_axes=0) is used inside the "
+            f"pmap that maps over it (in_axes=0), or made one with funcdp.unreplicate(state).")
 
 
 def _same_spec(spec: Any, pspec: Any) -> None:
@@ -419,7 +447,7 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
         t = float(step) if not _traced(step) else step.to(torch.float64)
         bc1 = 1 - b1 ** t
         bc2_sqrt = (1 - b2 ** t) ** 0.5
-        moments = [_state_leaves(state[k], spec, name, g) for k in keys]
+        moments = [_state_leaves(state, k, spec, name, g) for k in keys]
         return g, spec, p, pspec, moments, step, lr_t, bc1, bc2_sqrt
 
     def moments_of(g: list, p: list, mu: list, nu: list, *nu_max: list, bc2_sqrt: Any):
@@ -570,18 +598,23 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         >>> opt = funcdp.optim.chain(funcdp.optim.clip_by_global_norm(1.0), funcdp.optim.sgd(0.1))
     """
     for i, t in enumerate(transforms):
-        if not isinstance(t, GradientTransformation):
+        if not is_transformation(t):
             raise TypeError(
                 f"funcdp.optim.chain: argument {i} must be a GradientTransformation (a "
-                f"funcdp.optim optimizer or transformation, such as funcdp.optim.sgd(0.1)), "
+                f"funcdp.optim optimizer or transformation, such as funcdp.optim.sgd(0.1), or "
+                f"an object of your own with init(params) and update(grads, state, params)), "
                 f"got {a_type(t)}.")
 
     def init(params: Any) -> tuple:
         return tuple(t.init(params) for t in transforms)
 
     def check(state: Any) -> None:
-        if not (isinstance(state, tuple) and len(state) == len(transforms)):
-            got = (f"a tuple of {len(state)}" if isinstance(state, tuple) else a_type(state))
+        # (A list is accepted too: a state that went through a serializer may come back so.)
+        if not (isinstance(state, Sequence) and not isinstance(state, str)
+                and len(state) == len(transforms)):
+            got = (f"a {type(state).__name__} of {len(state)}"
+                   if isinstance(state, Sequence) and not isinstance(state, str)
+                   else a_type(state))
             raise ValueError(
                 f"funcdp.optim.chain: `state` must be the chain's state, a tuple of "
                 f"{len(transforms)} (one per transformation, as its init(params) makes); got "
@@ -608,7 +641,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             grads, s = t.update(grads, s, params)
             new.append(s)
         if mean is None:
-            params, s = transforms[-1].step(grads, state[-1], params, axis_name=axis_name)
+            params, s = step_of(transforms[-1], grads, state[-1], params, axis_name)
         else:
             params, s = step_of_mean(transforms[-1], grads, state[-1], params, axis_name, mean)
         new.append(s)

@@ -880,7 +880,7 @@ class _Call:
             ranked = plan.leaf_ranked
         else:
             leaves, treedef = tree_util.tree_flatten(out)
-            leaves = [x if type(x) is torch.Tensor else _to_output(x, plan, i)
+            leaves = [x if type(x) is torch.Tensor else _to_output(x, plan, i, treedef)
                       for i, x in enumerate(leaves)]
             ranked = None
         if raw:
@@ -938,7 +938,7 @@ class _Call:
                 if s is None:
                     _all_none(plan, shards, j, treedef)
                 if s.requires_grad:
-                    self._grad_output_error(j)
+                    self._grad_output_error(_output_leaf(treedef, j))
             if ax is None:
                 outs.append(_replicated(plan, shards, j, treedef, self.copies))
             else:
@@ -957,8 +957,9 @@ class _Call:
             return outs[0]
         return tree_util.tree_unflatten(outs, treedef)
 
-    def _grad_output_error(self, j: int) -> None:
-        """Raises for output ``j`` requiring grad on the plain (non-differentiable) path."""
+    def _grad_output_error(self, leaf: str) -> None:
+        """Raises for an output ``leaf`` (its name) requiring grad on the plain
+        (non-differentiable) path."""
         name = self.plan.name
         if any(isinstance(x, ShardedValue) and x.shards[0].requires_grad
                for x in self.leaves):
@@ -968,7 +969,7 @@ class _Call:
                 f"through pmap. Pass the tensor itself with in_axes=None instead: on CPU "
                 f"devices it is shared, not copied.")
         raise RuntimeError(
-            f"{name}: output out[{j}] requires grad but no argument of the call does: the "
+            f"{name}: {leaf} requires grad but no argument of the call does: the "
             f"function closes over tensors that require grad (an nn.Module's parameters, "
             f"say). Pass them as arguments (funcdp.nn.functional(module) gives a pure "
             f"function of its parameters) so gradients flow through pmap.")
@@ -1111,8 +1112,8 @@ class _Call:
             args, kwargs = tree_util.tree_unflatten(full, treedef)
             if statics:
                 args = _merge_statics(args, statics)
-            outs = tree_util.tree_leaves(fun(*args, **kwargs))
-            return tuple(_to_output(outs[j], plan, j) for j in outputs)
+            outs, out_def = tree_util.tree_flatten(fun(*args, **kwargs))
+            return tuple(_to_output(outs[j], plan, j, out_def) for j in outputs)
 
         return of
 
@@ -1381,15 +1382,16 @@ def _concat(parts: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     return torch.cat([p if p.device == target else p.to(target) for p in parts], dim)
 
 
-def _to_output(x: Any, plan: _Plan, i: int) -> Any:
+def _to_output(x: Any, plan: _Plan, i: int, treedef: Any) -> Any:
     if isinstance(x, torch.Tensor) or x is None:
         return x
     if isinstance(x, ShardedValue):  # the output of a nested pmap
         return x.to_tensor()
     if isinstance(x, (bool, int, float, complex, np.ndarray, np.generic)):
         return torch.as_tensor(x)
-    raise _call_error(TypeError(f"{plan.name}: output leaf {i} is {a_type(x)}; pmapped "
-                                f"functions must return pytrees of tensors (or numbers)."))
+    raise _call_error(TypeError(f"{plan.name}: {_output_leaf(treedef, i)} is {a_type(x)}; "
+                                f"pmapped functions must return pytrees of tensors (or "
+                                f"numbers)."))
 
 
 def _same_structure(plan: _Plan, results: list) -> Any:
@@ -1406,7 +1408,7 @@ def _same_structure(plan: _Plan, results: list) -> Any:
 def _output_leaf(treedef: Any, j: int) -> str:
     """Output leaf ``j`` of a call whose output has structure ``treedef``, for messages:
     "the output", or its path as indexing (``output['loss']``, ``output[1][0]``)."""
-    if treedef is _LEAF:
+    if treedef is _LEAF or treedef == _LEAF:
         return "the output"
     try:
         return "output" + tree_util.keystr(tree_util.leaf_paths(treedef)[j])

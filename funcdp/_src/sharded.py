@@ -148,9 +148,11 @@ class ShardedValue:
             device: where to put the result; default: the first shard's device.
 
         Returns:
-            A tensor of shape ``shape``. It is cached, so asking again is free, until
-            a shard or the tensor returned is written to in place: the value is then
-            gathered again (the result is always the shards' current value).
+            A tensor of shape ``shape``. It is cached, so asking again is free; a write
+            to a shard or to the tensor returned by an in-place torch operation makes the
+            next call gather again. Writes torch does not count (through ``.data``, a
+            NumPy view, or in inference mode) are not seen: to modify the result, write
+            to a ``clone()`` of it. A ``ShardedValue`` itself cannot be written in place.
         """
         if not self._gathered():
             target = self._shards[0].device
@@ -169,7 +171,7 @@ class ShardedValue:
 
     def _gathered(self) -> bool:
         """Whether ``_value`` holds the shards' current value (nothing written since)."""
-        return (self._value is not None and self._versions is not None
+        return (self._value is not None
                 and self._versions == _versions((self._value, *self._shards)))
 
     def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -220,11 +222,22 @@ class ShardedValue:
         # Anything else a tensor has (x.sum(), x.argmax(1), ...) works on the gathered value.
         if name.startswith("__"):
             raise AttributeError(name)
+        if name.endswith("_") and hasattr(torch.Tensor, name):
+            raise _read_only(f"x.{name}(...)")
         return getattr(self.to_tensor(), name)
+
+    def __setitem__(self, idx: Any, value: Any) -> None:
+        raise _read_only("x[...] = value")
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if args and isinstance(args[0], ShardedValue) and (
+                (name.endswith("_") and not name.startswith("__")) or kwargs.get("inplace")):
+            raise _read_only(f"{name}(x, ...{', inplace=True' if kwargs.get('inplace') else ''})")
+        if any(isinstance(o, ShardedValue) for o in tree_util.tree_leaves(kwargs.get("out"))):
+            raise _read_only(f"{name}(..., out=x)")
         args, kwargs = tree_util.tree_map(
             lambda v: v.to_tensor() if isinstance(v, ShardedValue) else v, (args, kwargs)
         )
@@ -236,6 +249,14 @@ class ShardedValue:
         return self.to_tensor().detach().__reduce_ex__(protocol)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def _read_only(what: str) -> TypeError:
+    return TypeError(
+        f"ShardedValue: {what} would write to a gathered copy, not to the shards on the "
+        f"devices, and be lost. A ShardedValue cannot be written in place (like a JAX "
+        f"array): compute a new value (x = x * 2, or inside the pmap), or write to a tensor "
+        f"of your own: t = x.to_tensor().clone().")
 
 
 def _binary(name: str):
@@ -398,10 +419,8 @@ def unshard(tree: Any) -> Any:
     return tree_util.tree_unflatten(out, spec)
 
 
-def _versions(tensors: tuple) -> tuple | None:
-    """The tensors' version counters (bumped by every in-place write); None where one has
-    none (a tensor made in inference mode): such a value is never taken from the cache."""
-    try:
-        return tuple(t._version for t in tensors)
-    except RuntimeError:
-        return None
+def _versions(tensors: tuple) -> tuple:
+    """The tensors' version counters (bumped by every in-place write); None for a tensor
+    without one (made in inference mode, and written only in inference mode: torch cannot
+    say whether it was written, and its gathered value stays cached)."""
+    return tuple(None if t.is_inference() else t._version for t in tensors)

@@ -23,7 +23,7 @@ from funcdp._src.collectives import (
     _unpack_dual,
 )
 from funcdp._src.collectives import storage_uses as _storage_uses
-from funcdp._src.optim import GradientTransformation, step_of_mean
+from funcdp._src.optim import is_transformation, step_of, step_of_mean
 from funcdp._src.shared_update import _SHARED_MIN_NUMEL, Mean
 from funcdp._src.transform_util import a_type
 
@@ -126,7 +126,9 @@ def value_and_update(fun: Callable, optimizer: Any, axis_name: Any = None, *,
 
     Args:
         fun: the loss function; its first argument, the parameters, is differentiated.
-        optimizer: a ``funcdp.optim`` optimizer (a ``GradientTransformation``).
+        optimizer: a ``funcdp.optim`` optimizer (a ``GradientTransformation``), or an
+            object of your own with ``init(params)`` and ``update(grads, state, params)``
+            (and optionally ``step``).
         axis_name: the named axis to average over (inside ``pmap`` or ``vmap``), or None:
             then the step is ``optimizer.step`` of this device's own gradients.
         has_aux: ``fun`` returns ``(loss, aux)``; ``aux`` is returned as is (not averaged).
@@ -152,7 +154,7 @@ def value_and_update(fun: Callable, optimizer: Any, axis_name: Any = None, *,
     if not callable(fun):
         raise TypeError(f"value_and_update: `fun` must be the loss function (a callable), got "
                         f"{a_type(fun)}.")
-    if not isinstance(optimizer, GradientTransformation):
+    if not is_transformation(optimizer):
         raise TypeError(
             f"value_and_update: `optimizer` must be a funcdp.optim optimizer (a "
             f"GradientTransformation such as funcdp.optim.sgd(0.1)), got {a_type(optimizer)}. "
@@ -164,7 +166,7 @@ def value_and_update(fun: Callable, optimizer: Any, axis_name: Any = None, *,
     def step(params: Any, opt_state: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any, Any]:
         value, grads = grad_fn(params, *args, **kwargs)
         if axis_name is None:
-            params, opt_state = optimizer.step(grads, opt_state, params)
+            params, opt_state = step_of(optimizer, grads, opt_state, params)
             return value, params, opt_state
         # (Only a large leaf may hold the average: see shared_update.)
         mean = Mean(value[0] if has_aux else value, reduce, name,

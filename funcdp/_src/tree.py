@@ -11,6 +11,7 @@ readable error paths, and formatting key paths for error messages.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,15 +28,49 @@ TreeSpec = Any
 
 # The per-call hot path (flattening arguments and outputs) uses the fast library; the
 # plan-building helpers below work on torch's Python TreeSpec (see ``python_spec``).
-tree_flatten: Callable[..., tuple[list[Any], Any]]
+_flatten: Callable[..., tuple[list[Any], Any]]
 if _fast is not _pt:
     import optree
 
     # torch.utils._cxx_pytree's function with one Python call less: pmap flattens trees
     # several times per call and device.
-    tree_flatten = functools.partial(optree.tree_flatten, none_is_leaf=True, namespace="torch")
+    _flatten = functools.partial(optree.tree_flatten, none_is_leaf=True, namespace="torch")
 else:  # pragma: no cover - optree not installed
-    tree_flatten = _pt.tree_flatten
+    _flatten = _pt.tree_flatten
+
+# The number of node types the Python library knew when the fast one was last brought in
+# line with it (see ``_sync``).
+_synced = [-1]
+
+
+def _sync() -> None:
+    """Registers with the fast library the node types only the Python one knows.
+
+    ``torch.utils._pytree.register_dataclass`` (and other private registrations) reach
+    the Python library only: without this, such a dataclass would be a leaf to funcdp but
+    a node to ``torch.func``. Checked on every flatten by the count of types (one ``len``).
+    """
+    nodes = _pt.SUPPORTED_NODES
+    _synced[0] = len(nodes)
+    if _fast is _pt:  # pragma: no cover - optree not installed
+        return
+    for cls, node in list(nodes.items()):
+        if isinstance(cls, type) and cls not in _known_fast:
+            _known_fast.add(cls)
+            try:
+                _fast._private_register_pytree_node(cls, node.flatten_fn, node.unflatten_fn)
+            except ValueError:  # (known there already: a built-in or synced registration)
+                pass
+
+
+_known_fast: set = set()
+
+
+def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
+    """Leaves (``None`` among them) and structure of ``tree``."""
+    if len(_pt.SUPPORTED_NODES) != _synced[0]:
+        _sync()
+    return _flatten(tree)
 
 
 def tree_unflatten(leaves: Sequence[Any], spec: Any) -> Any:
@@ -43,9 +78,24 @@ def tree_unflatten(leaves: Sequence[Any], spec: Any) -> Any:
     return spec.unflatten(leaves)
 
 
-tree_leaves = _fast.tree_leaves
-tree_map = _fast.tree_map
-tree_structure = _fast.tree_structure
+def tree_leaves(tree: Any) -> list[Any]:
+    if len(_pt.SUPPORTED_NODES) != _synced[0]:
+        _sync()
+    return _fast.tree_leaves(tree)
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rests: Any, **kwargs: Any) -> Any:
+    if len(_pt.SUPPORTED_NODES) != _synced[0]:
+        _sync()
+    return _fast.tree_map(fn, tree, *rests, **kwargs)
+
+
+def tree_structure(tree: Any) -> Any:
+    if len(_pt.SUPPORTED_NODES) != _synced[0]:
+        _sync()
+    return _fast.tree_structure(tree)
+
+
 tree_flatten_with_path = _pt.tree_flatten_with_path
 
 
@@ -122,6 +172,12 @@ def broadcast_prefix(
             # Plain dicts match by key, whatever their insertion order (as in JAX).
             pre_children = [pre[k] for k in spec.context]
             pre_spec = spec
+        elif pre_spec.type is spec.type and pre_spec.context != spec.context and (
+                fields := _dataclass_fields(pre, spec)) is not None:
+            # A registered dataclass leaves out its None fields: a prefix with None for
+            # a field (an axis of None) matches a value with a tensor there.
+            pre_children = [getattr(pre, name) for name in fields]
+            pre_spec = spec
         if pre_spec.type is not spec.type or pre_spec.context != spec.context or len(
             pre_children
         ) != spec.num_children:
@@ -136,6 +192,20 @@ def broadcast_prefix(
 
     walk(prefix, full_spec, ())
     return out
+
+
+def _dataclass_fields(pre: Any, spec: TreeSpec) -> list[str] | None:
+    """The fields a dataclass node of ``spec`` holds children for, where ``pre`` is a
+    dataclass and ``spec``'s context is ``register_dataclass``'s (the names of the fields
+    flattened and of those left out as None); else None."""
+    ctx = spec.context
+    if not (dataclasses.is_dataclass(pre) and isinstance(ctx, (list, tuple)) and len(ctx) == 2
+            and all(isinstance(names, (list, tuple)) for names in ctx)):
+        return None
+    fields = {f.name for f in dataclasses.fields(pre)}
+    if not set(ctx[0]) | set(ctx[1]) <= fields:
+        return None
+    return list(ctx[0])
 
 
 def _child_keys(spec: TreeSpec) -> list[Any]:
