@@ -295,6 +295,9 @@ def test_states_and_members_of_other_types_work(fused):
         def update(self, grads, state, params=None):
             return {k: -v for k, v in grads.items()}, state
 
+        def step(self, grads, state, params):  # (its own, without axis_name: not called)
+            raise AssertionError("a step of the user's own is not funcdp's to call")
+
     def run(opt, state):
         out = (opt.step if fused else opt.update)(grads, state, params)
         return out[0]
@@ -319,6 +322,11 @@ def test_states_and_members_of_other_types_work(fused):
                        in_axes=(None, None, 0), out_axes=None, devices=funcdp.local_devices()[:2])
     _, new, _ = step(params, {}, x)
     assert_trees_close(new, {"w": params["w"] - (x ** 2).sum(0)})
+    with pytest.raises(TypeError, match=r"got the class Negate \(pass an instance: "
+                                        r"Negate\(\.\.\.\)\)"):
+        optim.chain(Negate)
+    with pytest.raises(TypeError, match=r"`optimizer` must be .*, got the class Negate"):
+        funcdp.value_and_update(loss, Negate)
 
 
 def test_error_chain_of_something_else():
@@ -358,3 +366,21 @@ def test_error_state_or_params_of_other_shapes(opt, fused):
         step(grads, replicated, params)
     assert_trees_close(step(grads, funcdp.unreplicate(replicated), params),
                        step(grads, opt.init(params), params))
+
+
+class _Linear:  # a pytree node registered without key paths
+    def __init__(self, w, b):
+        self.w, self.b = w, b
+
+
+torch.utils._pytree.register_pytree_node(_Linear, lambda o: ([o.w, o.b], None),
+                                         lambda xs, _: _Linear(*xs))
+
+
+def test_shape_error_for_a_node_without_key_paths():
+    # Was torch's "Did not find a flatten_with_keys_fn" while wording the error.
+    adam = optim.adam(0.1)
+    grads, params = _Linear(torch.ones(3), torch.ones(2)), _Linear(torch.zeros(3), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"state\['mu'\]\[0\] has shape \(2, 3\), but its "
+                                         r"gradient grads\[0\] has shape \(3,\)"):
+        adam.update(grads, adam.init(_Linear(torch.zeros(2, 3), torch.zeros(2))), params)

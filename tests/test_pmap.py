@@ -702,3 +702,25 @@ def test_registered_dataclass_in_and_out():
     g = torch.func.grad(lambda v: funcdp.pmap(lambda w: _Pair(w, w ** 2), devices=devs)(v)
                         .b.sum())(x)
     assert_trees_close(g, 2 * x)
+
+
+class _Keyless:  # registered without key paths (torch's flatten_with_keys_fn)
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+pt.register_pytree_node(_Keyless, lambda o: ([o.a, o.b], None), lambda xs, _: _Keyless(*xs))
+
+
+def test_prefix_of_a_node_without_key_paths():
+    # Matching in_axes/out_axes against such a node needed key paths (torch's "Did not
+    # find a flatten_with_keys_fn"); its children are named by number instead.
+    devs = funcdp.local_devices()[:2]
+    x = torch.arange(6.0).reshape(2, 3)
+    out = funcdp.pmap(lambda v: _Keyless(v, funcdp.psum(v, "i")), axis_name="i",
+                      out_axes=_Keyless(0, None), devices=devs)(x)
+    assert_trees_close((out.a.to_tensor(), out.b), (x, x.sum(0)))
+    back = funcdp.pmap(lambda p: p.a + p.b, in_axes=(_Keyless(0, None),), devices=devs)(out)
+    assert_trees_close(back.to_tensor(), x + x.sum(0))
+    with pytest.raises(ValueError, match=r"out_axes entry 2 is out of range for output\[1\]"):
+        funcdp.pmap(lambda v: _Keyless(v, v.sum()), out_axes=_Keyless(0, 2), devices=devs)(x)

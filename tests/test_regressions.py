@@ -626,3 +626,50 @@ def test_reduction_buffers_kept_are_bounded(monkeypatch):
     if pool._enabled:
         assert [numel for numel, _ in pool._free] == [base * k for k in (4, 5, 6)]
     assert_trees_close(f(torch.ones(2, base * 4)), torch.full((base * 4,), 2.0))
+    assert_trees_close(f(torch.ones(2, base * 7)), torch.full((base * 7,), 2.0))
+    if pool._enabled:  # (the most recently used sizes, not the first kept)
+        assert [numel for numel, _ in pool._free] == [base * k for k in (6, 4, 7)]
+
+
+def test_reduction_buffers_are_reused():
+    # A buffer nobody refers to any more is handed out again (a constant in the pool's
+    # check had gone stale: it never reused one), and one still referred to is not.
+    from funcdp._src import collectives
+
+    pool = collectives._BufferPool()
+    if not pool._enabled:
+        pytest.skip("this torch cannot count a storage's users")
+    n = collectives._POOL_MIN_NUMEL
+    first = pool.get(n, torch.float32)
+    kept = first.data_ptr()  # (the pool holds the buffer: no other allocation gets it)
+    view = first[1:]
+    del first
+    second = pool.get(n, torch.float32)
+    assert second.data_ptr() != kept  # (a view of the first is alive)
+    del view, second
+    assert pool.get(n, torch.float32).data_ptr() == kept
+
+
+@pytest.mark.parametrize("call", ["tree_flatten", "tree_leaves", "tree_map", "tree_structure"])
+def test_each_pytree_entry_point_knows_registered_dataclasses(call):
+    # register_dataclass reaches torch's Python pytree library only; each of funcdp's
+    # fast entry points brings its own registry in line first (or took it for a leaf).
+    import dataclasses
+
+    import torch.utils._pytree as pt
+
+    from funcdp._src import tree as tree_util
+
+    cls = dataclasses.make_dataclass(f"Fresh_{call}", [("a", object), ("b", object)])
+    pt.register_dataclass(cls)
+    value = cls(torch.ones(1), torch.zeros(1))
+    fn = getattr(tree_util, call)
+    result = fn(lambda t: t + 1, value) if call == "tree_map" else fn(value)
+    if call == "tree_flatten":
+        assert len(result[0]) == 2
+    elif call == "tree_leaves":
+        assert len(result) == 2
+    elif call == "tree_map":
+        assert_trees_close((result.a, result.b), (torch.full((1,), 2.0), torch.ones(1)))
+    else:
+        assert result.num_leaves == 2

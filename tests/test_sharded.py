@@ -48,12 +48,18 @@ def test_gathered_value_follows_writes(block):
     assert inf.to_tensor() is inf.to_tensor()
     other.to_tensor().zero_()  # (gathered outside inference mode: a write torch counts)
     assert_trees_close(other.to_tensor(), torch.arange(4.0))
+    normal = funcdp.pmap(lambda v: v * 1, devices=devs)(torch.arange(4.0))
+    with torch.inference_mode():  # (normal shards gathered in inference mode, written there)
+        normal.to_tensor().div_(2)
+    assert_trees_close(normal.to_tensor(), torch.arange(4.0))
 
 
 @pytest.mark.parametrize("write", [
     lambda x: x.mul_(0), lambda x: x.clamp_(0, 1), lambda x: torch.relu_(x),
     lambda x: torch.nn.functional.relu(x, inplace=True),
     lambda x: torch.add(torch.ones(4, 3), 1, out=x), lambda x: x.__setitem__(0, 1.0),
+    lambda x: torch.nn.init.uniform_(x), lambda x: torch.relu_(input=x),
+    lambda x: torch._foreach_mul_([x], 2.0),
 ])
 def test_writing_in_place_is_an_error(write):
     # An in-place write would land in the gathered copy and be lost (it was silently).
@@ -65,6 +71,8 @@ def test_writing_in_place_is_an_error(write):
     t.add_(out)  # (writing a tensor of one's own, with the value as an operand, is fine)
     assert_trees_close(t, x)
     assert_trees_close(out.mul(2) + torch.relu(out), 3 * x)
+    # (Methods named as in-place ones that write no data work on the gathered value.)
+    assert hasattr(out, "add_") and out.requires_grad_().requires_grad
 
 
 def test_bool_index_is_not_a_position():

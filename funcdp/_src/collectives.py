@@ -383,6 +383,15 @@ def _fresh_storage_refs() -> int:
     return sys.getrefcount(storage)
 
 
+@functools.cache
+def _free_uses() -> int:
+    """``storage_uses`` of a tensor that nothing but a list refers to, as the pool holds
+    its buffers (it depends on the torch version: 3 on torch 2.13, where the pool's
+    former constant 2 made it never reuse a buffer)."""
+    held = [torch.empty(1)]
+    return storage_uses(held[0])
+
+
 class _BufferPool:
     """Reuses the CPU output buffers of reductions once nothing refers to them any more.
 
@@ -419,7 +428,7 @@ class _BufferPool:
                 self._free.move_to_end(key)
             for buf in bufs:
                 # The pool's tensor and the temporary storage object: nobody else.
-                if storage_uses(buf) <= 2:
+                if storage_uses(buf) <= _free_uses():
                     # A new view, made under the lock, marks the buffer as taken at once.
                     return buf.view(numel)
             buf = torch.empty(numel, dtype=dtype)

@@ -339,15 +339,23 @@ def is_transformation(t: Any) -> bool:
     """Whether ``t`` is a ``GradientTransformation`` or quacks like one (callable ``init``
     and ``update``, as an optax-style object of the user's own)."""
     return isinstance(t, GradientTransformation) or (
-        callable(getattr(t, "init", None)) and callable(getattr(t, "update", None)))
+        not isinstance(t, type)  # (a class: its methods would take grads for self)
+        and callable(getattr(t, "init", None)) and callable(getattr(t, "update", None)))
+
+
+def not_a_transformation(t: Any) -> str:
+    """What ``t``, which ``is_transformation`` rejected, is, for messages."""
+    if isinstance(t, type) and callable(getattr(t, "update", None)):
+        return f"the class {t.__name__} (pass an instance: {t.__name__}(...))"
+    return a_type(t)
 
 
 def step_of(opt: Any, grads: Any, state: Any, params: Any,
             axis_name: Any = None) -> tuple[Any, Any]:
-    """``opt.step(...)``; for a transformation without ``step``, its update, applied."""
-    step = getattr(opt, "step", None)
-    if callable(step):
-        return step(grads, state, params, axis_name=axis_name)
+    """``opt.step(...)`` of a ``GradientTransformation``; for a transformation of the
+    user's own, its update, applied (its ``step``, if any, need not take ``axis_name``)."""
+    if isinstance(opt, GradientTransformation):
+        return opt.step(grads, state, params, axis_name=axis_name)
     updates, state = opt.update(grads, state, params)
     return apply_updates(params, updates), state
 
@@ -603,7 +611,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"funcdp.optim.chain: argument {i} must be a GradientTransformation (a "
                 f"funcdp.optim optimizer or transformation, such as funcdp.optim.sgd(0.1), or "
                 f"an object of your own with init(params) and update(grads, state, params)), "
-                f"got {a_type(t)}.")
+                f"got {not_a_transformation(t)}.")
 
     def init(params: Any) -> tuple:
         return tuple(t.init(params) for t in transforms)

@@ -155,12 +155,14 @@ class ShardedValue:
             to a ``clone()`` of it. A ``ShardedValue`` itself cannot be written in place.
         """
         if not self._gathered():
-            target = self._shards[0].device
-            parts = [s if s.device == target else s.to(target) for s in self._shards]
-            if self._block == 1:
-                value = torch.stack(parts, self._axis)
+            if torch.is_inference_mode_enabled() and not any(
+                    s.is_inference() for s in self._shards):
+                # Gathered as a normal tensor, whose in-place writes (in inference mode
+                # too) bump its version counter, so that the cache sees them.
+                with torch.inference_mode(False):
+                    value = self._gather()
             else:
-                value = torch.cat(parts, self._axis)
+                value = self._gather()
             self._value = value
             self._versions = _versions((value, *self._shards))
         else:
@@ -168,6 +170,13 @@ class ShardedValue:
         if device is not None and torch.device(device) != value.device:
             return value.to(device)
         return value
+
+    def _gather(self) -> torch.Tensor:
+        target = self._shards[0].device
+        parts = [s if s.device == target else s.to(target) for s in self._shards]
+        if self._block == 1:
+            return torch.stack(parts, self._axis)
+        return torch.cat(parts, self._axis)
 
     def _gathered(self) -> bool:
         """Whether ``_value`` holds the shards' current value (nothing written since)."""
@@ -222,8 +231,10 @@ class ShardedValue:
         # Anything else a tensor has (x.sum(), x.argmax(1), ...) works on the gathered value.
         if name.startswith("__"):
             raise AttributeError(name)
-        if name.endswith("_") and hasattr(torch.Tensor, name):
-            raise _read_only(f"x.{name}(...)")
+        if _writes(name) and hasattr(torch.Tensor, name):
+            def write(*args: Any, **kwargs: Any) -> Any:
+                raise _read_only(f"x.{name}(...)")
+            return write
         return getattr(self.to_tensor(), name)
 
     def __setitem__(self, idx: Any, value: Any) -> None:
@@ -233,8 +244,11 @@ class ShardedValue:
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
-        if args and isinstance(args[0], ShardedValue) and (
-                (name.endswith("_") and not name.startswith("__")) or kwargs.get("inplace")):
+        # (The tensor written is the first argument, passed by keyword in some calls:
+        # torch.nn.init.uniform_(tensor=...); a list of them for torch._foreach_*_.)
+        target = args[0] if args else next(iter(kwargs.values()), None)
+        if (_writes(name) or kwargs.get("inplace")) and any(
+                isinstance(t, ShardedValue) for t in tree_util.tree_leaves(target)):
             raise _read_only(f"{name}(x, ...{', inplace=True' if kwargs.get('inplace') else ''})")
         if any(isinstance(o, ShardedValue) for o in tree_util.tree_leaves(kwargs.get("out"))):
             raise _read_only(f"{name}(..., out=x)")
@@ -249,6 +263,15 @@ class ShardedValue:
         return self.to_tensor().detach().__reduce_ex__(protocol)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+# Tensor methods named as in-place ones that write no data.
+_NOT_WRITES = frozenset({"requires_grad_", "share_memory_", "detach_", "rename_"})
+
+
+def _writes(name: str) -> bool:
+    """Whether torch's function or method ``name`` writes its first argument in place."""
+    return name.endswith("_") and not name.startswith("__") and name not in _NOT_WRITES
 
 
 def _read_only(what: str) -> TypeError:

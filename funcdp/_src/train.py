@@ -23,7 +23,7 @@ from funcdp._src.collectives import (
     _unpack_dual,
 )
 from funcdp._src.collectives import storage_uses as _storage_uses
-from funcdp._src.optim import is_transformation, step_of, step_of_mean
+from funcdp._src.optim import is_transformation, not_a_transformation, step_of, step_of_mean
 from funcdp._src.shared_update import _SHARED_MIN_NUMEL, Mean
 from funcdp._src.transform_util import a_type
 
@@ -157,8 +157,10 @@ def value_and_update(fun: Callable, optimizer: Any, axis_name: Any = None, *,
     if not is_transformation(optimizer):
         raise TypeError(
             f"value_and_update: `optimizer` must be a funcdp.optim optimizer (a "
-            f"GradientTransformation such as funcdp.optim.sgd(0.1)), got {a_type(optimizer)}. "
-            f"A torch.optim optimizer updates parameters in place; funcdp's return new ones.")
+            f"GradientTransformation such as funcdp.optim.sgd(0.1), or an object of your own "
+            f"with init(params) and update(grads, state, params)), got "
+            f"{not_a_transformation(optimizer)}. A torch.optim optimizer updates parameters "
+            f"in place; funcdp's return new ones.")
     grad_fn = value_and_grad(fun, None, has_aux=has_aux, compile=compile)
     reduce = functools.partial(_pmean_owned, axis_name=axis_name)
     name = f"value_and_update({getattr(fun, '__name__', type(fun).__name__)})"

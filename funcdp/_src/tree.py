@@ -11,8 +11,8 @@ readable error paths, and formatting key paths for error messages.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,6 +41,8 @@ else:  # pragma: no cover - optree not installed
 # The number of node types the Python library knew when the fast one was last brought in
 # line with it (see ``_sync``).
 _synced = [-1]
+_sync_lock = threading.Lock()
+_known_fast: set = set()
 
 
 def _sync() -> None:
@@ -48,22 +50,25 @@ def _sync() -> None:
 
     ``torch.utils._pytree.register_dataclass`` (and other private registrations) reach
     the Python library only: without this, such a dataclass would be a leaf to funcdp but
-    a node to ``torch.func``. Checked on every flatten by the count of types (one ``len``).
+    a node to ``torch.func``. Checked on every flatten by the count of types (one ``len``);
+    the count is stored last, once every type is registered, so that another thread
+    flattening meanwhile waits here rather than take a new type for a leaf.
     """
-    nodes = _pt.SUPPORTED_NODES
-    _synced[0] = len(nodes)
-    if _fast is _pt:  # pragma: no cover - optree not installed
-        return
-    for cls, node in list(nodes.items()):
-        if isinstance(cls, type) and cls not in _known_fast:
-            _known_fast.add(cls)
-            try:
-                _fast._private_register_pytree_node(cls, node.flatten_fn, node.unflatten_fn)
-            except ValueError:  # (known there already: a built-in or synced registration)
-                pass
-
-
-_known_fast: set = set()
+    with _sync_lock:
+        nodes = _pt.SUPPORTED_NODES
+        n = len(nodes)
+        if n == _synced[0]:
+            return
+        if _fast is not _pt:
+            for cls, node in list(nodes.items()):
+                if isinstance(cls, type) and cls not in _known_fast:
+                    try:
+                        _fast._private_register_pytree_node(cls, node.flatten_fn,
+                                                            node.unflatten_fn)
+                    except ValueError:  # (known there already: built in, or registered
+                        pass            # through torch's public function)
+                    _known_fast.add(cls)
+        _synced[0] = n
 
 
 def tree_flatten(tree: Any) -> tuple[list[Any], Any]:
@@ -172,11 +177,12 @@ def broadcast_prefix(
             # Plain dicts match by key, whatever their insertion order (as in JAX).
             pre_children = [pre[k] for k in spec.context]
             pre_spec = spec
-        elif pre_spec.type is spec.type and pre_spec.context != spec.context and (
-                fields := _dataclass_fields(pre, spec)) is not None:
+        elif (pre_spec.type is spec.type and pre_spec.context != spec.context
+              and _same_fields(pre_spec, spec)):
             # A registered dataclass leaves out its None fields: a prefix with None for
             # a field (an axis of None) matches a value with a tensor there.
-            pre_children = [getattr(pre, name) for name in fields]
+            by_name = dict(zip(pre_spec.context[0], pre_children))
+            pre_children = [by_name.get(name) for name in spec.context[0]]
             pre_spec = spec
         if pre_spec.type is not spec.type or pre_spec.context != spec.context or len(
             pre_children
@@ -194,23 +200,29 @@ def broadcast_prefix(
     return out
 
 
-def _dataclass_fields(pre: Any, spec: TreeSpec) -> list[str] | None:
-    """The fields a dataclass node of ``spec`` holds children for, where ``pre`` is a
-    dataclass and ``spec``'s context is ``register_dataclass``'s (the names of the fields
-    flattened and of those left out as None); else None."""
+def _same_fields(a: TreeSpec, b: TreeSpec) -> bool:
+    """Whether ``a`` and ``b`` are nodes of a registered dataclass with the same fields
+    (some left out as None in one, flattened in the other)."""
+    fa, fb = _field_names(a), _field_names(b)
+    return fa is not None and fb is not None and set(fa[0] + fa[1]) == set(fb[0] + fb[1])
+
+
+def _field_names(spec: TreeSpec) -> list[list[str]] | None:
+    """``[flattened, left out as None]`` field names of a node of a class registered with
+    ``torch.utils._pytree.register_dataclass`` (its context), else None."""
     ctx = spec.context
-    if not (dataclasses.is_dataclass(pre) and isinstance(ctx, (list, tuple)) and len(ctx) == 2
-            and all(isinstance(names, (list, tuple)) for names in ctx)):
-        return None
-    fields = {f.name for f in dataclasses.fields(pre)}
-    if not set(ctx[0]) | set(ctx[1]) <= fields:
-        return None
-    return list(ctx[0])
+    if (type(ctx) is list and len(ctx) == 2 and all(type(names) is list for names in ctx)
+            and all(type(n) is str for names in ctx for n in names)):
+        return ctx
+    return None
 
 
 def _child_keys(spec: TreeSpec) -> list[Any]:
     node = _pt.tree_unflatten([0] * spec.num_leaves, spec)
-    pairs, _ = _pt.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    try:
+        pairs, _ = _pt.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)
+    except ValueError:  # a node type registered without key paths: its children's numbers
+        return [_pt.SequenceKey(i) for i in range(spec.num_children)]
     return [path[0] for path, _ in pairs]
 
 
@@ -218,4 +230,17 @@ def leaf_paths(spec: TreeSpec) -> list[tuple]:
     """Key paths of every leaf of ``spec``, in flattening order."""
     spec = python_spec(spec)
     dummy = _pt.tree_unflatten([0] * spec.num_leaves, spec)
-    return [path for path, _ in _pt.tree_flatten_with_path(dummy)[0]]
+    try:
+        return [path for path, _ in _pt.tree_flatten_with_path(dummy)[0]]
+    except ValueError:  # a node type registered without key paths (see _child_keys)
+        out: list[tuple] = []
+
+        def walk(node: TreeSpec, path: tuple) -> None:
+            if node.is_leaf():
+                out.append(path)
+                return
+            for child, key in zip(node.children(), _child_keys(node)):
+                walk(child, path + (key,))
+
+        walk(spec, ())
+        return out
