@@ -673,3 +673,32 @@ def test_each_pytree_entry_point_knows_registered_dataclasses(call):
         assert_trees_close((result.a, result.b), (torch.full((1,), 2.0), torch.ones(1)))
     else:
         assert result.num_leaves == 2
+
+
+@pytest.mark.parametrize("op", ["psum", "pmean", "pmax"])
+def test_reduction_over_a_vmap_axis_of_size_one(op):
+    # Over one participant the reduction is the identity, but over a vmap axis its result
+    # must come out unbatched (it came back still varying along the axis: out_axes=None
+    # failed, and SyncBatchNorm's running statistics could not be updated).
+    x = torch.randn(1, 4)
+    out = funcdp.vmap(lambda v: getattr(funcdp, op)(v, "i"), axis_name="i", out_axes=None)(x)
+    assert_trees_close(out, x[0])
+    bn = funcdp.nn.SyncBatchNorm(4, axis_name="i")
+    y = torch.randn(1, 3, 4)
+    ref = torch.nn.BatchNorm1d(4)
+    assert_trees_close(funcdp.vmap(bn, axis_name="i")(y)[0], ref(y[0]), atol=1e-6)
+    assert_trees_close((bn.running_mean, bn.running_var), (ref.running_mean, ref.running_var),
+                       atol=1e-6)
+
+
+def test_vmap_takes_none_in_a_mapped_argument():
+    # None is an empty subtree, as in pmap and JAX (vmap rejected it as a NoneType mapped
+    # over axis 0).
+    def f(x, mask):
+        x = x if mask is None else x * mask
+        return x - funcdp.pmean(x, "i")
+
+    x = torch.randn(4, 3)
+    want = x - x.mean(0)
+    assert_trees_close(funcdp.vmap(f, axis_name="i")(x, None), want)
+    assert_trees_close(funcdp.pmap(f, axis_name="i")(x, None).to_tensor(), want)

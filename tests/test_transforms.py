@@ -753,3 +753,37 @@ def test_dropout_with_more_shards_than_devices_and_under_vmap():
     g = torch.func.vmap(funcdp.pmap(lambda a: F.dropout(a, 0.5)), randomness="different")
     out = g(torch.ones(3, 4, 16))
     assert len({tuple(r.tolist()) for r in out.reshape(12, 16)}) == 12
+
+
+def test_grad_with_a_constant_made_inside_the_transform():
+    # A tensor made inside torch.func.grad that does not depend on the differentiated
+    # argument (a buffer's clone()) was tracked as requiring grad on the devices: eval
+    # BatchNorm rejected its running statistics. Also its second derivative, with a value
+    # that depends on the outer argument only.
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    w = torch.randn(4, dtype=torch.float64)
+    rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    x = torch.randn(8, 4, dtype=torch.float64)
+
+    def loss(w, rm, rv, x):
+        return (F.batch_norm(x, rm, rv, weight=w, training=False) ** 2).sum()
+
+    pm = funcdp.pmap(loss, in_axes=(None, None, None, 0), devices=funcdp.local_devices()[:4])
+    got = torch.func.grad(lambda w: pm(w, rm.clone(), rv, x.reshape(4, 2, 4)).sum())(w)
+    want = torch.func.grad(lambda w: loss(w, rm.clone(), rv, x))(w)
+    assert_trees_close(got, want)
+
+    def f(u, c, z, x):
+        return (torch.sin(x * u) * c).sum() * z.sum()
+
+    pf = funcdp.pmap(f, in_axes=(None, None, None, 0), devices=funcdp.local_devices()[:4])
+
+    def second(w, run, xs):  # (c depends on the outer argument only; z on neither)
+        c = w * 2
+        return torch.func.grad(lambda u: run(u, c, rv.clone(), xs).sum())(w).sum()
+
+    got = torch.func.grad(lambda w: second(w, pf, x.reshape(4, 2, 4)))(w)
+    want = torch.func.grad(lambda w: second(w, f, x))(w)
+    assert_trees_close(got, want)

@@ -850,9 +850,11 @@ def _reduction(op: str, x: Any, axis_name: Any, axis_index_groups: Any, call: st
             t = t.to(torch.int64)
         idx.append(i)
         tensors.append(t)
-    if n == 1 and groups is None:
+    if n == 1 and groups is None and all(type(c) is DeviceComp for c in comps):
         # Over one participant every reduction is the identity (and so is its transpose):
-        # skip the collective machinery, which costs tens of microseconds per call.
+        # skip the collective machinery, which costs tens of microseconds per call. (Not
+        # over a vmap axis of size 1: its result must come out unbatched, the same for
+        # every member of the axis, as for any size.)
         for i, t in zip(idx, tensors):
             if op == "pmean" and not (t.is_floating_point() or t.is_complex()):
                 t = t.to(torch.get_default_dtype())

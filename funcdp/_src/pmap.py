@@ -981,9 +981,17 @@ class _Call:
         # The inputs a gradient may be asked for: those requiring grad, and any value a
         # torch.func transform wraps. Others (BatchNorm buffers, data) are not tracked.
         track = [False] * len(self.leaves)
+        grad_levels: frozenset[int] | None = None
         for i in tensor_pos:
             x = self.leaves[i]
-            track[i] = x.requires_grad or _functorch.is_functorch_wrapped_tensor(x)
+            if x.requires_grad:
+                track[i] = True
+            elif _functorch.is_functorch_wrapped_tensor(x):
+                if grad_levels is None:
+                    grad_levels = frozenset(
+                        t.level() for t in pyfunctorch.retrieve_all_functorch_interpreters()
+                        if t.key() == pyfunctorch.TransformType.Grad)
+                track[i] = _tracked_by_a_transform(x, grad_levels)
         self.track = track
         # (Here: inside the autograd.Function the caller's torch-function modes, among them
         # the enclosing device's random routing that a nested call seeds from, are off.)
@@ -1348,6 +1356,22 @@ def _saved_graphs_suffice(cts: Sequence[torch.Tensor]) -> bool:
     # at that level only, and are unwrapped before use).
     stack = pyfunctorch.retrieve_all_functorch_interpreters()
     return len(stack) == 1 and stack[0].key() == pyfunctorch.TransformType.Grad
+
+
+def _tracked_by_a_transform(x: torch.Tensor, grad_levels: frozenset[int]) -> bool:
+    """Whether a transform may ask for a derivative with respect to ``x``, a tensor some
+    ``torch.func`` transform wraps: unless every level wrapping it is a ``grad`` level at
+    which it does not require grad (a constant made inside the transform, such as a
+    buffer's ``clone()``: tracked, a BatchNorm's running statistics would be rejected by
+    batch_norm as requiring grad). vmap and jvp levels keep it tracked."""
+    t = x
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.maybe_get_level(t) not in grad_levels:
+            return True
+        t = _functorch.get_unwrapped(t)
+        if t.requires_grad:
+            return True
+    return False
 
 
 def _track(x: Any) -> Any:

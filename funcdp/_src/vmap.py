@@ -81,7 +81,7 @@ def vmap(fun: Any = None, in_axes: Any = 0, out_axes: Any = 0, axis_name: Any = 
         dims: list[int | None] = []
         device = None
         for path_i, (leaf, ax) in enumerate(zip(leaves, axes)):
-            if ax is None:
+            if ax is None or leaf is None:  # (None: an empty subtree, as in pmap and JAX)
                 dims.append(None)
                 continue
             if not isinstance(leaf, torch.Tensor):
