@@ -702,6 +702,9 @@ def test_registered_dataclass_in_and_out():
     g = torch.func.grad(lambda v: funcdp.pmap(lambda w: _Pair(w, w ** 2), devices=devs)(v)
                         .b.sum())(x)
     assert_trees_close(g, 2 * x)
+    with pytest.raises(ValueError, match=r"the prefix has a tuple of 2 children where the "
+                                         r"value has a _Pair with fields \['a', 'b'\]\."):
+        funcdp.pmap(lambda v: _Pair(v, v), out_axes=(0, 0), devices=devs)(x)
 
 
 class _Keyless:  # registered without key paths (torch's flatten_with_keys_fn)

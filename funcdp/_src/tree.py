@@ -143,6 +143,10 @@ def _describe_node(spec: TreeSpec) -> str:
         return "a leaf"
     typ = spec.type
     name = getattr(typ, "__name__", str(typ))
+    fields = _field_names(spec)
+    if fields is not None:  # (a registered dataclass: its fields, None ones apart)
+        return (f"a {name} with fields {fields[0]!r}"
+                + (f" (and {fields[1]!r} None)" if fields[1] else ""))
     if isinstance(spec.context, (list, tuple)) and spec.context and typ is not tuple:
         return f"a {name} with keys {list(spec.context)!r}"
     return f"a {name} of {spec.num_children} children"
