@@ -6,15 +6,37 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.utils._pytree as pt
 
+from funcdp._src import tree as tree_util
 from funcdp._src.api_util import public
 from funcdp._src.devices import Device
 from funcdp._src.sharded import ShardedValue, replicate
 
 _FORMAT = "funcdp.checkpoint"
 _VERSION = 1
+_NOT_A_VALUE = object()
+
+
+def _plain_value(leaf: Any) -> Any:
+    """``leaf`` as the builtin value ``torch.load(weights_only=True)`` reads back: a bool,
+    int, float or str subclass (``numpy.float64``, an ``IntEnum``) or a NumPy scalar becomes
+    the exact builtin type; anything else is ``_NOT_A_VALUE``.
+    """
+    if isinstance(leaf, np.generic):
+        leaf = leaf.item()
+    if leaf is None or type(leaf) in (bool, int, float, str):
+        return leaf
+    # (The base types' own conversions: a subclass's __str__ or __int__ may say more.)
+    if isinstance(leaf, int):
+        return int.__int__(leaf)
+    if isinstance(leaf, float):
+        return float.__float__(leaf)
+    if isinstance(leaf, str):
+        return str.__str__(leaf)
+    return _NOT_A_VALUE
 
 
 def _is_replicated(v: ShardedValue) -> bool:
@@ -43,11 +65,12 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
 
     Replicated values (from ``funcdp.replicate``, or any sharded value whose shards share
     one storage) are stored once and can be replicated again onto any number of devices
-    when loading; other sharded values are gathered
-    (their mapped axis is kept); plain tensors (such as ``out_axes=None`` results) are
-    stored as they are. The file holds plain tensors on the CPU and a
-    serialized pytree structure, so it loads with ``weights_only=True``, on a machine
-    with any number or kind of devices.
+    when loading; other sharded values are gathered (their mapped axis is kept); plain
+    tensors (such as ``out_axes=None`` results) are stored as they are. Numbers and
+    strings are stored as the builtin ``bool``, ``int``, ``float`` or ``str`` (a
+    ``numpy.float64``, say, loads back as a ``float``). The file holds plain tensors on
+    the CPU and a serialized pytree structure, so it loads with ``weights_only=True``, on
+    a machine with any number or kind of devices.
 
     Examples:
         >>> import os, tempfile, torch, funcdp
@@ -59,7 +82,7 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
     leaves, spec = pt.tree_flatten(state)
     out: list[Any]  # tensors, and the plain values of "value" leaves
     kinds, out = [], []
-    for leaf in leaves:
+    for i, leaf in enumerate(leaves):
         if isinstance(leaf, ShardedValue):
             if _is_replicated(leaf):
                 kinds.append("replicated")
@@ -70,13 +93,16 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
         elif isinstance(leaf, torch.Tensor):
             kinds.append("tensor")
             out.append(leaf.detach().cpu())
-        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+        elif (value := _plain_value(leaf)) is not _NOT_A_VALUE:
             kinds.append("value")
-            out.append(leaf)
+            out.append(value)
         else:
-            raise TypeError(f"funcdp.save_checkpoint: cannot save a leaf of type "
-                            f"{type(leaf).__name__}; a checkpoint holds tensors, sharded values "
-                            f"and numbers.")
+            path = tree_util.keystr(tree_util.leaf_paths(spec)[i])
+            raise TypeError(
+                f"funcdp.save_checkpoint: cannot save a leaf of type {type(leaf).__name__} "
+                f"at state{path}; a checkpoint holds tensors, sharded values, numbers "
+                f"(bool, int, float, or NumPy scalars of these), strs and None. Convert it to "
+                f"one of these (torch.as_tensor(x) for an array) or leave it out of the state.")
     try:
         structure = pt.treespec_dumps(spec)
     except Exception as e:  # noqa: BLE001 - reported with the fix

@@ -15,12 +15,14 @@ from funcdp._src.api_util import public
 from funcdp._src.devices import Device, local_devices
 from funcdp._src.pmap import Pmapped
 from funcdp._src.sharded import ShardedValue, _devices_or_local, to_devices
-from funcdp._src.transform_util import is_axis_leaf
+from funcdp._src.transform_util import a_type, describe_sizes, is_axis_leaf
+
+_CALL = "funcdp.pad_shard_unpad"
 
 
 @public
-def pad_shard_unpad(fn: Callable, static_argnums: Sequence[int] = (0,),
-                    static_argnames: Sequence[str] = (), static_return: bool = False,
+def pad_shard_unpad(fn: Callable, static_argnums: int | Sequence[int] = (0,),
+                    static_argnames: str | Sequence[str] = (), static_return: bool = False,
                     with_mask: bool = False, num_devices: int | None = None) -> Callable:
     """Wraps a pmapped ``fn`` so it takes a global batch of any size.
 
@@ -28,25 +30,46 @@ def pad_shard_unpad(fn: Callable, static_argnums: Sequence[int] = (0,),
     keyword argument not in ``static_argnames``) has the global batch on dimension 0; its
     size ``B`` need not divide by the device count ``n``. The wrapper zero-pads it to a
     multiple of ``n``, reshapes it to ``[n, B' / n, ...]`` (``funcdp.shard``), calls
-    ``fn``, and turns every per-device output (``[n, B' / n, ...]``, or its device axis
-    elsewhere as ``fn``'s ``out_axes`` put it) back into ``[B, ...]`` with the padding
-    dropped; other outputs (``out_axes=None`` values) are returned as they are. Which
-    outputs are per device is read from ``fn``'s ``out_axes`` when ``fn`` is a pmapped
-    function (so this works under ``torch.func`` transforms too); for another function,
-    sharded values and stacked tensors recording gradients are. Static arguments are
-    passed unchanged (e.g. replicated parameters, mapped by ``fn`` with ``in_axes=None``).
+    ``fn``, and turns every per-device output back into ``[B, ...]`` with the padding
+    dropped, as Flax's ``pad_shard_unpad`` does; other outputs (``out_axes=None``
+    values) are returned as they are. ``None`` leaves of batch arguments are passed
+    through, as pmap passes them to every device.
+
+    Every per-device output is taken to hold one value per example: it must be
+    ``[n, B' / n, ...]`` (or have its device axis elsewhere, as ``fn``'s ``out_axes`` put
+    it), whatever the batch size. Any other per-device output (one value per device, such
+    as a loss or a sum over the device's examples) is an error rather than reshaped:
+    return it with ``out_axes=None`` (after a ``psum``, say), or pass
+    ``static_return=True``. (A shape cannot tell such a value from a per-example one when
+    it happens to be ``[n, B' / n, ...]``; it is then unpadded like one.)
+
+    Which outputs are per device is read from ``fn``'s ``out_axes`` when ``fn`` is a
+    pmapped function (so this works under ``torch.func`` transforms too); for another
+    function, sharded values are, and so are tensors with a leading dimension ``n`` that
+    record gradients or are under a ``torch.func`` transform (a pmap's stacked outputs).
+    Static arguments are passed unchanged (e.g. replicated parameters, mapped by ``fn``
+    with ``in_axes=None``).
 
     Args:
         fn: a pmapped function whose batch arguments are mapped over axis 0.
-        static_argnums: positions of the arguments not to pad or shard.
-        static_argnames: keyword arguments not to pad or shard.
+        static_argnums: positions (an int or ints; negative ones count from the end of the
+            call's positional arguments) of the arguments not to pad or shard.
+        static_argnames: keyword arguments (a name or names) not to pad or shard.
         static_return: return ``fn``'s outputs as they are (no unsharding).
         with_mask: pass ``mask=`` to ``fn``: a bool tensor ``[n, B' / n]``, True for real
             examples, so that reductions inside ``fn`` can ignore the padding.
-        num_devices: ``n``; default: the number of local devices.
+        num_devices: ``n``, a positive int; default: the number of local devices.
 
     Returns:
         The wrapped function.
+
+    Raises:
+        TypeError: ``static_argnums``, ``static_argnames`` or ``num_devices`` is not of
+            the types above; or, when called, a leaf of a batch argument is not an array
+            (a Python number, say).
+        ValueError: ``num_devices`` is not positive; or, when called, no argument is a
+            batch, a batch leaf is 0-d, the batch arguments have different sizes, or a
+            per-device output is not ``[n, B' / n, ...]``.
 
     Examples:
         >>> import torch, funcdp
@@ -55,38 +78,38 @@ def pad_shard_unpad(fn: Callable, static_argnums: Sequence[int] = (0,),
         >>> tuple(out.shape), float(out.sum())
         ((10, 3), 60.0)
     """
-    statics = set(static_argnums)
-    static_names = set(static_argnames)
+    statics = _static_argnums(static_argnums)
+    static_names = _static_argnames(static_argnames)
+    if num_devices is not None and (isinstance(num_devices, bool)
+                                    or not isinstance(num_devices, int)):
+        raise TypeError(f"{_CALL}: `num_devices` must be a positive int or None (every local "
+                        f"device), got {a_type(num_devices)}: {num_devices!r}.")
+    if num_devices is not None and num_devices < 1:
+        raise ValueError(f"{_CALL}: `num_devices` must be a positive int (the number of "
+                         f"devices to shard the batch over), got {num_devices}; leave it "
+                         f"None to use every local device.")
 
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         n = num_devices if num_devices is not None else len(local_devices())
-        batch_leaves = [leaf for i, a in enumerate(args) if i not in statics
-                        for leaf in tree_util.tree_leaves(a)]
-        batch_leaves += [leaf for k, a in kwargs.items() if k not in static_names
-                         for leaf in tree_util.tree_leaves(a)]
-        if not batch_leaves:
-            raise ValueError(
-                "funcdp.pad_shard_unpad: no batch argument: every argument is static "
-                f"(static_argnums={tuple(sorted(statics))}, static_argnames="
-                f"{tuple(sorted(static_names))}); pass the batch as an argument that is not "
-                "static.")
-        sizes = {int(torch.as_tensor(x).shape[0]) for x in batch_leaves}
-        if len(sizes) != 1:
-            raise ValueError(f"funcdp.pad_shard_unpad: the batch arguments have different "
-                             f"leading sizes {sorted(sizes)}; they must share one batch size.")
-        batch = sizes.pop()
+        static = {i + len(args) if i < 0 else i for i in statics}
+        batch_args: list[tuple[int | str, Any]] = [
+            (i, a) for i, a in enumerate(args) if i not in static]
+        batch_args += [(k, a) for k, a in kwargs.items() if k not in static_names]
+        batch = _batch_size(batch_args, static, static_names)
         padded = -(-batch // n) * n
 
-        def prep(x: Any) -> torch.Tensor:
-            t = torch.as_tensor(x)
+        def prep(x: Any) -> Any:
+            if x is None:
+                return None
+            t = x.to_tensor() if isinstance(x, ShardedValue) else torch.as_tensor(x)
             if padded != batch:
                 pad = torch.zeros((padded - batch,) + tuple(t.shape[1:]), dtype=t.dtype,
                                   device=t.device)
                 t = torch.cat([t, pad])
             return t.reshape(n, padded // n, *t.shape[1:])
 
-        new_args = [a if i in statics else tree_util.tree_map(prep, a)
+        new_args = [a if i in static else tree_util.tree_map(prep, a)
                     for i, a in enumerate(args)]
         new_kwargs = {k: a if k in static_names else tree_util.tree_map(prep, a)
                       for k, a in kwargs.items()}
@@ -95,27 +118,115 @@ def pad_shard_unpad(fn: Callable, static_argnums: Sequence[int] = (0,),
         out = fn(*new_args, **new_kwargs)
         if static_return:
             return out
-
-        def unprep(x: Any, axis: Any) -> Any:
-            # Per-device outputs (the device axis at ``axis``, each device's batch first)
-            # become [B, ...]; out_axes=None values come back as they are.
-            t = x.to_tensor() if isinstance(x, ShardedValue) else x
-            if axis is None or not isinstance(t, torch.Tensor):
-                return t
-            if axis:
-                t = t.movedim(axis, 0)
-            if t.ndim < 2 or t.shape[0] != n or t.shape[1] != padded // n:
-                return t
-            return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])[:batch]
-
         leaves, treedef = tree_util.tree_flatten(out)
+        axes = _output_axes(fn, leaves, treedef, n)
         return tree_util.tree_unflatten(
-            [unprep(x, a) for x, a in zip(leaves, _output_axes(fn, leaves, treedef))], treedef)
+            [_unpad(x, a, i, treedef, n, batch) for i, (x, a) in enumerate(zip(leaves, axes))],
+            treedef)
 
     return wrapped
 
 
-def _output_axes(fn: Callable, leaves: list, treedef: Any) -> list:
+def _static_argnums(static_argnums: Any) -> frozenset[int]:
+    """``static_argnums`` as a set of ints (an int alone is accepted, as in JAX)."""
+    items = (static_argnums,) if isinstance(static_argnums, int) else static_argnums
+    try:
+        items = tuple(items)
+    except TypeError:
+        items = (static_argnums,)
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(
+                f"{_CALL}: `static_argnums` must be an int or a sequence of ints (positions "
+                f"of the arguments passed unchanged), got {static_argnums!r} holding "
+                f"{a_type(i)}: {i!r}; for example static_argnums=(0,).")
+    return frozenset(items)
+
+
+def _static_argnames(static_argnames: Any) -> frozenset[str]:
+    """``static_argnames`` as a set of names (a str alone is accepted, as in JAX)."""
+    items = (static_argnames,) if isinstance(static_argnames, str) else static_argnames
+    try:
+        items = tuple(items)
+    except TypeError:
+        items = (static_argnames,)
+    for k in items:
+        if not isinstance(k, str):
+            raise TypeError(
+                f"{_CALL}: `static_argnames` must be a str or a sequence of strs (names of "
+                f"the keyword arguments passed unchanged), got {static_argnames!r} holding "
+                f"{a_type(k)}: {k!r}; for example static_argnames=('params',).")
+    return frozenset(items)
+
+
+def _batch_size(batch_args: list[tuple[int | str, Any]], static: set[int],
+                static_names: frozenset[str]) -> int:
+    """The size of dimension 0 shared by every leaf of the batch arguments (``(position
+    or name, argument)`` pairs)."""
+    sizes: list[tuple[int | str, Any, int, int]] = []  # (key, treedef, leaf index, size)
+    for key, a in batch_args:
+        leaves, treedef = tree_util.tree_flatten(a)
+        for j, leaf in enumerate(leaves):
+            if leaf is None:  # nothing to pad: passed through, as pmap passes None
+                continue
+            shape = getattr(leaf, "shape", None)
+            if shape is not None and len(shape) > 0:
+                sizes.append((key, treedef, j, int(shape[0])))
+                continue
+            what = (f"a 0-d {type(leaf).__name__}" if shape is not None
+                    else f"{a_type(leaf)} ({leaf!r})")
+            raise (ValueError if shape is not None else TypeError)(
+                f"{_CALL}: batch argument {_where(key, treedef, j)} is {what}; each leaf of "
+                f"a batch argument must be a tensor or array whose dimension 0 is the batch. "
+                f"To pass it unchanged, make it static: " + (
+                    f"static_argnums={tuple(sorted(static | {key}))}." if isinstance(key, int)
+                    else f"static_argnames={tuple(sorted(static_names | {key}))}."))
+    if not sizes:
+        raise ValueError(
+            f"{_CALL}: no batch argument: every argument is static "
+            f"(static_argnums={tuple(sorted(static))}, static_argnames="
+            f"{tuple(sorted(static_names))}) or holds only None; pass the batch as an "
+            "argument that is not static.")
+    distinct = sorted({s for *_, s in sizes})
+    if len(distinct) > 1:
+        raise ValueError(
+            f"{_CALL}: the batch arguments have different leading sizes {distinct}; they "
+            f"must share one batch size:\n"
+            + describe_sizes({_where(k, t, j): s for k, t, j, s in sizes})
+            + "\nList the arguments that are not batches in `static_argnums` / "
+            "`static_argnames` to pass them unchanged.")
+    return distinct[0]
+
+
+def _where(key: int | str, treedef: Any, j: int) -> str:
+    """``args[1]['x']``: the path of leaf ``j`` of the argument at ``key``."""
+    arg = f"args[{key}]" if isinstance(key, int) else f"kwargs[{key!r}]"
+    return arg + tree_util.keystr(tree_util.leaf_paths(treedef)[j])
+
+
+def _unpad(x: Any, axis: int | None, i: int, treedef: Any, n: int, batch: int) -> Any:
+    """A per-device output (device axis at ``axis``) as ``[batch, ...]``."""
+    t = x.to_tensor() if isinstance(x, ShardedValue) else x
+    if axis is None or not isinstance(t, torch.Tensor):
+        return t
+    got = tuple(t.shape)
+    if axis:
+        t = t.movedim(axis, 0)
+    per_device = -(-batch // n)
+    if t.ndim < 2 or t.shape[0] != n or t.shape[1] != per_device:
+        where = "output" + tree_util.keystr(tree_util.leaf_paths(treedef)[i])
+        raise ValueError(
+            f"{_CALL}: {where} is per device (device axis {axis}) with shape {got}, but "
+            f"a per-device output must hold one value per example: [n, B' / n, ...] = "
+            f"[{n}, {per_device}, ...] here ({batch} examples padded to {n * per_device} "
+            f"on {n} devices), to be turned back into [{batch}, ...]. A value per device "
+            f"(a loss, a sum over the device's examples) cannot be unpadded: return it "
+            f"with out_axes=None (reduced with funcdp.psum or pmean, say), or pass "
+            f"static_return=True to get every output as fn returns it.")
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])[:batch]
+
+
+def _output_axes(fn: Callable, leaves: list, treedef: Any, n: int) -> list:
     """Where each output leaf of ``fn`` has its device axis (None: not per device)."""
     if isinstance(fn, Pmapped):
         axes = tree_util.broadcast_prefix(fn._out_axes, treedef, is_axis_leaf)
@@ -124,8 +235,9 @@ def _output_axes(fn: Callable, leaves: list, treedef: Any) -> list:
                 else a + len(x.shape) for x, a in zip(leaves, axes)]
     # Some other function: its sharded values are per device, and so are tensors that a
     # pmap returned stacked (recording gradients, or under a torch.func transform).
-    return [0 if isinstance(x, ShardedValue) or (isinstance(x, torch.Tensor) and (
-        x.requires_grad or _functorch.is_functorch_wrapped_tensor(x))) else None
+    return [x.axis if isinstance(x, ShardedValue) else 0 if (
+        isinstance(x, torch.Tensor) and x.ndim > 0 and x.shape[0] == n and (
+            x.requires_grad or _functorch.is_functorch_wrapped_tensor(x))) else None
         for x in leaves]
 
 
