@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import copy
+import io
 
 import pytest
 import torch
@@ -285,3 +287,164 @@ def test_state_dict_versions_reach_the_wrapped_layers():
     psd = parent.state_dict()
     del psd["dp.0.num_batches_tracked"]
     assert parent.load_state_dict(psd, strict=False).missing_keys == ["dp.0.num_batches_tracked"]
+
+
+def test_layers_replaced_or_added_after_wrapping_are_used():
+    # As nn.DataParallel replicates the module as it is on every call: a new head, an
+    # appended layer, a re-created parameter and a new ``model.module`` are all used, and
+    # gradients reach the parameters the module holds now.
+    torch.manual_seed(0)
+    x = torch.randn(10, 5, dtype=torch.float64)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    dp = funcdp.DataParallel(net, device_ids=[0, 1, 2, 3])
+    dp(x)
+    dp.module[2] = nn.Linear(8, 4).double()  # the same names, new tensors and shapes
+    assert_trees_close(dp(x), net(x))
+    dp.module[1] = nn.Tanh()  # no parameter changes
+    assert_trees_close(dp(x), net(x))
+    dp.module.append(nn.Sigmoid())
+    assert_trees_close(dp(x), net(x))
+    net[0].weight = nn.Parameter(torch.randn(8, 5, dtype=torch.float64))
+    for m in (net, nn.Linear(5, 2).double()):
+        dp.module = m
+        dp.zero_grad()
+        dp(x).pow(2).sum().backward()
+        got = [p.grad for p in m.parameters()]
+        dp.zero_grad()
+        m(x).pow(2).sum().backward()
+        assert_trees_close(dp(x), m(x))
+        assert_trees_close(got, [p.grad for p in m.parameters()])
+
+
+def test_structure_unchanged_means_nothing_rebuilt():
+    net = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    dp = funcdp.DataParallel(net, device_ids=[0, 1])
+    x = torch.randn(4, 3)
+    dp(x)
+    built, replicas = dp._net._built, dict(dp._replicas)
+    dp(x)
+    net.eval()  # modes and values are not structure
+    with torch.no_grad():
+        net[0].weight.add_(1)
+    dp(x)
+    assert dp._net._built is built and dp._replicas == replicas
+
+
+def test_copies_and_pickles_work_and_are_independent():
+    torch.manual_seed(0)
+    dp = funcdp.DataParallel(bn_net(), device_ids=[0, 1, 2])
+    x = torch.randn(6, 5, dtype=torch.float64)
+    dp(x)
+    buf = io.BytesIO()
+    torch.save(dp, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(dp), torch.load(buf, weights_only=False)):
+        assert isinstance(other, funcdp.DataParallel) and other.module is not dp.module
+        assert other.device_ids == dp.device_ids
+        before = {k: v.clone() for k, v in dp.state_dict().items()}
+        ref = copy.deepcopy(dp.module)
+        assert_trees_close(other(x), ref(x))  # training mode: running statistics move
+        assert_trees_close(dict(other.state_dict()), dict(ref.state_dict()))
+        assert_trees_close(dict(dp.state_dict()), before, exact=True)
+
+
+class EMA(nn.Module):
+    """Keeps an exponential moving average of its inputs' mean in a buffer, updated in
+    forward in place (a VQ-VAE codebook, a feature normaliser) or by assignment."""
+
+    def __init__(self, assign=False):
+        super().__init__()
+        self.lin = nn.Linear(3, 2).double()
+        self.register_buffer("ema", torch.zeros(3, dtype=torch.float64))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.assign = assign
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                if self.assign:
+                    self.ema = self.ema * 0.9 + 0.1 * x.mean(0)
+                else:
+                    self.ema.mul_(0.9).add_(0.1 * x.mean(0))
+                self.seen += x.shape[0]
+        return self.lin(x - self.ema)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("sync", [True, False])
+def test_buffers_a_forward_updates_keep_device_0s_update(assign, sync):
+    # nn.DataParallel's device-0 replica shares the module's buffers: its update is what
+    # remains. (With sync_batchnorm=False floating-point buffers are averaged instead.)
+    torch.manual_seed(0)
+    x = torch.randn(10, 3, dtype=torch.float64)  # chunks of 3, 3, 2, 2
+    m = EMA(assign)
+    ref = copy.deepcopy(m)
+    dp = funcdp.DataParallel(m, device_ids=[0, 1, 2, 3], sync_batchnorm=sync)
+    out = dp(x)
+    chunks = x.chunk(4)
+    replicas = [copy.deepcopy(ref) for _ in chunks]
+    assert_trees_close(out, torch.cat([r(c) for r, c in zip(replicas, chunks)]))
+    assert int(m.seen) == 3  # device 0's chunk
+    want = (sum(r.ema for r in replicas) / 4) if not sync else replicas[0].ema
+    assert_trees_close(m.ema, want)
+    dp.eval()
+    assert_trees_close(dp(x), m(x))
+
+
+def test_running_statistics_kept_when_only_the_wrapped_module_trains():
+    # model.eval() for validation, then back to training through the module itself: the
+    # layers train, so their running statistics move, as in the bare module.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+    ref = copy.deepcopy(net)
+    dp = funcdp.DataParallel(net, device_ids=[0, 1])
+    dp.eval()
+    net.train()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    assert_trees_close(dp(x), ref(x))
+    assert_trees_close(dict(net.named_buffers()), dict(ref.named_buffers()))
+    assert int(net[1].num_batches_tracked) == 1
+    net.eval()
+    ref.eval()
+    assert_trees_close(dp(x), ref(x))
+    assert_trees_close(dict(net.named_buffers()), dict(ref.named_buffers()))
+
+
+class Loss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def forward(self, x, t=None):
+        return self.lin(x).pow(2).mean()
+
+
+class SumsToo(nn.Module):
+    def forward(self, x):
+        return x, x.sum((1, 2))
+
+
+@pytest.mark.parametrize("case", ["dim", "scalar-kwarg", "scalar-output", "short-output",
+                                  "device-ids"])
+def test_argument_errors_name_the_argument(case):
+    x = torch.randn(8, 4)
+    if case == "dim":
+        with pytest.raises(ValueError, match=r"`dim`=5 is out of range for inputs\[0\] of "
+                                             r"shape \(8, 4\) \(valid dims -2..1\)"):
+            funcdp.DataParallel(nn.Linear(4, 1), dim=5)(x)
+    elif case == "scalar-kwarg":
+        with pytest.raises(ValueError, match=r"cannot scatter kwargs\['t'\], a 0-d tensor"):
+            funcdp.DataParallel(Loss())(x, t=torch.tensor(0.5))
+    elif case == "scalar-output":
+        with pytest.raises(ValueError, match=r"output is a 0-d tensor \(a scalar\): the "
+                                             r"replicas' scalars are gathered into a vector "
+                                             r"along dim 0 only, not along `dim`=1"):
+            funcdp.DataParallel(Loss(), dim=1)(torch.randn(3, 8, 4))
+    elif case == "short-output":
+        with pytest.raises(ValueError, match=r"cannot gather output\[1\] along `dim`=1: it "
+                                             r"has shape \(2,\)"):
+            funcdp.DataParallel(SumsToo(), dim=1)(torch.randn(2, 4, 4))
+    else:
+        with pytest.raises(ValueError, match=r"`device_ids` must name each device once .*"
+                                             r"got \[0, 1, 0\], which repeats 0"):
+            funcdp.DataParallel(nn.Linear(4, 1), device_ids=[0, 1, 0])

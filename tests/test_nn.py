@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import os
 import subprocess
 import sys
@@ -508,3 +510,116 @@ def test_sync_batchnorm_keeps_low_precision_statistics_in_float32(dtype):
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=0.05)
     torch.testing.assert_close(bn.running_mean.float(), x.float().mean(0) * 0.1,
                                rtol=1e-2, atol=1e-2)
+
+
+def test_apply_follows_the_module_as_it_is_now():
+    # Layers replaced or added after wrapping, a re-created parameter and .double()'s new
+    # buffers are used, from the calling thread and from every device of a pmap; an
+    # unchanged structure is not rebuilt.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    fm = funcdp.nn.functional(net)
+    x = torch.randn(4, 6, 5)
+    fm.apply(fm.params, fm.buffers, x[0])
+    built = fm._built
+    fm.apply(fm.params, {}, x[0])
+    assert fm._built is built
+
+    def pmapped(fm, x):
+        return funcdp.pmap(lambda p, x: fm.apply(p, {}, x)[0], in_axes=(None, 0),
+                           devices=funcdp.local_devices()[:4])(fm.params, x).to_tensor()
+
+    pmapped(fm, x)
+    net[2] = nn.Linear(8, 4)
+    net.append(nn.Tanh())
+    net[0].weight = nn.Parameter(torch.randn(8, 5))
+    assert_trees_close(fm.apply(fm.params, {}, x[0])[0], net(x[0]))
+    assert_trees_close(pmapped(fm, x), torch.stack([net(v) for v in x]))
+    net.double().eval()
+    with torch.no_grad():
+        net[1].running_mean.add_(1)
+    assert_trees_close(fm.apply(fm.params, {}, x[0].double())[0], net(x[0].double()))
+    fm.module = nn.Linear(5, 2)
+    assert_trees_close(fm.apply(fm.params, {}, x[0])[0], fm.module(x[0]))
+
+
+def test_apply_rejects_keys_the_module_does_not_have():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    fm = funcdp.nn.functional(m)
+    x = torch.randn(4, 3)
+    w = {"0.weight": torch.zeros(2, 3)}
+    with pytest.raises(ValueError, match=r"`params` has a key the module has no parameter "
+                                         r"for: '0.bais'.*'0.bais': did you mean '0.bias'\?"):
+        fm.apply({**w, "0.bais": torch.zeros(2)}, {}, x)
+    prefixed = {f"module.{k}": v for k, v in fm.params.items()}
+    with pytest.raises(ValueError, match=r"start with 'module.' .*strip the prefix"):
+        fm.apply(prefixed, {}, x)
+    with pytest.raises(ValueError, match=r"'1.running_mean' is a buffer: pass it in "
+                                         r"`buffers`"):
+        fm.apply({**w, "1.running_mean": torch.zeros(2)}, {}, x)
+    with pytest.raises(ValueError, match=r"`buffers` has a key the module has no buffer "
+                                         r"for: 'running_mean'.*did you mean "
+                                         r"'1.running_mean'\?"):
+        fm.apply(fm.params, {"running_mean": torch.zeros(2)}, x)
+    # Left out: the module's own (as torch.func.functional_call's default).
+    out, _ = fm.apply(w, {}, x, train=False)
+    want = torch.func.functional_call(m.eval(), w, (x,))
+    assert_trees_close(out, want)
+
+
+def test_load_state_dict_takes_non_persistent_buffers_from_the_module():
+    class Rotary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 4, 2) / 4),
+                                 persistent=False)
+
+        def forward(self, x):
+            return self.lin(x) * self.inv_freq.repeat(2)
+
+    torch.manual_seed(0)
+    m = Rotary()
+    fm = funcdp.nn.functional(m)
+    params, buffers = fm.load_state_dict(m.state_dict())
+    assert list(buffers) == ["inv_freq"]
+    x = torch.randn(3, 4)
+    assert_trees_close(fm.apply(params, buffers, x)[0], m(x))
+    with pytest.raises(KeyError, match=r"unexpected keys \['inv_freq'\]"):
+        fm.load_state_dict({**m.state_dict(), "inv_freq": m.inv_freq})
+
+
+def test_functional_modules_copy_and_pickle():
+    torch.manual_seed(0)
+    fm = funcdp.nn.functional(bn_model())
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    fm.apply(fm.params, {}, x)  # (replicas built: not part of the copy)
+    buf = io.BytesIO()
+    torch.save(fm, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(fm), torch.load(buf, weights_only=False)):
+        assert other.module is not fm.module
+        assert_trees_close(other.apply(other.params, other.buffers, x),
+                           fm.apply(fm.params, fm.buffers, x))
+
+
+def test_sync_batchnorm_refuses_one_value_per_channel_like_torch():
+    # One example over the whole axis: the variance is 0 and the output would be zeros.
+    torch.manual_seed(0)
+    x = torch.randn(1, 4)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        nn.BatchNorm1d(4)(x)
+    bn = nn.BatchNorm1d(4)
+    dp = funcdp.DataParallel(bn)
+    with pytest.raises(ValueError, match=r"Expected more than 1 value per channel when "
+                                         r"training, got input size torch.Size\(\[1, 4\]\)"):
+        dp(x)
+    assert_trees_close(dict(bn.named_buffers()), dict(nn.BatchNorm1d(4).named_buffers()))
+    # Two examples on two devices (one each) are fine; so is eval mode.
+    x2 = torch.randn(2, 4)
+    ref = nn.BatchNorm1d(4)
+    assert_trees_close(dp(x2), ref(x2))
+    dp.eval()
+    ref.eval()
+    assert_trees_close(dp(x), ref(x))

@@ -12,12 +12,16 @@ What it does differently from ``nn.DataParallel``:
 - runs on virtual CPU devices too (so it can be tested without GPUs);
 - BatchNorm statistics are synchronised across devices by default (the model trains as
   on one device with the full batch); with ``sync_batchnorm=False`` each replica
-  normalises with its own statistics and the running statistics are averaged over the
-  replicas (not taken from device 0);
+  normalises with its own statistics and floating-point buffers (the running statistics)
+  are averaged over the replicas (not taken from device 0). Other buffers a forward
+  updates (an EMA, a counter) keep device 0's update, as ``nn.DataParallel``'s do;
 - parameters are never re-replicated while unchanged (on CPU devices never copied);
 - autocast's dtype is honoured in every replica;
 - ``state_dict()`` has the plain module's keys and ``load_state_dict`` accepts both those
   and ``nn.DataParallel``'s ``module.``-prefixed keys.
+
+Like ``nn.DataParallel`` it runs the module as it is at each call: layers replaced or
+added through ``model.module`` (or a new ``model.module``) are used from the next call.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from funcdp._src import axes as axes_mod
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import public
 from funcdp._src.collectives import pmean
@@ -83,6 +88,13 @@ class DataParallel(nn.Module):
                                     f"indices (ints) or funcdp devices, got {d!r}.")
             if not chosen:
                 raise ValueError("funcdp.DataParallel: `device_ids` is empty.")
+            given = list(device_ids)
+            twice = [given[j] for j, d in enumerate(chosen) if d in chosen[:j]]
+            if twice:
+                raise ValueError(
+                    f"funcdp.DataParallel: `device_ids` must name each device once (one "
+                    f"replica per device), got {given!r}, which repeats "
+                    f"{', '.join(map(repr, twice))}. Remove the repeats.")
         if isinstance(dim, bool) or not isinstance(dim, int):
             raise TypeError(f"funcdp.DataParallel: `dim` must be an int, got {dim!r}.")
         self.module = module
@@ -106,20 +118,42 @@ class DataParallel(nn.Module):
                      holder: _Holder) -> Any:
         # Each layer in its own mode, as the wrapped module has it (nn.DataParallel's
         # replicas copy every submodule's flag).
-        out, new_buffers = self._net.apply(params, buffers, *args, **kwargs)
+        out, new_buffers = self._net._apply(holder.built, params, buffers, args, kwargs)
         if not self.sync_batchnorm and new_buffers:
             # Per-replica statistics; the running averages are averaged over replicas.
             new_buffers = {k: pmean(v, _AXIS) if v.is_floating_point() else v
                            for k, v in new_buffers.items()}
+        if _replica_index() == 0:
+            # Device 0's buffers are what remains, as with nn.DataParallel (whose device-0
+            # replica shares the module's buffers): synchronised BatchNorm statistics are
+            # the same everywhere, other updates (an EMA, a counter) may differ.
+            holder.buffers = new_buffers
         # Tensors are gathered along `dim` (scalars become one entry per replica, as in
         # nn.DataParallel); anything else is returned as device 0 has it.
         leaves, treedef = tree_util.tree_flatten(out)
-        tensors = [x.unsqueeze(0) if x.ndim == 0 else x
-                   for x in leaves if isinstance(x, torch.Tensor)]
         mask = [isinstance(x, torch.Tensor) for x in leaves]
+        tensors = []
+        for x, m in zip(leaves, mask):
+            if m:
+                if not -max(x.ndim, 1) <= self.dim < max(x.ndim, 1):
+                    raise ValueError(self._gather_dim_message(x, treedef, leaves))
+                tensors.append(x.unsqueeze(0) if x.ndim == 0 else x)
         if holder.value is None:  # the output's structure and non-tensor values, once
             holder.value = (treedef, mask, [None if m else x for x, m in zip(leaves, mask)])
-        return tensors, new_buffers
+        return tensors
+
+    def _gather_dim_message(self, x: torch.Tensor, treedef: Any, leaves: list) -> str:
+        i = next(j for j, leaf in enumerate(leaves) if leaf is x)
+        name = "output" + tree_util.keystr(tree_util.leaf_paths(treedef)[i])
+        if x.ndim == 0:
+            return (f"funcdp.DataParallel: {name} is a 0-d tensor (a scalar): the replicas' "
+                    f"scalars are gathered into a vector along dim 0 only, not along "
+                    f"`dim`={self.dim}. Return it with {self.dim + 1} or more dimensions, "
+                    f"or reduce it outside the DataParallel.")
+        return (f"funcdp.DataParallel: cannot gather {name} along `dim`={self.dim}: it has "
+                f"shape {tuple(x.shape)} (valid dims {-x.ndim}..{x.ndim - 1}). Outputs are "
+                f"gathered along the dimension inputs are scattered along; return tensors "
+                f"that have it.")
 
     def _replica_for(self, treedef: Any, mask: tuple[bool, ...]) -> Pmapped:
         key = (treedef, mask)
@@ -128,23 +162,30 @@ class DataParallel(nn.Module):
             axes = tree_util.tree_unflatten([self.dim if m else None for m in mask], treedef)
             rep = self._replicas[key] = Pmapped(
                 self._run_replica, _AXIS, (None, None) + tuple(axes) + (None,),
-                (self.dim, None), (),
-                self._devices, None, ())
+                self.dim, (), self._devices, None, ())
         return rep
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         chunks, treedef, mask = self._scatter_plan(inputs, kwargs)
-        params = dict(self.module.named_parameters())
-        buffers = dict(self.module.named_buffers())
-        replica = self._replica_for(treedef, mask)
+        module = self.module
+        net = self._net
+        if net.module is not module:  # ``model.module = ...`` since the last call
+            net = self._net = functional(module, sync_batchnorm=net.axis_name)
         holder = _Holder()
-        tensors, new_buffers = replica._call_chunks(
+        # The module's structure now (rebuilt if layers were replaced or added).
+        holder.built = built = net._current()
+        params, buffers = built.live()
+        replica = self._replica_for(treedef, mask)
+        tensors = replica._call_chunks(
             _NO_SELF, chunks, (params, buffers, inputs, kwargs, holder), {})
         treedef, mask, others = holder.value
         it = iter(tensors)
         out = tree_util.tree_unflatten([next(it) if m else o for o, m in zip(others, mask)],
                                        treedef)
-        if self.training and new_buffers:
+        new_buffers = holder.buffers
+        # Kept where a layer trains, as the bare module would keep them: the wrapper's own
+        # flag is not enough (``model.eval()``, then ``model.module.train()``).
+        if new_buffers and (self.training or any(m.training for m in module.modules())):
             with torch.no_grad():
                 for name, value in new_buffers.items():
                     buffers[name].copy_(value)
@@ -159,19 +200,19 @@ class DataParallel(nn.Module):
         """
         leaves, treedef = tree_util.tree_flatten((inputs, kwargs))
         sizes = {}
+        dim = self.dim
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
-                if leaf.ndim == 0:
-                    raise ValueError("funcdp.DataParallel: cannot scatter a scalar tensor "
-                                     f"(input leaf {i}) along dim {self.dim}.")
-                sizes[i] = leaf.shape[self.dim]
+                if not -leaf.ndim <= dim < leaf.ndim:
+                    raise ValueError(self._scatter_dim_message(leaf, treedef, i))
+                sizes[i] = leaf.shape[dim]
         if not sizes:
             raise ValueError("funcdp.DataParallel: no tensor input to scatter; the forward "
                              "needs at least one tensor argument with a batch dimension.")
         distinct = set(sizes.values())
         if len(distinct) > 1:
             paths = tree_util.leaf_paths(treedef)
-            listing = ", ".join(f"{tree_util.keystr(paths[i])}: {s}" for i, s in sizes.items())
+            listing = ", ".join(f"{_arg_name(paths[i])}: {s}" for i, s in sizes.items())
             raise ValueError(f"funcdp.DataParallel: input tensors have different sizes along "
                              f"dim {self.dim} ({listing}); they are scattered together, so "
                              f"they must agree.")
@@ -182,6 +223,17 @@ class DataParallel(nn.Module):
         chunks = tuple(c.shape[0] for c in torch.empty(batch, 0).chunk(n))
         mask = tuple(isinstance(leaf, torch.Tensor) for leaf in leaves)
         return chunks, treedef, mask
+
+    def _scatter_dim_message(self, leaf: torch.Tensor, treedef: Any, i: int) -> str:
+        name = _arg_name(tree_util.leaf_paths(treedef)[i])
+        if leaf.ndim == 0:
+            return (f"funcdp.DataParallel: cannot scatter {name}, a 0-d tensor (a scalar), "
+                    f"along `dim`={self.dim}: tensors are split into one chunk per device. "
+                    f"Pass it as a Python number (every replica gets it whole), or with a "
+                    f"batch dimension.")
+        return (f"funcdp.DataParallel: `dim`={self.dim} is out of range for {name} of shape "
+                f"{tuple(leaf.shape)} (valid dims {-leaf.ndim}..{leaf.ndim - 1}); every "
+                f"tensor input is scattered along `dim`. Pass a `dim` they all have.")
 
     def _gather(self, out: Any) -> Any:
         def move(t: Any) -> Any:
@@ -221,6 +273,13 @@ class DataParallel(nn.Module):
         incompatible.missing_keys[:] = [prefix + k[len(inner):] if k.startswith(inner) else k
                                         for k in incompatible.missing_keys]
 
+    # Copies and pickles (copy.deepcopy, torch.save(model)) leave out the per-structure
+    # pmapped replicas, rebuilt on the next call.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_replicas"] = {}
+        return state
+
     def extra_repr(self) -> str:
         return (f"device_ids={self.device_ids}, output_device={self.output_device}, "
                 f"dim={self.dim}, sync_batchnorm={self.sync_batchnorm}")
@@ -242,13 +301,29 @@ def _move_prefix(state_dict: dict, old: str, new: str, only: set | None = None) 
 
 
 class _Holder:
-    """A pytree leaf (passed to every replica unchanged) that carries back the output's
-    structure."""
+    """A pytree leaf (passed to every replica unchanged) that carries the module's
+    structure in and the output's structure and device 0's buffers back."""
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "built", "buffers")
 
     def __init__(self) -> None:
         self.value: Any = None
+        self.built: Any = None
+        self.buffers: dict | None = None
+
+
+def _replica_index() -> int:
+    """This replica's index (its device's position in ``device_ids``)."""
+    comps, _ = axes_mod.resolve(_AXIS, "funcdp.DataParallel")
+    frame = axes_mod.current_pmap_frame()
+    device = frame.device if frame is not None else torch.device("cpu")
+    return int(axes_mod.comp_index(comps[0], frame, device))
+
+
+def _arg_name(path: tuple) -> str:
+    """A forward argument named as the call wrote it: ``inputs[0]``, ``kwargs['t']``
+    (``path`` into ``(inputs, kwargs)``)."""
+    return ("inputs" if path[0].idx == 0 else "kwargs") + tree_util.keystr(path[1:])
 
 
 def _by_index(devs: list[Device], i: int) -> Device:

@@ -10,6 +10,7 @@ swaps tensors into the module it is given and so cannot be shared between thread
 
 from __future__ import annotations
 
+import difflib
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -17,10 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from funcdp._src.api_util import public_in
-from funcdp._src.collectives import psum
+from funcdp._src.collectives import axis_size, psum
 
 _public = public_in("funcdp.nn")
 
@@ -87,9 +87,18 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         acc = torch.promote_types(input.dtype, torch.float32)
         # Sums and counts (not means), so participants may hold different numbers of
         # examples (funcdp.DataParallel's uneven chunks).
-        local = torch.tensor(float(input.numel() // input.shape[1]), dtype=acc,
-                             device=input.device)
+        n = input.numel() // input.shape[1]
+        local = torch.tensor(float(n), dtype=acc, device=input.device)
         total, count = psum((input.sum(dims, dtype=acc), local), self.axis_name)
+        if n == 1 and axis_size(self.axis_name) == 1:
+            # torch's BatchNorm refuses this too (the variance of one value is 0: the
+            # output would be all zeros). Participants never hold fewer than one example
+            # (pmap's are all alike, DataParallel's chunks are never empty), so one value
+            # here and a single participant is one value over the whole axis.
+            raise ValueError(
+                f"SyncBatchNorm: Expected more than 1 value per channel when training, got "
+                f"input size {input.shape} on the only participant of axis "
+                f"{self.axis_name!r}. Use a batch of at least 2 examples, or eval() mode.")
         mean = total / count
         centered = input.to(acc) - mean.view(shape)
         var = psum(centered.pow(2).sum(dims), self.axis_name) / count
@@ -132,8 +141,73 @@ def _replica(module: nn.Module) -> nn.Module:
     return rec(module)
 
 
+def _structure(module: nn.Module) -> tuple[tuple, list]:
+    """What a module's replicas are built from, as ``(key, objects)``.
+
+    The key holds every name under which a submodule, parameter or buffer is registered
+    and the ids of those objects, so it changes with any change of structure
+    (``model[2] = nn.Identity()``, ``append``, a tied or re-created parameter,
+    ``.double()``'s new buffers) and not with values or modes. ``objects`` keeps them
+    alive while the key is held: no id can be reused by a new object meanwhile.
+    One pass in plain Python, quicker than one ``named_parameters()``.
+    """
+    names: list = []
+    objs: list = [module]
+    seen = {id(module)}
+    stack = [module]
+    while stack:  # (a loop, not recursion: a third faster on small models)
+        m = stack.pop()
+        p, b, c = m._parameters, m._buffers, m._modules
+        names.append((*p, None, *b, None, *c))
+        objs += p.values()
+        objs += b.values()
+        for child in c.values():
+            if child is not None:
+                if id(child) in seen:  # a shared submodule (or a cycle): by reference
+                    names.append(id(child))
+                    continue
+                seen.add(id(child))
+                objs.append(child)
+                stack.append(child)
+    return (tuple(names), tuple(map(id, objs))), objs
+
+
+class _Built:
+    """The replicas' template and the names of a module's tensors, for the module's
+    structure when it was built (``key``, see ``_structure``)."""
+
+    def __init__(self, module: nn.Module, axis_name: Any, key: tuple, refs: list) -> None:
+        self.module = module
+        self.key = key
+        self.refs = refs
+        template = _replica(module)
+        if axis_name is not None:
+            template = SyncBatchNorm.convert(template, axis_name)
+        self.template = template
+        self.param_names = [n for n, _ in module.named_parameters()]
+        self.buffer_names = [n for n, _ in module.named_buffers()]
+        # Every place a tensor is held, tied weights included: (slot name, canonical name).
+        self.param_aliases = _aliases(module.named_parameters(remove_duplicate=False),
+                                      module.named_parameters())
+        self.buffer_aliases = _aliases(module.named_buffers(remove_duplicate=False),
+                                       module.named_buffers())
+        # Where the module itself holds each tensor: its values as they are now, without
+        # walking the module again.
+        self.live_params = [(n, *_slot(module, n, "_parameters")[:2])
+                            for n in self.param_names]
+        self.live_buffers = [(n, *_slot(module, n, "_buffers")[:2]) for n in self.buffer_names]
+
+    def live(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The module's parameters and buffers now (``named_parameters()``'s tensors)."""
+        return ({n: d[k] for n, d, k in self.live_params},
+                {n: d[k] for n, d, k in self.live_buffers})
+
+
 class FunctionalModule:
     """A module as a pure function: ``apply(params, buffers, *args) -> (out, buffers)``.
+
+    The module is used as it is at each call: layers replaced or added after wrapping,
+    each layer's mode and attributes (as ``nn.DataParallel`` replicates it on every call).
 
     Attributes:
         module: the wrapped module (never mutated by ``apply``).
@@ -148,17 +222,35 @@ class FunctionalModule:
                             f"{type(module).__name__}.")
         self.module = module
         self.axis_name = sync_batchnorm
-        self._template = _replica(module)
-        if sync_batchnorm is not None:
-            self._template = SyncBatchNorm.convert(self._template, sync_batchnorm)
+        self._init_caches()
+
+    def _init_caches(self) -> None:
+        self._lock = threading.Lock()
         self._local = threading.local()
-        self._param_names = [n for n, _ in module.named_parameters()]
-        self._buffer_names = [n for n, _ in module.named_buffers()]
-        # Every place a tensor is held, tied weights included: (slot name, canonical name).
-        self._param_aliases = _aliases(module.named_parameters(remove_duplicate=False),
-                                       module.named_parameters())
-        self._buffer_aliases = _aliases(module.named_buffers(remove_duplicate=False),
-                                        module.named_buffers())
+        self._built: _Built | None = None
+
+    # Copies and pickles hold the module and the axis; the replicas are rebuilt (a
+    # thread-local cannot be pickled, and the template would be a stale second copy).
+    def __getstate__(self) -> dict:
+        return {"module": self.module, "axis_name": self.axis_name}
+
+    def __setstate__(self, state: dict) -> None:
+        self.module = state["module"]
+        self.axis_name = state["axis_name"]
+        self._init_caches()
+
+    def _current(self) -> _Built:
+        """The template and names for the module's structure now; rebuilt if it changed
+        (or ``module`` was reassigned) since the last call."""
+        key, refs = _structure(self.module)
+        built = self._built
+        if built is not None and built.key == key:
+            return built
+        with self._lock:  # the threads of a pmap find the change together
+            built = self._built
+            if built is None or built.key != key:
+                built = self._built = _Built(self.module, self.axis_name, key, refs)
+        return built
 
     @property
     def params(self) -> dict[str, torch.Tensor]:
@@ -168,18 +260,18 @@ class FunctionalModule:
     def buffers(self) -> dict[str, torch.Tensor]:
         return {n: b.detach().clone() for n, b in self.module.named_buffers()}
 
-    def _thread_module(self, train: bool | None) -> tuple[nn.Module, list, list]:
+    def _thread_module(self, built: _Built, train: bool | None) -> tuple[nn.Module, list, list]:
         local = self._local
-        m = getattr(local, "module", None)
-        if m is None:
-            m = local.module = _replica(self._template)
-            local.param_slots = [_slot(m, n, "_parameters") for n, _ in self._param_aliases]
-            local.buffer_slots = [_slot(m, n, "_buffers") for n, _ in self._buffer_aliases]
-            # Each module with its replica, by name (the replica has the module's
-            # structure as it was when wrapped, BatchNorm layers converted in place).
+        if getattr(local, "built", None) is not built:
+            m = local.module = _replica(built.template)
+            local.param_slots = [_slot(m, n, "_parameters") for n, _ in built.param_aliases]
+            local.buffer_slots = [_slot(m, n, "_buffers") for n, _ in built.buffer_aliases]
+            # Each module with its replica, by name (BatchNorm layers converted in place).
             mine = dict(m.named_modules())
             local.pairs = [(a.__dict__, mine[n].__dict__)
-                           for n, a in self.module.named_modules() if n in mine]
+                           for n, a in built.module.named_modules() if n in mine]
+            local.built = built
+        m = local.module
         # The module as it is now, as nn.DataParallel replicates it on every call: every
         # submodule's own mode (a BatchNorm set to eval inside a training model) and
         # attributes set since (tensors and submodules are the replica's own).
@@ -196,47 +288,74 @@ class FunctionalModule:
         """Runs the module with the given parameters and buffers.
 
         Args:
-            params: parameters by name (as in ``params``).
-            buffers: buffers by name; never modified.
+            params: parameters by name (as in ``params``); one left out is the module's
+                own.
+            buffers: buffers by name; never modified. One left out starts from a copy of
+                the module's own.
             *args: the module's forward arguments.
             **kwargs: the module's forward keyword arguments.
             train: training mode (BatchNorm batch statistics, dropout) for every layer;
                 default: each layer's own mode in the wrapped module, as it is now.
 
         Returns:
-            ``(output, new_buffers)``: BatchNorm running statistics come back updated in
-            ``new_buffers`` (new tensors) instead of being written into ``buffers``.
+            ``(output, new_buffers)``: buffers the forward updates (BatchNorm running
+            statistics, in place or by assignment) come back in ``new_buffers`` (new
+            tensors) instead of being written into ``buffers``.
+
+        Raises:
+            ValueError: ``params`` or ``buffers`` has a key the module has no parameter
+                (or buffer) for, such as a misspelled name or an ``nn.DataParallel``
+                ``module.`` prefix.
         """
-        module, pslots, bslots = self._thread_module(train)
-        new_buffers = {}
-        for (_, canonical), (_, _, original) in zip(self._buffer_aliases, bslots):
-            if canonical in new_buffers:
-                continue
-            b = buffers.get(canonical)
-            # Buffers not given start from the module's own, copied: never written to.
-            new_buffers[canonical] = (b if b is not None else original).clone()
+        return self._apply(self._current(), params, buffers, args, kwargs, train)
+
+    __call__ = apply
+
+    def _apply(self, built: _Built, params: Mapping[str, torch.Tensor],
+               buffers: Mapping[str, torch.Tensor], args: tuple, kwargs: dict,
+               train: bool | None = None) -> tuple[Any, dict]:
+        """``apply`` for the structure ``built`` (its caller checked it is current)."""
+        module, pslots, bslots = self._thread_module(built, train)
         try:
-            values = [params[canonical] for _, canonical in self._param_aliases]
+            values = [params[canonical] for _, canonical in built.param_aliases]
         except KeyError:
-            out = functional_call(module, (dict(params), new_buffers), args, kwargs,
-                                  tie_weights=True, strict=False)
-            return out, new_buffers
+            values = None
+        if values is None or len(params) != len(built.param_names):
+            values = _given(self, params, "params", built.param_aliases, built.buffer_names,
+                            [original for _, _, original in pslots])
+        try:
+            given = [buffers[canonical] for _, canonical in built.buffer_aliases]
+        except KeyError:
+            given = None
+        if given is None or len(buffers) != len(built.buffer_names):
+            given = _given(self, buffers, "buffers", built.buffer_aliases, built.param_names,
+                           [original for _, _, original in bslots])
+        # Copies: the forward's in-place updates never reach the tensors given.
+        new_buffers: dict[str, torch.Tensor] = {}
+        placed = []
+        for (_, canonical), b in zip(built.buffer_aliases, given):
+            t = new_buffers.get(canonical)
+            if t is None:
+                t = new_buffers[canonical] = b.clone()
+            placed.append(t)
         # The replica belongs to this thread: set its tensors directly (what
         # functional_call does, minus its generality), and put the originals back after.
         for (d, key, _), v in zip(pslots, values):
             d[key] = v
-        for (d, key, _), (_, canonical) in zip(bslots, self._buffer_aliases):
-            d[key] = new_buffers[canonical]
+        for (d, key, _), t in zip(bslots, placed):
+            d[key] = t
         try:
             out = module(*args, **kwargs)
+            for (d, key, _), (_, canonical), t in zip(bslots, built.buffer_aliases, placed):
+                now = d[key]
+                if now is not t and isinstance(now, torch.Tensor):
+                    new_buffers[canonical] = now  # reassigned (``self.ema = ...``)
         finally:
             for d, key, original in pslots:
                 d[key] = original
             for d, key, original in bslots:
                 d[key] = original
         return out, new_buffers
-
-    __call__ = apply
 
     # -- state dicts ---------------------------------------------------------------------
     def state_dict(self, params: Mapping[str, Any], buffers: Mapping[str, Any]) -> dict:
@@ -246,7 +365,8 @@ class FunctionalModule:
         """
         from funcdp._src.sharded import unreplicate
 
-        canonical = dict(self._param_aliases + self._buffer_aliases)
+        built = self._current()
+        canonical = dict(built.param_aliases + built.buffer_aliases)
         out: dict[str, torch.Tensor] = {}
         for name in self.module.state_dict():
             key = canonical.get(name, name)  # tied weights appear under every name
@@ -262,19 +382,68 @@ class FunctionalModule:
         """Params and buffers from a ``state_dict`` of the module (or of an
         ``nn.DataParallel`` wrapping it: ``module.`` prefixes are accepted).
 
+        Non-persistent buffers (never in a ``state_dict``) are the module's own, copied.
+
         Raises:
             KeyError: listing missing and unexpected keys.
         """
-        sd = strip_prefix(state_dict, self._param_names + self._buffer_names)
-        missing = [n for n in self._param_names + self._buffer_names if n not in sd]
+        built = self._current()
         expected = set(self.module.state_dict())
+        sd = strip_prefix(state_dict, list(expected))
+        # Tensors a state_dict does not hold (non-persistent buffers) are the module's.
+        missing = [n for n in built.param_names + built.buffer_names
+                   if n in expected and n not in sd]
         unexpected = [k for k in sd if k not in expected]
         if missing or unexpected:
             raise KeyError(f"funcdp.nn: state_dict does not match the module: missing keys "
                            f"{missing}, unexpected keys {unexpected}.")
-        params = {n: sd[n].detach() for n in self._param_names}
-        buffers = {n: sd[n].detach().clone() for n in self._buffer_names}
+        own_params, own_buffers = built.live()
+        params = {n: (sd[n] if n in expected else own_params[n]).detach()
+                  for n in built.param_names}
+        buffers = {n: (sd[n] if n in expected else own_buffers[n]).detach().clone()
+                   for n in built.buffer_names}
         return params, buffers
+
+
+def _given(fm: FunctionalModule, given: Mapping[str, torch.Tensor], what: str,
+           aliases: list[tuple[str, str]], others: list[str], originals: list) -> list:
+    """The tensor for each slot of ``aliases`` from ``given``, by canonical or tied name,
+    else the module's own (``originals``); unknown keys are an error."""
+    known = dict(aliases)
+    unexpected = [k for k in given if k not in known]
+    if unexpected:
+        raise ValueError(_unexpected_message(fm, what, unexpected, list(dict.fromkeys(
+            c for _, c in aliases)), others))
+    by_canonical = {known[k]: v for k, v in given.items()}
+    return [by_canonical.get(c, original) for (_, c), original in zip(aliases, originals)]
+
+
+def _unexpected_message(fm: FunctionalModule, what: str, unexpected: list[str],
+                        names: list[str], others: list[str]) -> str:
+    kind = "parameter" if what == "params" else "buffer"
+    listed = ", ".join(repr(k) for k in unexpected[:8]) + (
+        f" and {len(unexpected) - 8} more" if len(unexpected) > 8 else "")
+    msg = (f"funcdp.nn.functional({type(fm.module).__name__}).apply: `{what}` has "
+           f"{'a key' if len(unexpected) == 1 else 'keys'} the module has no {kind} for: "
+           f"{listed}. Expected names from `.{what}` (")
+    shown = ", ".join(repr(n) for n in names[:8]) + (", ..." if len(names) > 8 else "")
+    msg += f"{len(names)} {kind}s: {shown}); " if names else f"the module has no {kind}s); "
+    msg += f"a {kind} left out is the module's own."
+    if all(k.startswith("module.") for k in unexpected):
+        msg += (" The keys start with 'module.' (an nn.DataParallel or DDP state dict): "
+                "strip the prefix, for example with `.load_state_dict(state_dict)`, which "
+                "returns `(params, buffers)` without it.")
+        return msg
+    other_kind = "buffer" if kind == "parameter" else "parameter"
+    other_arg = "buffers" if what == "params" else "params"
+    for k in unexpected[:8]:
+        if k in others:
+            msg += f" {k!r} is a {other_kind}: pass it in `{other_arg}`."
+            continue
+        close = difflib.get_close_matches(k, names, n=1)
+        if close:
+            msg += f" {k!r}: did you mean {close[0]!r}?"
+    return msg
 
 
 def _aliases(all_named: Any, unique_named: Any) -> list[tuple[str, str]]:
