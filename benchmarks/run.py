@@ -59,6 +59,7 @@ PART_LABELS = {"torch_module": "torch nn.Module+optim", "torch_func": "torch.fun
                "funcdp_x4": "funcdp pmap x4",
                "funcdp_x2_two_rounds": "funcdp pmap x2, value_and_grad + opt.step",
                "funcdp_x2_compiled": "funcdp pmap x2 + torch.compile",
+               "funcdp_x2_onednn": "funcdp pmap x2 + oneDNN linear",
                "threads_x2": "hand-written threads x2"}
 
 
@@ -177,6 +178,12 @@ TARGETS = [
      "jax.pmap x2 (mlp)", 1.0),
     ("MLP step, funcdp x2 + torch.compile vs single-process torch",
      "funcdp pmap x2 + torch.compile (mlp)", "torch nn.Module+optim (mlp)", 0.9),
+    # With funcdp.config.onednn_linear (nn.Linear's products on oneDNN instead of torch's
+    # BLAS; see docs/performance.md).
+    ("MLP step, funcdp x2 + oneDNN linear vs jax.pmap x2",
+     "funcdp pmap x2 + oneDNN linear (mlp)", "jax.pmap x2 (mlp)", 1.0),
+    ("MLP step, funcdp x2 + oneDNN linear vs single-process torch",
+     "funcdp pmap x2 + oneDNN linear (mlp)", "torch nn.Module+optim (mlp)", 0.9),
 ]
 
 
@@ -257,6 +264,7 @@ def build_report(results: dict, have_jax: bool) -> dict:
 def _order(label: str) -> tuple:
     keys = ["torch nn.Module", "torch.func", "funcdp pmap x1 (", "funcdp pmap x2 (",
             "funcdp pmap x2, value_and_grad", "funcdp pmap x2 + torch.compile",
+            "funcdp pmap x2 + oneDNN",
             "funcdp pmap x4 (", "hand-written threads",
             "DDP", "jax.pmap x2 (",
             "funcdp pmap x2 call", "jax.pmap x2 call", "funcdp psum",

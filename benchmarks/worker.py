@@ -163,9 +163,10 @@ class _ThreadsStep:
 
 
 def funcdp_step(workload: str, n: int | None = None, compiled: bool = False,
-                two_rounds: bool = False):
+                two_rounds: bool = False, onednn: bool = False):
     """The quickstart's step (``value_and_update``); with ``two_rounds``, written out as
-    ``value_and_grad`` and ``opt.step`` (the average and the update in rounds of their own)."""
+    ``value_and_grad`` and ``opt.step`` (the average and the update in rounds of their own);
+    with ``onednn``, under ``funcdp.config.onednn_linear``."""
     import funcdp
     from funcdp import optim
 
@@ -201,7 +202,11 @@ def funcdp_step(workload: str, n: int | None = None, compiled: bool = False,
 
     def step(i: int) -> float:
         x, y = data[i % 8]
-        state["p"], state["s"], loss = train_step(state["p"], state["s"], x, y)
+        if onednn:
+            with funcdp.config.override(onednn_linear=True):
+                state["p"], state["s"], loss = train_step(state["p"], state["s"], x, y)
+        else:
+            state["p"], state["s"], loss = train_step(state["p"], state["s"], x, y)
         return float(loss)
 
     return step
@@ -232,6 +237,7 @@ def single_process(workload: str, quick: bool) -> dict:
         steps[f"funcdp_x{n}"] = funcdp_step(workload, n)
     steps["funcdp_x2_two_rounds"] = funcdp_step(workload, 2, two_rounds=True)
     steps["threads_x2"] = _ThreadsStep(workload, 2)
+    steps["funcdp_x2_onednn"] = funcdp_step(workload, 2, onednn=True)
     skipped = None
     if workload == "mlp" and not quick:
         try:  # needs a C++ compiler; compiles during the warm-up (~20 s)

@@ -50,6 +50,13 @@ class Config:
         check_replicated: whether ``out_axes=None`` verifies that the value is the same on
             every device (default True, ``FUNCDP_CHECK_REPLICATED``). Values that are the
             result of a reduction are recognised without comparing data.
+        onednn_linear: whether ``F.linear`` (every ``nn.Linear``) in a pmapped function
+            runs on oneDNN, forward and backward, for float32 tensors on CPU devices
+            (default False, ``FUNCDP_ONEDNN_LINEAR``). On CPUs where torch's BLAS is
+            slow (MKL on AMD EPYC: 115 against oneDNN's 250 GFLOPS per core) the MLP
+            benchmark step is about 30 % faster; results agree with torch's to float32
+            rounding, not bit for bit. Elsewhere (other dtypes, GPUs, inside
+            ``torch.func`` transforms, autocast) torch's ``F.linear`` runs.
 
     Examples:
         >>> import funcdp
@@ -58,11 +65,12 @@ class Config:
         5.0
     """
 
-    _names = ("collective_timeout", "check_replicated")
+    _names = ("collective_timeout", "check_replicated", "onednn_linear")
 
     def __init__(self) -> None:
         self.collective_timeout = _env_float("FUNCDP_COLLECTIVE_TIMEOUT", 60.0)
         self.check_replicated = _env_bool("FUNCDP_CHECK_REPLICATED", True)
+        self.onednn_linear = _env_bool("FUNCDP_ONEDNN_LINEAR", False)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in self._names:
@@ -76,10 +84,8 @@ class Config:
                     f"got {value!r}."
                 )
             value = float(value)
-        if name == "check_replicated" and not isinstance(value, bool):
-            raise ValueError(
-                f"funcdp.config.check_replicated must be True or False, got {value!r}."
-            )
+        if name in ("check_replicated", "onednn_linear") and not isinstance(value, bool):
+            raise ValueError(f"funcdp.config.{name} must be True or False, got {value!r}.")
         object.__setattr__(self, name, value)
 
     @contextlib.contextmanager

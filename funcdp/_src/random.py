@@ -36,7 +36,9 @@ from torch._functorch import pyfunctorch
 from torch.overrides import TorchFunctionMode
 from torch.utils import checkpoint as _torch_checkpoint
 
+from funcdp._src import onednn
 from funcdp._src.api_util import public
+from funcdp._src.config import config
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK = (1 << 63) - 1
@@ -354,8 +356,18 @@ def _with_mode_in_backward(mode: DeviceRandomness, func: Any, types: Any, args: 
     with mode:
         return _redispatch(func, types, args, kwargs)
 
+def _linear(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
+    """``F.linear`` on oneDNN where ``funcdp.config.onednn_linear`` asks for it (see
+    ``onednn``); torch's own elsewhere."""
+    if config.onednn_linear and not kwargs and 2 <= len(args) <= 3 and onednn.applies(
+            args[0], args[1], args[2] if len(args) == 3 else None):
+        return onednn.linear(*args)
+    return func(*args, **kwargs)
+
+
 # What the mode does besides calling the function.
 _SPECIAL: dict[Any, Callable] = {
+    torch.nn.functional.linear: _linear,
     **{f: _route for f in (*_WITH_GENERATOR, *_DROPOUT)},
     torch.autograd.grad: _with_mode_in_backward,
     torch.autograd.backward: _with_mode_in_backward,

@@ -1,0 +1,85 @@
+"""oneDNN matrix products for ``F.linear`` on CPU devices (``funcdp.config.onednn_linear``).
+
+torch computes a float32 ``F.linear`` on the CPU with its BLAS (MKL in the PyPI build),
+which on some CPUs is far from their peak: on an AMD EPYC with AVX-512, MKL's single-thread
+``sgemm`` reaches about 115 GFLOPS where oneDNN's reaches 250 (oneDNN is part of torch too,
+used for lower-precision products). With the setting on, the ``F.linear`` calls a pmapped
+function makes on its devices (every ``nn.Linear``) run forward and backward on oneDNN.
+
+Only float32 tensors on the CPU, with no ``torch.func`` transform and no autocast active,
+and products of at least ``MIN_MACS`` multiply-adds (oneDNN's fixed cost per call exceeds
+the gain on small ones); anything else runs torch's own ``F.linear``. The derivatives are
+again oneDNN products, so gradients of gradients work too. Results agree with torch's to
+float32 rounding (the products sum in another order), not bit for bit: hence off by
+default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch._C import _functorch
+
+_pointwise = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+AVAILABLE = _pointwise is not None and torch.backends.mkldnn.is_available()
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _product(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return _pointwise(x, w, b, "none", [], "")  # type: ignore[misc]
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear(x, w, b)`` on oneDNN, with derivatives that are oneDNN products too."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return _product(x, w, b)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        x, w, b = inputs
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple:
+        x, w = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = _Linear.apply(g, w.t(), None)  # g @ w
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            g2 = g.reshape(-1, g.shape[-1])
+            if ctx.needs_input_grad[1]:
+                gw = _Linear.apply(g2.t(), x.reshape(-1, x.shape[-1]).t(), None)  # g^T @ x
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                gb = g2.sum(0)
+        return gx, gw, gb
+
+
+# The smallest product (multiply-adds) worth oneDNN: each of its calls costs about 10 us
+# more than torch's, which a product of 2**20 multiply-adds (128 x 1024 x 10) repays and a
+# smaller one may not (a network of many small layers ran 4 times slower on it).
+MIN_MACS = 1 << 20
+
+
+def applies(x: Any, w: Any, b: Any) -> bool:
+    """Whether ``linear(x, w, b)`` can run on oneDNN (else torch's ``F.linear`` runs)."""
+    return (AVAILABLE and type(x) in _PLAIN and type(w) in _PLAIN
+            and x.numel() * w.shape[0] >= MIN_MACS
+            and (b is None or type(b) in _PLAIN)
+            and x.dtype == torch.float32 and w.dtype == torch.float32 and w.ndim == 2
+            and x.ndim >= 2 and x.is_cpu and w.is_cpu and x.shape[-1] == w.shape[1]
+            and (b is None or (b.dtype == torch.float32 and b.shape == w.shape[:1]
+                               and b.is_cpu))
+            and _functorch.maybe_current_level() is None
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` on oneDNN; the caller checked ``applies(x, w, b)``."""
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                    or (b is not None and b.requires_grad)):
+        return _Linear.apply(x, w, b)
+    return _product(x, w, b)

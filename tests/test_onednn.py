@@ -1,0 +1,140 @@
+"""funcdp.config.onednn_linear: F.linear on oneDNN inside pmapped functions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_trees_close
+from torch import nn
+
+import funcdp
+from funcdp._src import onednn
+
+pytestmark = pytest.mark.skipif(not onednn.AVAILABLE, reason="torch without oneDNN")
+
+
+@pytest.fixture
+def products(monkeypatch):
+    """Counts the oneDNN products run."""
+    calls = []
+    real = onednn._product
+
+    def counted(x, w, b):
+        calls.append(tuple(x.shape))
+        return real(x, w, b)
+
+    monkeypatch.setattr(onednn, "_product", counted)
+    monkeypatch.setattr(onednn, "MIN_MACS", 0)  # (the tests' products are small)
+    return calls
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.Tanh(),
+                         nn.Linear(8, 3)).to(dtype)
+
+
+def _step(net, devices):
+    def loss(p, x, y):
+        return nn.functional.cross_entropy(net.apply(p, {}, x)[0], y)
+
+    return funcdp.pmap(funcdp.value_and_grad(loss, "i"), axis_name="i",
+                       in_axes=(None, 0, 0), out_axes=None, devices=devices)
+
+
+@pytest.mark.parametrize("ndev", [1, 2, 4])
+def test_gradients_match_torch(products, ndev):
+    model = _model()
+    net = funcdp.nn.functional(model)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    step = _step(net, funcdp.local_devices()[:ndev])
+    with funcdp.config.override(onednn_linear=True):
+        loss, grads = step(net.params, funcdp.shard(x, ndev), funcdp.shard(y, ndev))
+    assert products  # (it ran: forward and backward products)
+    ref = nn.functional.cross_entropy(model(x), y)
+    want = dict(zip([n for n, _ in model.named_parameters()],
+                    torch.autograd.grad(ref, list(model.parameters()))))
+    assert_trees_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    assert_trees_close(grads, want, rtol=1e-4, atol=1e-6)
+
+
+def test_second_derivatives_and_other_shapes(products):
+    # Gradients of gradients (the backward is made of oneDNN products too), inputs of
+    # three dimensions and no bias.
+    w = torch.randn(5, 4, requires_grad=True)
+    x = torch.randn(2, 3, 4)
+
+    def hvp(w, x):
+        out = nn.functional.linear(x, w)
+        (g,) = torch.autograd.grad(torch.tanh(out).pow(2).sum(), w, create_graph=True)
+        return torch.autograd.grad((g * g).sum(), w)[0]
+
+    f = funcdp.pmap(hvp, in_axes=(None, 0), devices=funcdp.local_devices()[:2])
+    with funcdp.config.override(onednn_linear=True):
+        got = f(w.detach().requires_grad_(), x)
+    assert products
+    want = torch.stack([hvp(w, x[i]) for i in range(2)])
+    assert_trees_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_runs_elsewhere(products):
+    # float64, inside torch.func transforms, under autocast, and with the setting off:
+    # torch's F.linear, bit for bit.
+    devs = funcdp.local_devices()[:2]
+    model = _model(torch.float64)
+    net = funcdp.nn.functional(model)
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    step = _step(net, devs)
+    args = (net.params, funcdp.shard(x, 2), funcdp.shard(y, 2))
+    with funcdp.config.override(onednn_linear=True):
+        on = step(*args)
+    assert_trees_close(on, step(*args), exact=True)
+    w, xs = torch.randn(3, 4), torch.randn(2, 5, 4)
+
+    def inner_grad(w, x):  # (a torch.func transform on the device)
+        return torch.func.grad(lambda w: nn.functional.linear(x, w).sum())(w)
+
+    with funcdp.config.override(onednn_linear=True):
+        g = funcdp.pmap(inner_grad, in_axes=(None, 0), out_axes=0, devices=devs)(w, xs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = funcdp.pmap(lambda x: nn.functional.linear(x, w), devices=devs)(xs)
+    assert not products
+    assert_trees_close(g.to_tensor(), xs.sum(1)[:, None, :].expand(2, 3, 4), rtol=1e-5,
+                       atol=1e-5)
+    assert low.dtype == torch.bfloat16
+
+
+def test_grad_of_the_pmap(products):
+    # torch.func.grad of the pmapped function: the devices run plain autograd (oneDNN),
+    # the transform sees pmap's derivative.
+    w, xs = torch.randn(3, 4), torch.randn(2, 5, 4)
+    f = funcdp.pmap(lambda w, x: torch.tanh(nn.functional.linear(x, w)).sum(),
+                    in_axes=(None, 0), devices=funcdp.local_devices()[:2])
+    with funcdp.config.override(onednn_linear=True):
+        g = torch.func.grad(lambda w: f(w, xs).sum())(w)
+    assert products
+    want = torch.func.grad(lambda w: torch.tanh(nn.functional.linear(xs, w)).sum())(w)
+    assert_trees_close(g, want, rtol=1e-4, atol=1e-5)
+
+
+def test_small_products_stay_on_torch():
+    # oneDNN's fixed cost per call exceeds its gain on small products.
+    calls = []
+    real = onednn._product
+    onednn._product = lambda *a: calls.append(1) or real(*a)
+    try:
+        f = funcdp.pmap(lambda x, w: nn.functional.linear(x, w), in_axes=(0, None),
+                        devices=funcdp.local_devices()[:2])
+        with funcdp.config.override(onednn_linear=True):
+            small = f(torch.randn(2, 16, 32), torch.randn(32, 32))
+            big = f(torch.randn(2, 128, 1024), torch.randn(16, 1024))
+    finally:
+        onednn._product = real
+    assert small.shape == (2, 16, 32) and big.shape == (2, 128, 16)
+    assert len(calls) == 2  # (the big product, on each device)
+
+
+def test_setting_is_checked():
+    with pytest.raises(ValueError, match=r"funcdp.config.onednn_linear must be True or False, "
+                                         r"got 'yes'"):
+        funcdp.config.onednn_linear = "yes"
