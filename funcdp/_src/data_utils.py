@@ -129,33 +129,30 @@ def pad_shard_unpad(fn: Callable, static_argnums: int | Sequence[int] = (0,),
 
 def _static_argnums(static_argnums: Any) -> frozenset[int]:
     """``static_argnums`` as a set of ints (an int alone is accepted, as in JAX)."""
-    items = (static_argnums,) if isinstance(static_argnums, int) else static_argnums
-    try:
-        items = tuple(items)
-    except TypeError:
-        items = (static_argnums,)
-    for i in items:
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(
-                f"{_CALL}: `static_argnums` must be an int or a sequence of ints (positions "
-                f"of the arguments passed unchanged), got {static_argnums!r} holding "
-                f"{a_type(i)}: {i!r}; for example static_argnums=(0,).")
-    return frozenset(items)
+    return _static_set(static_argnums, "static_argnums", int, "an int", "ints",
+                       "positions of the arguments", "static_argnums=(0,)")
 
 
 def _static_argnames(static_argnames: Any) -> frozenset[str]:
     """``static_argnames`` as a set of names (a str alone is accepted, as in JAX)."""
-    items = (static_argnames,) if isinstance(static_argnames, str) else static_argnames
+    return _static_set(static_argnames, "static_argnames", str, "a str", "strs",
+                       "names of the keyword arguments", "static_argnames=('params',)")
+
+
+def _static_set(value: Any, name: str, kind: type, one: str, many: str, what: str,
+                example: str) -> frozenset:
+    """``value`` (one ``kind`` or a sequence of them) as a set, checked."""
+    items = (value,) if isinstance(value, kind) else value
     try:
         items = tuple(items)
     except TypeError:
-        items = (static_argnames,)
-    for k in items:
-        if not isinstance(k, str):
+        items = (value,)
+    for i in items:
+        if isinstance(i, bool) or not isinstance(i, kind):
             raise TypeError(
-                f"{_CALL}: `static_argnames` must be a str or a sequence of strs (names of "
-                f"the keyword arguments passed unchanged), got {static_argnames!r} holding "
-                f"{a_type(k)}: {k!r}; for example static_argnames=('params',).")
+                f"{_CALL}: `{name}` must be {one} or a sequence of {many} ({what} passed "
+                f"unchanged), got {value!r} holding {a_type(i)}: {i!r}; for example "
+                f"{example}.")
     return frozenset(items)
 
 

@@ -311,25 +311,29 @@ class FunctionalModule:
 
     __call__ = apply
 
+    def _values(self, given: Mapping[str, torch.Tensor], what: str, aliases: list,
+                names: list, other_names: list, slots: list) -> list:
+        """The tensor for each of ``aliases`` from ``given`` (``params`` or ``buffers``):
+        at once when ``given`` holds exactly the module's names, else checked (unknown
+        keys are errors) with the module's own for those left out."""
+        try:
+            values = [given[canonical] for _, canonical in aliases]
+        except KeyError:
+            values = None
+        if values is None or len(given) != len(names):
+            values = _given(self, given, what, aliases, other_names,
+                            [original for _, _, original in slots])
+        return values
+
     def _apply(self, built: _Built, params: Mapping[str, torch.Tensor],
                buffers: Mapping[str, torch.Tensor], args: tuple, kwargs: dict,
                train: bool | None = None) -> tuple[Any, dict]:
         """``apply`` for the structure ``built`` (its caller checked it is current)."""
         module, pslots, bslots = self._thread_module(built, train)
-        try:
-            values = [params[canonical] for _, canonical in built.param_aliases]
-        except KeyError:
-            values = None
-        if values is None or len(params) != len(built.param_names):
-            values = _given(self, params, "params", built.param_aliases, built.buffer_names,
-                            [original for _, _, original in pslots])
-        try:
-            given = [buffers[canonical] for _, canonical in built.buffer_aliases]
-        except KeyError:
-            given = None
-        if given is None or len(buffers) != len(built.buffer_names):
-            given = _given(self, buffers, "buffers", built.buffer_aliases, built.param_names,
-                           [original for _, _, original in bslots])
+        values = self._values(params, "params", built.param_aliases, built.param_names,
+                              built.buffer_names, pslots)
+        given = self._values(buffers, "buffers", built.buffer_aliases, built.buffer_names,
+                             built.param_names, bslots)
         # Copies: the forward's in-place updates never reach the tensors given.
         new_buffers: dict[str, torch.Tensor] = {}
         placed = []
