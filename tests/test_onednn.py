@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from helpers import assert_trees_close
@@ -138,3 +140,77 @@ def test_setting_is_checked():
     with pytest.raises(ValueError, match=r"funcdp.config.onednn_linear must be True or False, "
                                          r"got 'yes'"):
         funcdp.config.onednn_linear = "yes"
+
+
+def test_bias_of_any_strides(products):
+    # oneDNN reads the bias as dense: a column of a table (stride 4) gave wrong results,
+    # an expanded scalar (stride 0) read past its memory.
+    x, w = torch.randn(2, 16, 32), torch.randn(8, 32)
+    table = torch.randn(8, 4)
+    f = funcdp.pmap(lambda x, w, b: nn.functional.linear(x, w, b), in_axes=(0, None, None),
+                    devices=funcdp.local_devices()[:2])
+    for b in (table[:, 1], torch.tensor(0.5).expand(8)):
+        with funcdp.config.override(onednn_linear=True):
+            got = f(x, w, b).to_tensor()
+        assert_trees_close(got, nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert products
+
+
+def test_setting_is_the_calls_for_its_recomputations(products):
+    # A checkpoint recomputes the device's forward pass in pmap's backward pass: with
+    # the products of the setting the call was made under (the setting read then failed
+    # with CheckpointError when it had changed meanwhile).
+    import torch.utils.checkpoint as ckpt
+
+    w = torch.randn(64, 32, requires_grad=True)
+    x = torch.randn(2, 16, 32)
+    f = funcdp.pmap(lambda x, w: ckpt.checkpoint(
+        lambda t: torch.tanh(nn.functional.linear(t, w)), x, use_reentrant=False).sum(),
+        in_axes=(0, None), devices=funcdp.local_devices()[:2])
+    want = torch.autograd.grad(torch.tanh(nn.functional.linear(x, w)).sum(), w)[0]
+    for forward, backward in ((True, False), (False, True)):
+        with funcdp.config.override(onednn_linear=forward):
+            out = f(x, w)
+        with funcdp.config.override(onednn_linear=backward):
+            (g,) = torch.autograd.grad(out.sum(), w)
+        assert_trees_close(g, want, rtol=1e-4, atol=1e-4)
+
+
+def test_other_layouts_and_saved_tensors_as_torch(products):
+    # Sparse inputs run torch's F.linear (they failed on oneDNN); like torch, a frozen
+    # weight's layer saves no input, so writing the input afterwards is allowed.
+    f = funcdp.pmap(lambda x, w, k: nn.functional.linear(x, w) * k, in_axes=(None, None, 0),
+                    devices=funcdp.local_devices()[:2])
+    x, w = torch.eye(4, 8).to_sparse(), torch.randn(3, 8)
+    with funcdp.config.override(onednn_linear=True):
+        got = f(x, w, torch.ones(2))
+    assert_trees_close(got.to_tensor()[0], x.to_dense() @ w.t(), rtol=1e-5, atol=1e-6)
+    assert not products
+
+    def frozen(x, w):
+        x = x.detach().requires_grad_()
+        h = x * 1
+        y = nn.functional.linear(h, w)
+        h.mul_(2)  # (w needs no gradient: h was not saved)
+        return torch.autograd.grad(y.sum(), x)[0]
+
+    g = funcdp.pmap(frozen, in_axes=(0, None), devices=funcdp.local_devices()[:2])
+    with funcdp.config.override(onednn_linear=True):
+        got = g(torch.randn(2, 4, 8), w)
+    assert products
+    assert_trees_close(got.to_tensor(), w.sum(0).expand(2, 4, 8), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")), reason="no C compiler")
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_inductor_compiled_code_inside_pmap(products):
+    # Compiled code lowers F.linear itself: the oneDNN op traced into its graph (with a
+    # weight that is an input, not a constant) failed in inductor's lowering.
+    w, x = torch.randn(64, 32), torch.randn(2, 16, 32)
+    body = torch.compile(lambda x, w: torch.tanh(nn.functional.linear(x, w)).sum())
+    f = funcdp.pmap(lambda x, w: body(x, w), in_axes=(0, None),
+                    devices=funcdp.local_devices()[:2])
+    with funcdp.config.override(onednn_linear=True):
+        got = f(x, w).to_tensor()
+    want = torch.tanh(nn.functional.linear(x, w)).sum((1, 2))
+    assert_trees_close(got, want, rtol=1e-4, atol=1e-4)

@@ -40,7 +40,9 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
         x, w, b = inputs
-        ctx.save_for_backward(x, w)
+        # (As torch: each only where the other's gradient needs it, so that in-place
+        # writes torch allows stay allowed and a frozen layer keeps no activation.)
+        ctx.save_for_backward(x if w.requires_grad else None, w if x.requires_grad else None)
         ctx.has_bias = b is not None
 
     @staticmethod
@@ -67,9 +69,10 @@ MIN_MACS = 1 << 20
 def applies(x: Any, w: Any, b: Any) -> bool:
     """Whether ``linear(x, w, b)`` can run on oneDNN (else torch's ``F.linear`` runs)."""
     return (AVAILABLE and type(x) in _PLAIN and type(w) in _PLAIN
-            and x.numel() * w.shape[0] >= MIN_MACS
-            and (b is None or type(b) in _PLAIN)
-            and x.dtype == torch.float32 and w.dtype == torch.float32 and w.ndim == 2
+            and x.layout == torch.strided and w.layout == torch.strided and not x.is_nested
+            and w.ndim == 2 and x.numel() * w.shape[0] >= MIN_MACS and x.numel() > 0
+            and (b is None or (type(b) in _PLAIN and b.layout == torch.strided))
+            and x.dtype == torch.float32 and w.dtype == torch.float32
             and x.ndim >= 2 and x.is_cpu and w.is_cpu and x.shape[-1] == w.shape[1]
             and (b is None or (b.dtype == torch.float32 and b.shape == w.shape[:1]
                                and b.is_cpu))
@@ -79,6 +82,8 @@ def applies(x: Any, w: Any, b: Any) -> bool:
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, b)`` on oneDNN; the caller checked ``applies(x, w, b)``."""
+    if b is not None and not b.is_contiguous():
+        b = b.contiguous()  # (oneDNN reads the bias as dense, whatever its strides)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
                                     or (b is not None and b.requires_grad)):
         return _Linear.apply(x, w, b)

@@ -85,10 +85,14 @@ class CallSeeds:
     device draws it from that device's own generator (deterministic per device).
     """
 
-    __slots__ = ("base", "outer", "unreplayed")
+    __slots__ = ("base", "outer", "unreplayed", "onednn_linear")
 
     def __init__(self, base: int | None = None, outer: Any = ACTIVE) -> None:
         self.base = base
+        # ``config.onednn_linear`` when the call was made: a recomputation of its forward
+        # pass in its backward pass (a checkpoint) makes the same products, whatever the
+        # setting is then (or in another thread meanwhile).
+        self.onednn_linear = config.onednn_linear
         # (``outer``: the caller's mode, where the caller looked for it before its modes
         # were set aside: inside an autograd.Function, say.)
         if outer is ACTIVE:
@@ -357,10 +361,11 @@ def _with_mode_in_backward(mode: DeviceRandomness, func: Any, types: Any, args: 
         return _redispatch(func, types, args, kwargs)
 
 def _linear(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
-    """``F.linear`` on oneDNN where ``funcdp.config.onednn_linear`` asks for it (see
-    ``onednn``); torch's own elsewhere."""
-    if config.onednn_linear and not kwargs and 2 <= len(args) <= 3 and onednn.applies(
-            args[0], args[1], args[2] if len(args) == 3 else None):
+    """``F.linear`` on oneDNN where ``funcdp.config.onednn_linear`` asked for it when the
+    call was made (see ``onednn``); torch's own elsewhere, and in compiled code."""
+    if (mode.seeds.onednn_linear and not kwargs and 2 <= len(args) <= 3
+            and not torch.compiler.is_compiling()  # (inductor lowers F.linear itself)
+            and onednn.applies(args[0], args[1], args[2] if len(args) == 3 else None)):
         return onednn.linear(*args)
     return func(*args, **kwargs)
 
