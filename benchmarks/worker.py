@@ -8,6 +8,7 @@ Prints one ``RESULT {json}`` line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -200,12 +201,15 @@ def funcdp_step(workload: str, n: int | None = None, compiled: bool = False,
         # compiler shows here and the compilation stays out of the timed windows.
         train_step(state["p"], state["s"], *data[0])
 
+    # (A context entered on every step: one that sets the option, or none.)
+    def setting() -> contextlib.AbstractContextManager:
+        if onednn:
+            return funcdp.config.override(onednn_linear=True)
+        return contextlib.nullcontext()
+
     def step(i: int) -> float:
         x, y = data[i % 8]
-        if onednn:
-            with funcdp.config.override(onednn_linear=True):
-                state["p"], state["s"], loss = train_step(state["p"], state["s"], x, y)
-        else:
+        with setting():
             state["p"], state["s"], loss = train_step(state["p"], state["s"], x, y)
         return float(loss)
 

@@ -32,10 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from funcdp._src import axes as axes_mod
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import public
-from funcdp._src.collectives import pmean
+from funcdp._src.collectives import axis_index, pmean
 from funcdp._src.devices import Device, local_devices
 from funcdp._src.nn import functional, strip_prefix
 from funcdp._src.pmap import _NO_SELF, Pmapped
@@ -123,7 +122,7 @@ class DataParallel(nn.Module):
             # Per-replica statistics; the running averages are averaged over replicas.
             new_buffers = {k: pmean(v, _AXIS) if v.is_floating_point() else v
                            for k, v in new_buffers.items()}
-        if _replica_index() == 0:
+        if int(axis_index(_AXIS)) == 0:
             # Device 0's buffers are what remains, as with nn.DataParallel (whose device-0
             # replica shares the module's buffers): synchronised BatchNorm statistics are
             # the same everywhere, other updates (an EMA, a counter) may differ.
@@ -133,17 +132,16 @@ class DataParallel(nn.Module):
         leaves, treedef = tree_util.tree_flatten(out)
         mask = [isinstance(x, torch.Tensor) for x in leaves]
         tensors = []
-        for x, m in zip(leaves, mask):
+        for i, (x, m) in enumerate(zip(leaves, mask)):
             if m:
                 if not -max(x.ndim, 1) <= self.dim < max(x.ndim, 1):
-                    raise ValueError(self._gather_dim_message(x, treedef, leaves))
+                    raise ValueError(self._gather_dim_message(x, treedef, i))
                 tensors.append(x.unsqueeze(0) if x.ndim == 0 else x)
         if holder.value is None:  # the output's structure and non-tensor values, once
             holder.value = (treedef, mask, [None if m else x for x, m in zip(leaves, mask)])
         return tensors
 
-    def _gather_dim_message(self, x: torch.Tensor, treedef: Any, leaves: list) -> str:
-        i = next(j for j, leaf in enumerate(leaves) if leaf is x)
+    def _gather_dim_message(self, x: torch.Tensor, treedef: Any, i: int) -> str:
         name = "output" + tree_util.keystr(tree_util.leaf_paths(treedef)[i])
         if x.ndim == 0:
             return (f"funcdp.DataParallel: {name} is a 0-d tensor (a scalar): the replicas' "
@@ -310,14 +308,6 @@ class _Holder:
         self.value: Any = None
         self.built: Any = None
         self.buffers: dict | None = None
-
-
-def _replica_index() -> int:
-    """This replica's index (its device's position in ``device_ids``)."""
-    comps, _ = axes_mod.resolve(_AXIS, "funcdp.DataParallel")
-    frame = axes_mod.current_pmap_frame()
-    device = frame.device if frame is not None else torch.device("cpu")
-    return int(axes_mod.comp_index(comps[0], frame, device))
 
 
 def _arg_name(path: tuple) -> str:

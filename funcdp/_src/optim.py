@@ -618,11 +618,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     def check(state: Any) -> None:
         # (A list is accepted too: a state that went through a serializer may come back so.)
-        if not (isinstance(state, Sequence) and not isinstance(state, str)
-                and len(state) == len(transforms)):
-            got = (f"a {type(state).__name__} of {len(state)}"
-                   if isinstance(state, Sequence) and not isinstance(state, str)
-                   else a_type(state))
+        sequence = isinstance(state, Sequence) and not isinstance(state, str)
+        if not (sequence and len(state) == len(transforms)):
+            got = f"a {type(state).__name__} of {len(state)}" if sequence else a_type(state)
             raise ValueError(
                 f"funcdp.optim.chain: `state` must be the chain's state, a tuple of "
                 f"{len(transforms)} (one per transformation, as its init(params) makes); got "

@@ -19,6 +19,7 @@ from funcdp._src.api_util import internal, public
 from funcdp._src.collectives import (
     _PARALLEL_MIN_NUMEL,
     HAS_STORAGE_USES,
+    _free_uses,
     _reduction,
     _unpack_dual,
 )
@@ -128,7 +129,7 @@ def value_and_update(fun: Callable, optimizer: Any, axis_name: Any = None, *,
         fun: the loss function; its first argument, the parameters, is differentiated.
         optimizer: a ``funcdp.optim`` optimizer (a ``GradientTransformation``), or an
             object of your own with ``init(params)`` and ``update(grads, state, params)``
-            (and optionally ``step``).
+            (its updates are added with ``funcdp.optim.apply_updates``).
         axis_name: the named axis to average over (inside ``pmap`` or ``vmap``), or None:
             then the step is ``optimizer.step`` of this device's own gradients.
         has_aux: ``fun`` returns ``(loss, aux)``; ``aux`` is returned as is (not averaged).
@@ -453,7 +454,7 @@ def _probe() -> tuple[int, int, int, int]:
     sees them (they depend on the interpreter, not on the tensors)."""
     box = (torch.empty(1),)
     view = torch.empty(1, 1).t()
-    return (_refcounts(list(box))[0], _storage_uses(box[0]), _storage_uses(view),
+    return (_refcounts(list(box))[0], _free_uses(), _storage_uses(view),
             sys.getrefcount(view._base))
 
 
