@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 
 import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
 from helpers import assert_trees_close
@@ -448,6 +449,96 @@ def test_gradcheck_float64(name, fn):
     assert torch.autograd.gradcheck(lambda t: pf(t), (x,))
 
 
+# Every collective, on a value that does not vary along the axis (an unmapped argument,
+# a captured tensor, a cotangent that is the same for every member).
+_UNMAPPED = {
+    "psum": lambda v: funcdp.psum(v, AX),
+    "pmax": lambda v: funcdp.pmax(v, AX),
+    "pmin": lambda v: funcdp.pmin(v, AX),
+    "psum groups": lambda v: funcdp.psum(v, AX, axis_index_groups=[[0, 2], [1]]),
+    "pmean groups": lambda v: funcdp.pmean(v, AX, axis_index_groups=[[0, 2], [1]]),
+    "pmax groups": lambda v: funcdp.pmax(v, AX, axis_index_groups=[[0, 2], [1]]),
+    "all_gather": lambda v: funcdp.all_gather(v, AX, axis=1),
+    "all_gather tiled": lambda v: funcdp.all_gather(v, AX, tiled=True),
+    "psum_scatter": lambda v: funcdp.psum_scatter(v, AX),
+    "psum_scatter tiled": lambda v: funcdp.psum_scatter(v, AX, scatter_dimension=1,
+                                                        tiled=True),
+    "ppermute": lambda v: funcdp.ppermute(v, AX, [(0, 1), (1, 2)]),
+    "pshuffle": lambda v: funcdp.pshuffle(v, AX, [2, 0, 1]),
+    "all_to_all": lambda v: funcdp.all_to_all(v, AX, 0, 1),
+    "all_to_all tiled": lambda v: funcdp.all_to_all(v, AX, 1, 0, tiled=True),
+    "pbroadcast": lambda v: funcdp.pbroadcast(v, AX, 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_UNMAPPED))
+def test_unmapped_values_are_as_if_broadcast_along_the_axis(name):
+    # The collective of an unmapped value, and its gradient, equal those of the value
+    # broadcast along the axis (as JAX's vmap gives): the result may vary along the axis
+    # (a scatter, a permutation), and the gradient sums over the members' uses.
+    c = _UNMAPPED[name]
+    w = torch.randn(3, 6, dtype=torch.float64)
+    xs = torch.randn(3, dtype=torch.float64)
+
+    def unmapped(w):
+        return funcdp.vmap(lambda x: torch.tanh(c(w)) * x, axis_name=AX)(xs)
+
+    def broadcast(w):
+        return funcdp.vmap(lambda x, w: torch.tanh(c(w)) * x, axis_name=AX)(
+            xs, w.expand(3, 3, 6))
+
+    assert_trees_close(unmapped(w), broadcast(w), exact=True)
+    assert_trees_close(grad(lambda w: unmapped(w).sum())(w),
+                       grad(lambda w: broadcast(w).sum())(w), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(unmapped, (w.requires_grad_(),))
+    # Inside a second named vmap, over which the value does vary.
+    ws = torch.randn(2, 3, 6, dtype=torch.float64)
+    outer = funcdp.vmap(lambda w: unmapped(w), axis_name="o")(ws)
+    assert_trees_close(outer, torch.stack([broadcast(w) for w in ws]), exact=True)
+
+
+def test_per_member_gradients_of_a_nonlinear_function_of_a_gathered_value():
+    # Every member's gathered value is the same, and so is its cotangent: its transpose
+    # (a psum_scatter) is that of a value broadcast along the axis. Member i's gradient
+    # is sum_j d(l_j)/d(x_i) = 3 n x_i^2, under vmap and pmap (with more shards than
+    # devices too), as in JAX.
+    x = torch.randn(4, 2, dtype=torch.float64)
+    per_member = grad(lambda v: (funcdp.all_gather(v, AX) ** 3).sum())
+    want = 3 * 4 * x**2
+    assert_trees_close(funcdp.vmap(per_member, axis_name=AX)(x), want)
+    for ndev in (4, 2):
+        got = funcdp.pmap(per_member, axis_name=AX, devices=funcdp.local_devices()[:ndev])(x)
+        assert_trees_close(got.to_tensor(), want)
+    # Second order, through a broadcast value's transpose.
+    hess_diag = grad(lambda v: grad(lambda v: (funcdp.pbroadcast(v, AX, 0) ** 3).sum())(v)
+                     .sum())
+    got = funcdp.vmap(hess_diag, axis_name=AX)(x)
+    assert_trees_close(got[0], 4 * 6 * x[0])  # member 0's value feeds every member's
+    assert_trees_close(got[1:], torch.zeros(3, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", sorted(_UNMAPPED))
+def test_none_leaves_pass_through(name):
+    c = _UNMAPPED[name]
+    x = torch.randn(3, 3, 6)
+    for transform in (funcdp.pmap, funcdp.vmap):
+        got = transform(lambda v: c({"a": v, "none": None, "b": [None, 2 * v]}),
+                        axis_name=AX)(x)
+        assert got["none"] is None and got["b"][0] is None
+        want = transform(c, axis_name=AX)(x)
+        assert_trees_close(got["a"], want)
+        assert_trees_close(got["b"][1], transform(c, axis_name=AX)(2 * x))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32])
+def test_integer_psum_over_a_vmap_axis_keeps_its_dtype(dtype):
+    x = torch.full((4, 2), 100, dtype=dtype)
+    by_vmap = funcdp.vmap(lambda v: funcdp.psum(v, AX), axis_name=AX)(x)
+    by_pmap = funcdp.pmap(lambda v: funcdp.psum(v, AX), axis_name=AX)(x).to_tensor()
+    assert by_vmap.dtype == by_pmap.dtype == dtype
+    assert torch.equal(by_vmap, by_pmap)  # (wrapping around as the devices' sum does)
+
+
 # ----------------------------------------------------------------- errors
 def test_error_unbound_axis_name_outside_and_inside():
     with pytest.raises(NameError, match=r"psum: unbound axis name 'i'; no axis names are bound"):
@@ -462,6 +553,8 @@ def test_error_unbound_axis_name_outside_and_inside():
     ([(0, 1), (2, 1)], "uses destination 1 more than once"),
     ([(0, 4)], "destination 4, out of range for axis size 4"),
     ([(0,)], "list of \\(source, destination\\) pairs"),
+    ([(0.5, 1)], "pairs of ints, got \\[\\(0.5, 1\\)\\]"),  # (not truncated to 0)
+    ([(True, 1)], "pairs of ints"),
 ])
 def test_error_bad_ppermute_perm(perm, msg):
     with pytest.raises((ValueError, TypeError), match=msg):
@@ -471,6 +564,13 @@ def test_error_bad_ppermute_perm(perm, msg):
 def test_error_bad_pshuffle_perm():
     with pytest.raises(ValueError, match=r"is not a permutation of range\(4\)"):
         funcdp.pmap(lambda v: funcdp.pshuffle(v, AX, [0, 0, 1, 2]), axis_name=AX)(torch.ones(4))
+    with pytest.raises(TypeError, match=r"`perm` must be a list of ints, got \[1.0, 0, 2, 3\]"):
+        funcdp.pmap(lambda v: funcdp.pshuffle(v, AX, [1.0, 0, 2, 3]), axis_name=AX)(
+            torch.ones(4))
+    # Integers of other types are indices too.
+    got = funcdp.vmap(lambda v: funcdp.pshuffle(v, AX, [np.int64(1), torch.tensor(0)]),
+                      axis_name=AX)(torch.tensor([5.0, 7.0]))
+    assert got.tolist() == [7.0, 5.0]
 
 
 def test_error_shapes_not_divisible():
@@ -494,6 +594,9 @@ def test_error_shapes_not_divisible():
     ([[0, 1], []], "empty group"),
 ])
 def test_error_axis_index_groups_not_a_partition(groups, msg):
+    with pytest.raises(TypeError, match=r"list of lists of ints, got \[\[0.0, 1\], \[2, 3\]\]"):
+        funcdp.pmap(lambda v: funcdp.psum(v, AX, axis_index_groups=[[0.0, 1], [2, 3]]),
+                    axis_name=AX)(torch.ones(4))
     with pytest.raises(ValueError, match=msg):
         funcdp.pmap(lambda v: funcdp.psum(v, AX, axis_index_groups=groups), axis_name=AX)(
             torch.ones(4))

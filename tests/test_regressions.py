@@ -702,3 +702,15 @@ def test_vmap_takes_none_in_a_mapped_argument():
     want = x - x.mean(0)
     assert_trees_close(funcdp.vmap(f, axis_name="i")(x, None), want)
     assert_trees_close(funcdp.pmap(f, axis_name="i")(x, None).to_tensor(), want)
+
+
+def test_vmap_error_for_a_mapped_number_suggests_a_fix_that_applies():
+    # Keyword arguments cannot take in_axes=None: the fix names what can be done.
+    f = funcdp.vmap(lambda x, b=1.0: x * b)
+    with pytest.raises(TypeError, match=r"argument args\[1\] is a float mapped over axis 0; "
+                                        r"only tensors can be mapped \(use in_axes=None"):
+        f(torch.ones(2), 2.0)
+    with pytest.raises(TypeError, match=r"argument kwargs\['b'\] is a float mapped over axis "
+                                        r"0; only tensors can be mapped \(pass it positionally "
+                                        r"with in_axes=None for it, or let the function capture"):
+        f(torch.ones(2), b=2.0)

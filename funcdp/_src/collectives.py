@@ -4,12 +4,13 @@ Every collective resolves its axis names to components (device-mesh axes and vma
 levels, see ``funcdp._src.axes``) and runs as one ``_CollectiveFn``, a
 ``torch.autograd.Function`` over all leaves of the pytree at once:
 
-- ``forward`` runs at the bottom of the functorch stack: it applies the *unbatched*
-  rule for vmap components whose values do not vary along them, then meets the other
-  devices in one rendezvous for all device components (one round for the whole pytree);
+- ``forward`` runs at the bottom of the functorch stack: it meets the other devices in
+  one rendezvous for all device components (one round for the whole pytree);
 - ``vmap`` handles the vmap level it is called for: a component of the collective is
-  reduced/stacked along the batch dimension; any other level just moves its batch
-  dimension out of the way (``lead``);
+  reduced/stacked along the batch dimension (leaves that do not vary along it by the
+  rule for unbatched values; where no leaf varies, ``_apply`` broadcasts one first, so
+  that the rule runs); any other level just moves its batch dimension out of the way
+  (``lead``);
 - ``backward`` is the transposed collective, itself a ``_CollectiveFn``, so gradients of
   any order and gradients under vmap work.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import collections
 import functools
 import numbers
+import operator
 import sys
 import threading
 from typing import Any, NamedTuple
@@ -124,7 +126,37 @@ def _apply(spec: Spec, leaves: list[torch.Tensor],
         torch.is_grad_enabled() and any(t.requires_grad for t in leaves)
     ) and not _has_tangent(leaves):
         return _bottom(spec, leaves, owned)
-    return list(_CollectiveFn.apply(spec, *leaves))
+    return list(_CollectiveFn.apply(spec, *_varying_along_vmap_comps(spec, leaves)))
+
+
+def _varying_along_vmap_comps(spec: Spec, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``leaves``, with one of them broadcast along each vmap component over which none
+    varies, so that the component's vmap rule runs (functorch skips a level at which no
+    input is batched, and the collective would then run below it, where its result, which
+    may vary along the component, cannot be batched at that level, nor its derivative
+    told from that of a collective over varying values). The broadcast (adding a batched
+    zero: functorch has no batched view of an unbatched tensor) copies the smallest leaf
+    once per member; its derivative sums over the component, as an unmapped value's must.
+    """
+    for pos, c in enumerate(spec.comps):
+        if type(c) is VmapComp and pos not in spec.done and not any(
+                _batched_at(t, c.level) for t in leaves):
+            j = min(range(len(leaves)), key=lambda i: leaves[i].numel())
+            x = leaves[j]
+            zero = (axes_mod.comp_index(c, None, x.device) * 0).to(x.dtype)
+            leaves = [*leaves[:j], x + zero, *leaves[j + 1:]]
+    return leaves
+
+
+def _batched_at(t: torch.Tensor, level: int) -> bool:
+    """Whether ``t`` varies along the vmap at ``level`` (is batched there)."""
+    while _functorch.is_functorch_wrapped_tensor(t):
+        if _functorch.is_batchedtensor(t):
+            at = _functorch.maybe_get_level(t)
+            if at <= level:
+                return at == level
+        t = _functorch.get_unwrapped(t)
+    return False
 
 
 # ``(primal, tangent)`` of a tensor at a forward-AD level: what
@@ -167,7 +199,7 @@ def _comp_rule(spec: Spec, pos: int, x: torch.Tensor, batched: bool, lead: int):
     k = spec.comps[pos].size
     dev = x.device
     if op in ("psum", "pmax", "pmin"):
-        red = {"psum": lambda t: t.sum(0), "pmax": lambda t: t.amax(0),
+        red = {"psum": lambda t: t.sum(0, dtype=t.dtype), "pmax": lambda t: t.amax(0),
                "pmin": lambda t: t.amin(0)}[op]
         if spec.groups is not None:
             member_of = _group_tables(spec.groups, k)
@@ -266,19 +298,10 @@ def _vmap_rule(info, in_dims, spec: Spec, leaves: list):
 # ----------------------------------------------------------------------------------
 def _bottom(spec: Spec, leaves: list[torch.Tensor],
             owned: frozenset[int] = frozenset()) -> list[torch.Tensor]:
-    for pos, c in enumerate(spec.comps):
-        if type(c) is VmapComp and pos not in spec.done:
-            owned = frozenset()  # the leaves are replaced by the vmap rule's results
-            lead = list(spec.lead)
-            out = []
-            for i, x in enumerate(leaves):
-                y, b = _comp_rule(spec, pos, x, False, lead[i])
-                if b:
-                    lead[i] += 1
-                out.append(y)
-            leaves = out
-            spec = _after_comp(spec, pos, lead)
+    # (Every vmap component was handled by its level's rule: ``_apply`` makes some leaf
+    # vary along each.)
     dev_pos = [p for p, c in enumerate(spec.comps) if p not in spec.done]
+    assert all(type(spec.comps[p]) is DeviceComp for p in dev_pos), spec
     if not dev_pos:
         return [x.detach() if x.requires_grad else x for x in leaves]
     return _device_collective(spec, dev_pos, leaves, owned)
@@ -758,7 +781,7 @@ def _label(call: str, axis_name: Any, extra: str = "") -> str:
 def _flatten_values(x: Any, call: str):
     leaves, treedef = tree_util.tree_flatten(x)
     for i, leaf in enumerate(leaves):
-        if isinstance(leaf, torch.Tensor):
+        if isinstance(leaf, torch.Tensor) or leaf is None:
             continue
         if isinstance(leaf, np.ndarray):
             leaves[i] = torch.as_tensor(leaf)
@@ -768,19 +791,27 @@ def _flatten_values(x: Any, call: str):
             path = tree_util.keystr(tree_util.leaf_paths(treedef)[i])
             raise TypeError(
                 f"{call}: leaf x{path} is {a_type(leaf)}; collectives take pytrees "
-                f"of tensors and numbers."
+                f"of tensors, numbers and None."
             )
     return leaves, treedef
+
+
+def _int(v: Any) -> int:
+    """``v`` as an index: an int (a NumPy or 0-d tensor integer too), never a float or bool
+    (which ``int()`` would take: ``0.5`` silently as ``0``)."""
+    if isinstance(v, bool):
+        raise TypeError(v)
+    return operator.index(v)
 
 
 def _check_groups(groups: Any, n: int, call: str) -> tuple | None:
     if groups is None:
         return None
     try:
-        gs = tuple(tuple(int(i) if not isinstance(i, bool) else i for i in g) for g in groups)
+        gs = tuple(tuple(_int(i) for i in g) for g in groups)
     except TypeError:
         gs = None
-    if gs is None or any(isinstance(i, bool) for g in gs for i in g):
+    if gs is None:
         raise TypeError(f"{call}: `axis_index_groups` must be a list of lists of ints, got "
                         f"{groups!r}.")
     seen: dict[int, int] = {}
@@ -837,6 +868,8 @@ def _reduction(op: str, x: Any, axis_name: Any, axis_index_groups: Any, call: st
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, torch.Tensor):
             t = leaf
+        elif leaf is None:
+            continue  # (passed through, like an empty subtree)
         elif groups is None:
             # A Python number does not vary across devices.
             if op == "psum":
@@ -1021,9 +1054,18 @@ def pmin(x: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
 
 
 def _tensor_leaves(x: Any, call: str):
+    """The leaves of ``x`` as tensors, but for None leaves, which a collective passes
+    through, and a function that puts the results back in ``x``'s structure."""
     leaves, treedef = _flatten_values(x, call)
+    nones = [i for i, leaf in enumerate(leaves) if leaf is None]
+
+    def rebuild(out: list) -> Any:
+        for i in nones:
+            out.insert(i, None)
+        return tree_util.tree_unflatten(out, treedef)
+
     return [leaf if isinstance(leaf, torch.Tensor) else torch.as_tensor(leaf)
-            for leaf in leaves], treedef
+            for leaf in leaves if leaf is not None], rebuild
 
 
 def _norm_dim(d: Any, ndim: int, call: str, arg: str, extra: int = 0) -> int:
@@ -1055,7 +1097,7 @@ def all_gather(x: Any, axis_name: Any, *, axis: int = 0, tiled: bool = False) ->
     """
     call = "all_gather"
     comps, _ = axes_mod.resolve(axis_name, call)
-    leaves, treedef = _tensor_leaves(x, call)
+    leaves, rebuild = _tensor_leaves(x, call)
     label = _label(call, axis_name, f", axis={axis}, tiled={tiled}")
     out = []
     for t in leaves:
@@ -1072,7 +1114,7 @@ def all_gather(x: Any, axis_name: Any, *, axis: int = 0, tiled: bool = False) ->
         elif m > 1:
             g = g.flatten(a, a + m - 1)
         out.append(g)
-    return tree_util.tree_unflatten(out, treedef)
+    return rebuild(list(out))
 
 
 @public
@@ -1095,7 +1137,7 @@ def psum_scatter(x: Any, axis_name: Any, *, scatter_dimension: int = 0,
     comps, _ = axes_mod.resolve(axis_name, call)
     n = axes_mod.size_of(comps)
     sizes = [c.size for c in comps]
-    leaves, treedef = _tensor_leaves(x, call)
+    leaves, rebuild = _tensor_leaves(x, call)
     label = _label(call, axis_name, f", scatter_dimension={scatter_dimension}, tiled={tiled}")
     out = []
     for t in leaves:
@@ -1121,12 +1163,12 @@ def psum_scatter(x: Any, axis_name: Any, *, scatter_dimension: int = 0,
                 t = t.unflatten(d, sizes)
         all_pos = frozenset(range(len(comps)))
         out.append(_run("scatter", comps, (d, all_pos), [t], None, label)[0])
-    return tree_util.tree_unflatten(out, treedef)
+    return rebuild(list(out))
 
 
 def _check_perm(perm: Any, n: int, call: str) -> tuple:
     try:
-        pairs = tuple((int(s), int(d)) for s, d in perm)
+        pairs = tuple((_int(s), _int(d)) for s, d in perm)
     except (TypeError, ValueError):
         raise TypeError(f"{call}: `perm` must be a list of (source, destination) pairs of "
                         f"ints, got {perm!r}.") from None
@@ -1164,7 +1206,7 @@ def ppermute(x: Any, axis_name: Any, perm: Any) -> Any:
     comps, _ = axes_mod.resolve(axis_name, call)
     n = axes_mod.size_of(comps)
     pairs = _check_perm(perm, n, call)
-    leaves, treedef = _tensor_leaves(x, call)
+    leaves, rebuild = _tensor_leaves(x, call)
     label = _label(call, axis_name, f", perm={list(pairs)}")
     if _is_simple(comps):
         out = _run("ppermute", comps, (pairs,), leaves, None, label)
@@ -1181,7 +1223,7 @@ def ppermute(x: Any, axis_name: Any, perm: Any) -> Any:
             picked = _pick(g, _pick(table, i))
             out.append(torch.where(_pick(valid, i), picked,
                                    torch.zeros((), dtype=t.dtype, device=t.device)))
-    return tree_util.tree_unflatten(out, treedef)
+    return rebuild(list(out))
 
 
 @public
@@ -1199,8 +1241,8 @@ def pshuffle(x: Any, axis_name: Any, perm: Any) -> Any:
     comps, _ = axes_mod.resolve(axis_name, call)
     n = axes_mod.size_of(comps)
     try:
-        p = [int(v) for v in perm]
-    except (TypeError, ValueError):
+        p = [_int(v) for v in perm]
+    except TypeError:
         raise TypeError(f"{call}: `perm` must be a list of ints, got {perm!r}.") from None
     if sorted(p) != list(range(n)):
         raise ValueError(f"{call}: `perm` {list(perm)!r} is not a permutation of range({n}) "
@@ -1229,7 +1271,7 @@ def all_to_all(x: Any, axis_name: Any, split_axis: int, concat_axis: int, *,
     call = "all_to_all"
     comps, _ = axes_mod.resolve(axis_name, call)
     n = axes_mod.size_of(comps)
-    leaves, treedef = _tensor_leaves(x, call)
+    leaves, rebuild = _tensor_leaves(x, call)
     label = _label(call, axis_name, f", split_axis={split_axis}, concat_axis={concat_axis}, "
                                     f"tiled={tiled}")
     out = []
@@ -1255,7 +1297,7 @@ def all_to_all(x: Any, axis_name: Any, split_axis: int, concat_axis: int, *,
                     f"{length} but must equal the size {n} of axis {axis_name!r}; use "
                     f"tiled=True to split a dimension divisible by {n}.")
             out.append(_all_to_all_untiled(t, comps, s, c, label))
-    return tree_util.tree_unflatten(out, treedef)
+    return rebuild(list(out))
 
 
 def _all_to_all_untiled(t, comps, s, c, label):
@@ -1287,13 +1329,13 @@ def pbroadcast(x: Any, axis_name: Any, source: int) -> Any:
     if isinstance(source, bool) or not isinstance(source, int) or not 0 <= source < n:
         raise ValueError(f"{call}: `source` must be an int in range({n}) (axis size {n}), "
                          f"got {source!r}.")
-    leaves, treedef = _tensor_leaves(x, call)
+    leaves, rebuild = _tensor_leaves(x, call)
     label = _label(call, axis_name, f", source={source}")
     if _is_simple(comps):
         out = _run("bcast", comps, (source,), leaves, None, label)
     else:
         out = [_gather_flat(t, comps, label)[source] for t in leaves]
-    return tree_util.tree_unflatten(out, treedef)
+    return rebuild(list(out))
 
 
 def axis_index_tensor(comps: tuple, device: torch.device) -> torch.Tensor:

@@ -85,10 +85,12 @@ def vmap(fun: Any = None, in_axes: Any = 0, out_axes: Any = 0, axis_name: Any = 
                 dims.append(None)
                 continue
             if not isinstance(leaf, torch.Tensor):
-                where = tree_util.keystr(tree_util.leaf_paths(treedef)[path_i])
+                where = argpath(tree_util.keystr(tree_util.leaf_paths(treedef)[path_i]))
+                fix = ("pass it positionally with in_axes=None for it, or let the function "
+                       "capture it" if where.startswith("kwargs") else "use in_axes=None for it")
                 raise TypeError(
-                    f"{name}: argument {argpath(where)} is {a_type(leaf)} mapped "
-                    f"over axis {ax}; only tensors can be mapped (use in_axes=None for it).")
+                    f"{name}: argument {where} is {a_type(leaf)} mapped "
+                    f"over axis {ax}; only tensors can be mapped ({fix}).")
             a = normalize_axis(ax, leaf.ndim, name, lambda: argpath(
                 tree_util.keystr(tree_util.leaf_paths(treedef)[path_i])))
             dims.append(a)
