@@ -59,7 +59,8 @@ PART_LABELS = {"torch_module": "torch nn.Module+optim", "torch_func": "torch.fun
                "funcdp_x4": "funcdp pmap x4",
                "funcdp_x2_two_rounds": "funcdp pmap x2, value_and_grad + opt.step",
                "funcdp_x2_compiled": "funcdp pmap x2 + torch.compile",
-               "funcdp_x2_onednn": "funcdp pmap x2 + oneDNN linear",
+               "funcdp_x1_torch": "funcdp pmap x1, torch's products",
+               "funcdp_x2_torch": "funcdp pmap x2, torch's products",
                "threads_x2": "hand-written threads x2"}
 
 
@@ -171,19 +172,20 @@ TARGETS = [
     ("MLP step, funcdp x2 vs jax.pmap x2", "funcdp pmap x2 (mlp)", "jax.pmap x2 (mlp)", 1.0),
     ("MLP step, funcdp x2 vs single-process torch", "funcdp pmap x2 (mlp)",
      "torch nn.Module+optim (mlp)", 0.9),
-    ("MLP step, funcdp x1 vs hand-written torch.func", "funcdp pmap x1 (mlp)",
+    # (What pmap costs: the same products as torch.func's.)
+    ("MLP step, funcdp x1 vs hand-written torch.func", "funcdp pmap x1, torch's products (mlp)",
      "torch.func (mlp)", 0.95),
     # With the model's gradient compiled (jax.pmap's step is compiled by XLA).
     ("MLP step, funcdp x2 + torch.compile vs jax.pmap x2", "funcdp pmap x2 + torch.compile (mlp)",
      "jax.pmap x2 (mlp)", 1.0),
     ("MLP step, funcdp x2 + torch.compile vs single-process torch",
      "funcdp pmap x2 + torch.compile (mlp)", "torch nn.Module+optim (mlp)", 0.9),
-    # With funcdp.config.onednn_linear (nn.Linear's products on oneDNN instead of torch's
-    # BLAS; see docs/performance.md).
-    ("MLP step, funcdp x2 + oneDNN linear vs jax.pmap x2",
-     "funcdp pmap x2 + oneDNN linear (mlp)", "jax.pmap x2 (mlp)", 1.0),
-    ("MLP step, funcdp x2 + oneDNN linear vs single-process torch",
-     "funcdp pmap x2 + oneDNN linear (mlp)", "torch nn.Module+optim (mlp)", 0.9),
+    # With funcdp.config.onednn_linear=False: torch's products, where the default ("auto")
+    # chose oneDNN's (see docs/performance.md).
+    ("MLP step, funcdp x2 with torch's products vs jax.pmap x2",
+     "funcdp pmap x2, torch's products (mlp)", "jax.pmap x2 (mlp)", 1.0),
+    ("MLP step, funcdp x2 with torch's products vs single-process torch",
+     "funcdp pmap x2, torch's products (mlp)", "torch nn.Module+optim (mlp)", 0.9),
 ]
 
 
@@ -192,8 +194,9 @@ TARGETS = [
 INFO = [
     ("MLP step, hand-written threads x2 vs single-process torch (the ceiling of threads)",
      "hand-written threads x2 (mlp)", "torch nn.Module+optim (mlp)"),
-    ("MLP step, funcdp x2 vs hand-written threads x2 (what funcdp's framework costs)",
-     "funcdp pmap x2 (mlp)", "hand-written threads x2 (mlp)"),
+    ("MLP step, funcdp x2 with torch's products vs hand-written threads x2 (what funcdp's "
+     "framework costs)",
+     "funcdp pmap x2, torch's products (mlp)", "hand-written threads x2 (mlp)"),
     ("MLP step, funcdp x2: value_and_update vs value_and_grad + opt.step (one round or two)",
      "funcdp pmap x2 (mlp)", "funcdp pmap x2, value_and_grad + opt.step (mlp)"),
 ]
@@ -264,7 +267,7 @@ def build_report(results: dict, have_jax: bool) -> dict:
 def _order(label: str) -> tuple:
     keys = ["torch nn.Module", "torch.func", "funcdp pmap x1 (", "funcdp pmap x2 (",
             "funcdp pmap x2, value_and_grad", "funcdp pmap x2 + torch.compile",
-            "funcdp pmap x2 + oneDNN",
+            "funcdp pmap x1, torch", "funcdp pmap x2, torch",
             "funcdp pmap x4 (", "hand-written threads",
             "DDP", "jax.pmap x2 (",
             "funcdp pmap x2 call", "jax.pmap x2 call", "funcdp psum",

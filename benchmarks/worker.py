@@ -164,10 +164,11 @@ class _ThreadsStep:
 
 
 def funcdp_step(workload: str, n: int | None = None, compiled: bool = False,
-                two_rounds: bool = False, onednn: bool = False):
+                two_rounds: bool = False, onednn: bool | None = None):
     """The quickstart's step (``value_and_update``); with ``two_rounds``, written out as
     ``value_and_grad`` and ``opt.step`` (the average and the update in rounds of their own);
-    with ``onednn``, under ``funcdp.config.onednn_linear``."""
+    with ``onednn`` True or False, under that ``funcdp.config.onednn_linear`` (else the
+    default, ``"auto"``)."""
     import funcdp
     from funcdp import optim
 
@@ -203,8 +204,8 @@ def funcdp_step(workload: str, n: int | None = None, compiled: bool = False,
 
     # (A context entered on every step: one that sets the option, or none.)
     def setting() -> contextlib.AbstractContextManager:
-        if onednn:
-            return funcdp.config.override(onednn_linear=True)
+        if onednn is not None:
+            return funcdp.config.override(onednn_linear=onednn)
         return contextlib.nullcontext()
 
     def step(i: int) -> float:
@@ -239,9 +240,10 @@ def single_process(workload: str, quick: bool) -> dict:
              "torch_func": torch_func_step(workload)}
     for n in (1, 2, 4):
         steps[f"funcdp_x{n}"] = funcdp_step(workload, n)
+    for n in (1, 2):  # (with torch's products instead of those "auto" chose)
+        steps[f"funcdp_x{n}_torch"] = funcdp_step(workload, n, onednn=False)
     steps["funcdp_x2_two_rounds"] = funcdp_step(workload, 2, two_rounds=True)
     steps["threads_x2"] = _ThreadsStep(workload, 2)
-    steps["funcdp_x2_onednn"] = funcdp_step(workload, 2, onednn=True)
     skipped = None
     if workload == "mlp" and not quick:
         try:  # needs a C++ compiler; compiles during the warm-up (~20 s)

@@ -136,10 +136,74 @@ def test_small_products_stay_on_torch():
     assert len(calls) == 2  # (the big product, on each device)
 
 
-def test_setting_is_checked():
-    with pytest.raises(ValueError, match=r"funcdp.config.onednn_linear must be True or False, "
-                                         r"got 'yes'"):
-        funcdp.config.onednn_linear = "yes"
+def test_setting_is_checked(monkeypatch):
+    for bad in ("yes", "AUTO", 1, None):
+        with pytest.raises(ValueError, match=r"funcdp.config.onednn_linear must be True, "
+                                             r"False or 'auto', got "):
+            funcdp.config.onednn_linear = bad
+    assert funcdp.config.onednn_linear == "auto"  # (the default, unchanged by the above)
+    for raw, want in (("auto", "auto"), (" Auto ", "auto"), ("1", True), ("off", False),
+                      ("", "auto")):
+        monkeypatch.setenv("FUNCDP_ONEDNN_LINEAR", raw)
+        assert funcdp._src.config.Config().onednn_linear == want
+    monkeypatch.setenv("FUNCDP_ONEDNN_LINEAR", "fast")
+    with pytest.raises(ValueError, match=r"`FUNCDP_ONEDNN_LINEAR` must be 1/0, true/false "
+                                         r"or auto, got 'fast'"):
+        funcdp._src.config.Config()
+
+
+@pytest.fixture
+def measured(monkeypatch, products):
+    """'auto' decides afresh, on a measurement the test sets (``measured.ratio``)."""
+    class Measured:
+        ratio: float | Exception = 1.0
+        times = 0
+
+    def measure():
+        Measured.times += 1
+        if isinstance(Measured.ratio, Exception):
+            raise Measured.ratio
+        return Measured.ratio
+
+    monkeypatch.setattr(onednn, "_choice", None)
+    monkeypatch.setattr(onednn, "_measure", measure)
+    return Measured
+
+
+@pytest.mark.parametrize("ratio,used", [(2.0, True), (onednn.MARGIN, True),
+                                        (onednn.MARGIN - 0.01, False), (0.8, False),
+                                        (RuntimeError("no oneDNN kernel"), False)])
+def test_auto_uses_onednn_where_it_measured_faster(measured, products, ratio, used):
+    measured.ratio = ratio
+    f = funcdp.pmap(lambda x, w: nn.functional.linear(x, w), in_axes=(0, None),
+                    devices=funcdp.local_devices()[:2])
+    xs, w = torch.randn(2, 4, 8), torch.randn(3, 8)
+    with funcdp.config.override(onednn_linear="auto"):
+        for _ in range(3):
+            assert_trees_close(f(xs, w), nn.functional.linear(xs, w), rtol=1e-5, atol=1e-6)
+    assert measured.times == 1  # (once per process, whichever device came first)
+    assert bool(products) == used
+    assert len(products) == (6 if used else 0)
+
+
+def test_auto_measures_only_where_a_product_qualifies(measured):
+    # No measurement for programs whose products all stay on torch anyway.
+    f = funcdp.pmap(lambda x, w: nn.functional.linear(x, w), in_axes=(0, None),
+                    devices=funcdp.local_devices()[:2])
+    with funcdp.config.override(onednn_linear="auto"):
+        f(torch.randn(2, 4, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64))
+    with funcdp.config.override(onednn_linear=False):
+        f(torch.randn(2, 4, 8), torch.randn(3, 8))
+    assert measured.times == 0
+
+
+def test_the_measurement_is_a_ratio_of_times():
+    # The real measurement (a few milliseconds): a finite positive ratio, and the thread's
+    # intra-op thread count as it was.
+    threads = torch.get_num_threads()
+    ratio = onednn._measure()
+    assert 0.05 < ratio < 20
+    assert torch.get_num_threads() == threads
 
 
 def test_bias_of_any_strides(products):

@@ -38,6 +38,18 @@ def _env_bool(name: str, default: bool) -> bool:
     )
 
 
+def _env_bool_or_auto(name: str, default: bool | str) -> bool | str:
+    raw = os.environ.get(name)
+    if raw is not None and raw.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _env_bool(name, default)  # type: ignore[arg-type]
+    except ValueError:
+        raise ValueError(
+            f"environment variable `{name}` must be 1/0, true/false or auto, got {raw!r}."
+        ) from None
+
+
 class Config:
     """funcdp's settings.
 
@@ -51,12 +63,15 @@ class Config:
             every device (default True, ``FUNCDP_CHECK_REPLICATED``). Values that are the
             result of a reduction are recognised without comparing data.
         onednn_linear: whether ``F.linear`` (every ``nn.Linear``) in a pmapped function
-            runs on oneDNN, forward and backward, for float32 tensors on CPU devices
-            (default False, ``FUNCDP_ONEDNN_LINEAR``). On CPUs where torch's BLAS is
-            slow (MKL on AMD EPYC: 115 against oneDNN's 250 GFLOPS per core) the MLP
-            benchmark step is about 30 % faster; results agree with torch's to float32
-            rounding, not bit for bit. Elsewhere (other dtypes, GPUs, inside
-            ``torch.func`` transforms, autocast) torch's ``F.linear`` runs.
+            runs on oneDNN, forward and backward, for float32 tensors on CPU devices:
+            True, False, or ``"auto"`` (the default; ``FUNCDP_ONEDNN_LINEAR``), which
+            times both on one product the first time a pmapped function makes a large
+            enough one and keeps oneDNN for the process if it is at least 1.2 times
+            faster than torch's BLAS. On CPUs where that BLAS is slow (MKL on AMD EPYC:
+            115 against oneDNN's 250 GFLOPS per core) the MLP benchmark step is about
+            35 % faster; results agree with torch's to float32 rounding, not bit for
+            bit: set False for torch's own products. Elsewhere (other dtypes, GPUs,
+            inside ``torch.func`` transforms, autocast) torch's ``F.linear`` runs.
 
     Examples:
         >>> import funcdp
@@ -70,7 +85,7 @@ class Config:
     def __init__(self) -> None:
         self.collective_timeout = _env_float("FUNCDP_COLLECTIVE_TIMEOUT", 60.0)
         self.check_replicated = _env_bool("FUNCDP_CHECK_REPLICATED", True)
-        self.onednn_linear = _env_bool("FUNCDP_ONEDNN_LINEAR", False)
+        self.onednn_linear = _env_bool_or_auto("FUNCDP_ONEDNN_LINEAR", "auto")
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in self._names:
@@ -84,8 +99,13 @@ class Config:
                     f"got {value!r}."
                 )
             value = float(value)
-        if name in ("check_replicated", "onednn_linear") and not isinstance(value, bool):
+        if name == "check_replicated" and not isinstance(value, bool):
             raise ValueError(f"funcdp.config.{name} must be True or False, got {value!r}.")
+        auto = isinstance(value, str) and value == "auto"
+        if name == "onednn_linear" and not (isinstance(value, bool) or auto):
+            raise ValueError(
+                f"funcdp.config.onednn_linear must be True, False or 'auto', got {value!r}."
+            )
         object.__setattr__(self, name, value)
 
     @contextlib.contextmanager

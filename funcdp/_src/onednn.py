@@ -10,12 +10,20 @@ Only float32 tensors on the CPU, with no ``torch.func`` transform and no autocas
 and products of at least ``MIN_MACS`` multiply-adds (oneDNN's fixed cost per call exceeds
 the gain on small ones); anything else runs torch's own ``F.linear``. The derivatives are
 again oneDNN products, so gradients of gradients work too. Results agree with torch's to
-float32 rounding (the products sum in another order), not bit for bit: hence off by
-default.
+float32 rounding (the products sum in another order), not bit for bit.
+
+With the setting ``"auto"`` (the default) the first such product a device makes times
+torch's and oneDNN's on one product and its weight gradient (``faster()``, a few
+milliseconds once per process) and the process keeps oneDNN if it is at least ``MARGIN``
+times faster: on the AMD EPYC above it is 2.1 times on a quiet machine and 1.4-1.5 times
+with other work on the cores; where MKL is at its best (Intel) it is not expected to be,
+and the margin keeps the choice from flipping between runs on timing noise.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import torch
@@ -88,3 +96,59 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
                                     or (b is not None and b.requires_grad)):
         return _Linear.apply(x, w, b)
     return _product(x, w, b)
+
+
+# How much faster than torch's BLAS oneDNN must be for ``"auto"`` to choose it.
+MARGIN = 1.2
+_choice: bool | None = None  # ``faster()``'s answer, once known
+_choosing = threading.Lock()
+
+
+def wanted(setting: bool | str) -> bool:
+    """Whether a product ``applies()`` accepts runs on oneDNN under ``setting`` (a value of
+    ``funcdp.config.onednn_linear``)."""
+    if setting == "auto":
+        return _choice if _choice is not None else faster()
+    return bool(setting)
+
+
+def faster() -> bool:
+    """Whether oneDNN's products are at least ``MARGIN`` times faster than torch's here,
+    measured once per process (the first caller times them; the others wait for it)."""
+    global _choice
+    with _choosing:
+        if _choice is None:
+            try:
+                _choice = _measure() >= MARGIN
+            except RuntimeError:  # (a CPU oneDNN cannot run on: torch's products then)
+                _choice = False
+        return _choice
+
+
+def _measure() -> float:
+    """torch's time over oneDNN's for a 128 x 512 x 512 product and its weight gradient
+    (the two kinds of product a layer's forward and backward make), on one thread: the
+    median of three measurements, each the best of six runs of each, interleaved (other
+    work on the cores makes a single measurement err by a third now and then)."""
+    gen = torch.Generator().manual_seed(0)
+    x, w, g = (torch.randn(n, 512, generator=gen) for n in (128, 512, 128))
+    runs = (lambda: torch.mm(x, w.t()), lambda: torch.mm(g.t(), x),
+            lambda: _product(x, w, None), lambda: _product(g.t(), x.t(), None))
+    ratios = []
+    threads = torch.get_num_threads()
+    # (No torch-function mode or subclass sees these calls: they are funcdp's own.)
+    with torch._C.DisableTorchFunction(), torch.no_grad():
+        try:
+            torch.set_num_threads(1)
+            for _ in range(3):
+                best = [float("inf")] * 4
+                for rep in range(7):
+                    for i, run in enumerate(runs):
+                        start = time.perf_counter()
+                        run()
+                        if rep:  # (the first round warms up)
+                            best[i] = min(best[i], time.perf_counter() - start)
+                ratios.append((best[0] + best[1]) / (best[2] + best[3]))
+        finally:
+            torch.set_num_threads(threads)
+    return sorted(ratios)[1]

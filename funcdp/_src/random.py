@@ -365,7 +365,8 @@ def _linear(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: 
     call was made (see ``onednn``); torch's own elsewhere, and in compiled code."""
     if (mode.seeds.onednn_linear and not kwargs and 2 <= len(args) <= 3
             and not torch.compiler.is_compiling()  # (inductor lowers F.linear itself)
-            and onednn.applies(args[0], args[1], args[2] if len(args) == 3 else None)):
+            and onednn.applies(args[0], args[1], args[2] if len(args) == 3 else None)
+            and onednn.wanted(mode.seeds.onednn_linear)):
         return onednn.linear(*args)
     return func(*args, **kwargs)
 
