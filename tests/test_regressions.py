@@ -714,3 +714,13 @@ def test_vmap_error_for_a_mapped_number_suggests_a_fix_that_applies():
                                         r"0; only tensors can be mapped \(pass it positionally "
                                         r"with in_axes=None for it, or let the function capture"):
         f(torch.ones(2), b=2.0)
+
+
+def test_vmap_out_axes_errors_name_the_output_leaf_by_path():
+    with pytest.raises(ValueError, match=r"out_axes=None for output\['a'\]\[1\], but it varies"):
+        funcdp.vmap(lambda x: {"a": [torch.zeros(()), x]}, out_axes=None)(torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"out_axes=None for the output, but it varies"):
+        funcdp.vmap(lambda x: x, out_axes=None)(torch.ones(2))
+    with pytest.raises(ValueError, match=r"out_axes entry 3 is out of range for "
+                                         r"output\['b'\] of rank 1"):
+        funcdp.vmap(lambda x: {"b": x}, out_axes=3)(torch.ones(2, 3))

@@ -165,15 +165,19 @@ def _place_out_axes(name: str, out_axes: Any, outs: tuple, holder: dict) -> Any:
             leaves.append(None)
             continue
         t = next(it)
+
+        def where(j: int = j) -> str:
+            path = tree_util.keystr(tree_util.leaf_paths(out_def)[j])
+            return f"output{path}" if path else "the output"
+
         if ax is None:
             if not unbatched:
                 raise ValueError(
-                    f"{name}: out_axes=None for output {j}, but it varies along the mapped "
+                    f"{name}: out_axes=None for {where()}, but it varies along the mapped "
                     f"axis; give it an integer out_axes, or make it the same for every "
                     f"element (e.g. with funcdp.pmean).")
             leaves.append(t[0])
         else:
-            leaves.append(t.movedim(0, normalize_axis(ax, t.ndim - 1, name,
-                                                       lambda: f"output {j}", extra=1,
+            leaves.append(t.movedim(0, normalize_axis(ax, t.ndim - 1, name, where, extra=1,
                                                        what="out_axes entry")))
     return tree_util.tree_unflatten(leaves, out_def)
