@@ -143,7 +143,9 @@ def _varying_along_vmap_comps(spec: Spec, leaves: list[torch.Tensor]) -> list[to
                 _batched_at(t, c.level) for t in leaves):
             j = min(range(len(leaves)), key=lambda i: leaves[i].numel())
             x = leaves[j]
-            zero = (axes_mod.comp_index(c, None, x.device) * 0).to(x.dtype)
+            index = axes_mod.comp_index(c, None, x.device)
+            assert isinstance(index, torch.Tensor)  # (a vmap component's: batched)
+            zero = (index * 0).to(x.dtype)
             leaves = [*leaves[:j], x + zero, *leaves[j + 1:]]
     return leaves
 
