@@ -1,4 +1,5 @@
-"""save_checkpoint / load_checkpoint: numbers and strings round-trip as builtin values."""
+"""save_checkpoint / load_checkpoint: numbers and strings round-trip as builtin values;
+replicated training state resumes on another device count."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from helpers import assert_trees_close
 
 import funcdp
+from funcdp import optim
 
 
 class Color(str, enum.Enum):
@@ -46,3 +48,53 @@ def test_unsupported_leaves_name_their_path(tmp_path):
         funcdp.save_checkpoint(tmp_path / "x.pt", {"opt": [1, np.complex128(1j)]})
     with pytest.raises(TypeError, match=r"cannot save a leaf of type ndarray at state;"):
         funcdp.save_checkpoint(tmp_path / "y.pt", np.ones(2))
+
+
+def test_replicated_training_state_resumes_on_another_device_count(tmp_path):
+    # The Flax-style loop: replicated params and state, in_axes=0 and out_axes=0. Leaves
+    # below the shared-result size (b, the step, b's momentum) come back as per-device
+    # copies: they kept their device axis, and the state did not resume on 4 devices.
+    def loss_fn(p, x):
+        return ((x @ p["w"] + p["b"]) ** 2).mean()
+
+    opt = optim.sgd(1e-3, momentum=0.9)
+
+    def step_on(devs):
+        return funcdp.pmap(funcdp.value_and_update(loss_fn, opt, "i"), axis_name="i",
+                           devices=devs)
+
+    torch.manual_seed(0)
+    p0 = {"w": torch.randn(128, 128), "b": torch.zeros(128)}
+    two, four = funcdp.local_devices()[:2], funcdp.local_devices()[:4]
+    _, p, s = step_on(two)(funcdp.replicate(p0, two), funcdp.replicate(opt.init(p0), two),
+                           torch.randn(2, 4, 128))
+    path = tmp_path / "state.pt"
+    funcdp.save_checkpoint(path, {"params": p, "opt": s, "loss": torch.arange(2.0)})
+    plain = funcdp.load_checkpoint(path)
+    assert_trees_close(plain, {"params": funcdp.unreplicate(p), "opt": funcdp.unreplicate(s),
+                               "loss": torch.arange(2.0)}, exact=True)
+    state = funcdp.load_checkpoint(path, replicate_to=four)
+    x = torch.randn(4, 4, 128)
+    got = step_on(four)(state["params"], state["opt"], x)
+    want = step_on(four)(funcdp.replicate(plain["params"], four),
+                         funcdp.replicate(plain["opt"], four), x)
+    assert_trees_close(got, want, exact=True)
+
+
+def test_sharded_values_are_replicated_when_their_shards_are_bitwise_equal(tmp_path):
+    devs = funcdp.local_devices()[:2]
+    nan = funcdp.pmap(lambda v: v * 0 + float("nan"), devices=devs)(torch.ones(2, 3))
+    zeros = funcdp.pmap(lambda v: v * 0, devices=devs)(torch.ones(2, 3))
+    signed = funcdp.pmap(lambda v: v * 0, devices=devs)(torch.tensor([[1.0], [-1.0]]))
+    path = tmp_path / "c.pt"
+    # More shards than devices: each device holds a block of two.
+    blocks = funcdp.pmap(lambda v: funcdp.psum(v, "i"), axis_name="i", devices=devs)(
+        torch.ones(4, 3))
+    funcdp.save_checkpoint(path, {"nan": nan, "zeros": zeros, "signed": signed,
+                                  "kept": zeros.to_tensor(), "blocks": blocks})
+    back = funcdp.load_checkpoint(path)
+    assert_trees_close(back["blocks"], torch.full((3,), 4.0), exact=True)
+    assert back["nan"].shape == (3,) and back["nan"].isnan().all()
+    assert back["zeros"].shape == (3,)
+    assert back["signed"].shape == (2, 1)  # 0.0 and -0.0: not the same bits
+    assert back["kept"].shape == (2, 3)  # a tensor is stored as it is

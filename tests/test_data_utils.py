@@ -1,4 +1,5 @@
-"""pad_shard_unpad: which outputs are unpadded, and its errors."""
+"""pad_shard_unpad: which outputs are unpadded, and its errors; prefetch_to_device's
+leaves and errors."""
 
 from __future__ import annotations
 
@@ -165,3 +166,33 @@ def test_different_batch_sizes_list_every_leaf():
 def test_bad_options_fail_when_wrapping(kw, error, match):
     with pytest.raises(error, match=match):
         funcdp.pad_shard_unpad(funcdp.pmap(lambda x: x), **kw)
+
+
+def test_prefetch_passes_none_leaves_through():
+    # Was torch's "Could not infer dtype of NoneType".
+    devs = funcdp.local_devices()[:2]
+    (batch,) = funcdp.prefetch_to_device([{"x": torch.zeros(2, 3), "w": None}], devices=devs)
+    assert batch["w"] is None and isinstance(batch["x"], funcdp.ShardedValue)
+
+
+def test_prefetch_errors_name_the_batch_and_leaf():
+    devs = funcdp.local_devices()[:2]
+    batches = [{"x": torch.zeros(2, 3), "y": torch.zeros(2)}, {"x": torch.zeros(2, 3), "y": 3}]
+    with pytest.raises(ValueError, match=r"batch 1 \(counting from 0\), leaf \['y'\], has "
+                                         r"shape \(\), but each leaf needs a leading "
+                                         r"dimension of 2 .*funcdp\.shard\(batch\)"):
+        list(funcdp.prefetch_to_device(batches, devices=devs))
+    with pytest.raises(TypeError, match=r"batch 0 \(counting from 0\), leaf \['x'\], is a "
+                                        r"str; the leaves of a batch must be tensors"):
+        list(funcdp.prefetch_to_device([{"x": "abc"}], devices=devs))
+
+
+@pytest.mark.parametrize("args, kw, error, match", [
+    ([], {"size": 0}, ValueError, "`size` must be a positive int, got 0"),
+    ([], {"devices": []}, ValueError, "`devices` is empty"),
+    (3, {}, TypeError, "`iterator` must be an iterable of batches .* got an int"),
+])
+def test_prefetch_checks_its_arguments_when_called(args, kw, error, match):
+    # Checked at the first next() before (it was a generator function).
+    with pytest.raises(error, match=match):
+        funcdp.prefetch_to_device(args, **kw)

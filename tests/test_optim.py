@@ -384,3 +384,65 @@ def test_shape_error_for_a_node_without_key_paths():
     with pytest.raises(ValueError, match=r"state\['mu'\]\[0\] has shape \(2, 3\), but its "
                                          r"gradient grads\[0\] has shape \(3,\)"):
         adam.update(grads, adam.init(_Linear(torch.zeros(2, 3), torch.zeros(2))), params)
+
+
+@pytest.mark.parametrize("opt", [optim.sgd(0.1, momentum=0.9, weight_decay=0.1),
+                                 optim.adamw(0.1)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_error_grads_and_params_with_dict_keys_in_another_order(opt, fused):
+    # update() paired the leaves in order, decaying 'a' with the weight of 'b'.
+    grads = {"a": torch.ones(2), "b": torch.ones(2)}
+    params = {"b": torch.full((2,), 100.0), "a": torch.zeros(2)}
+    step = opt.step if fused else opt.update
+    with pytest.raises(ValueError, match=r"`grads` has structure .*, but `params` has .* They "
+                                         r"hold the same dict keys in another order.*"
+                                         r"grads = \{k: grads\[k\] for k in params\}"):
+        step(grads, opt.init(grads), params)
+    with pytest.raises(ValueError, match=r"`params` has .*\. Pass the gradients of the "
+                                         r"parameters being updated"):
+        step(grads, opt.init(grads), {"a": torch.zeros(2), "c": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"made for parameters of structure .* They hold the "
+                                         r"same dict keys in another order"):
+        step(grads, opt.init(params), grads)
+
+
+@pytest.mark.parametrize("opt", [optim.sgd(0.1), optim.sgd(0.1, momentum=0.9), optim.adam(),
+                                 optim.adamw(amsgrad=True)])
+def test_tree_without_leaves(opt):
+    # Was torch's "Tensor list must have at least one tensor".
+    updates, state = opt.update({}, opt.init({}), {})
+    assert updates == {} and int(state["step"]) == 1
+    params, state = opt.step({}, opt.init({}), {})
+    assert params == {} and int(state["step"]) == 1
+
+
+def test_error_step_without_params():
+    # Was a "step" of the gradients themselves, returned as the new parameters.
+    opt = optim.sgd(0.1)
+    with pytest.raises(ValueError, match=r"`params` is None, but step\(grads, state, params\) "
+                                         r"updates them"):
+        opt.step({"w": torch.ones(2)}, opt.init({"w": torch.ones(2)}), None)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("make_torch, ours", [
+    (lambda p, f: torch.optim.Adam(p, lr=0.01, foreach=f), optim.adam(0.01)),
+    (lambda p, f: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, foreach=f),
+     optim.adamw(0.01, weight_decay=0.1)),
+], ids=["adam", "adamw"])
+def test_adam_in_bfloat16_equals_torch_optim_exactly(make_torch, ours, foreach):
+    # The second moment was nu * b2 + (g * g) * (1 - b2), rounding g * g: an ulp off
+    # torch's addcmul in about a quarter of the entries.
+    torch.manual_seed(0)
+    p0 = torch.randn(4096, dtype=torch.bfloat16)
+    grads = [torch.randn(4096, dtype=torch.bfloat16) for _ in range(3)]
+    tp = p0.clone().requires_grad_()
+    ref = make_torch([tp], foreach)
+    params = {"w": p0.clone()}
+    state = ours.init(params)
+    for g in grads:
+        tp.grad = g.clone()
+        ref.step()
+        params, state = ours.step({"w": g}, state, params)
+    assert torch.equal(state["nu"]["w"], ref.state[tp]["exp_avg_sq"])
+    assert torch.equal(params["w"], tp.detach())

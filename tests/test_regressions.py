@@ -190,10 +190,13 @@ def test_replicated_parameter_that_requires_grad_gets_a_clear_message():
         raise AssertionError("expected a RuntimeError")
 
 
-def test_save_checkpoint_keeps_per_device_values_that_happen_to_be_equal(tmp_path):
+def test_save_checkpoint_keeps_the_axis_of_equal_per_device_values_saved_as_tensors(tmp_path):
+    # Bitwise equal shards are stored as replicated (a replicated training state's small
+    # leaves are per-device copies); a tensor keeps its device axis.
     zeros = funcdp.pmap(lambda v: v * 0)(torch.ones(4))
-    funcdp.save_checkpoint(tmp_path / "z.pt", {"z": zeros})
-    assert funcdp.load_checkpoint(tmp_path / "z.pt")["z"].shape == (4,)
+    funcdp.save_checkpoint(tmp_path / "z.pt", {"z": zeros, "t": zeros.to_tensor()})
+    back = funcdp.load_checkpoint(tmp_path / "z.pt")
+    assert back["z"].shape == () and back["t"].shape == (4,)
 
 
 def test_state_dict_of_a_tied_model_loads_strictly():

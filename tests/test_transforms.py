@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import hypothesis.strategies as st
 import pytest
@@ -185,6 +186,118 @@ def test_every_random_function_is_per_device():
     # dropout2d drops whole channels
     ch = first[9].to_tensor()
     assert torch.all(ch == ch[..., :1, :1])
+
+
+def _on_device(fn, x):
+    """``fn(x)`` on each of two devices (the device's generator drawing)."""
+    out = funcdp.pmap(fn, devices=funcdp.local_devices()[:2])(torch.stack([x, x]))
+    return out.to_tensor()
+
+
+def _varies(out, kept):
+    """For each dimension of ``out``, whether its dropout mask varies along it."""
+    mask = out == kept
+    return [not torch.equal(mask, mask.narrow(k, 0, 1).expand_as(mask))
+            for k in range(mask.ndim)]
+
+
+def _warnings(caught):
+    return {(type(w.message), str(w.message), w.filename, w.lineno) for w in caught}
+
+
+def _alpha_kept(p=0.5):
+    a = 1.0 / ((1.7580993408473766**2 * p + 1) * (1 - p)) ** 0.5
+    return a + 1.7580993408473766 * a * p
+
+
+_DROPOUTS = [  # (name, function of x at p, whether alpha dropout, input shapes)
+    ("F.dropout", lambda x, p: F.dropout(x, p), False, [(4, 4)]),
+    ("torch.dropout", lambda x, p: torch.dropout(x, p, True), False, [(4, 4)]),
+    ("F.alpha_dropout", lambda x, p: F.alpha_dropout(x, p, True), True, [(4, 4)]),
+    ("torch.alpha_dropout", lambda x, p: torch.alpha_dropout(x, p, train=True), True,
+     [(4, 4)]),
+    ("F.feature_alpha_dropout", lambda x, p: F.feature_alpha_dropout(x, p, True), True,
+     [(4, 4), (4, 4, 5), (4, 4, 3, 3), (4, 4, 2, 2, 2)]),
+    ("nn.FeatureAlphaDropout", lambda x, p: torch.nn.FeatureAlphaDropout(p)(x), True,
+     [(4, 4, 2, 2, 2)]),
+    ("torch.feature_dropout", lambda x, p: torch.feature_dropout(x, p, True), False,
+     [(4, 4, 5), (4, 4, 2, 2, 2)]),
+    ("torch.dropout_", lambda x, p: torch.dropout_(x.clone(), p, True), False, [(4, 4)]),
+    ("torch.feature_alpha_dropout_",
+     lambda x, p: torch.feature_alpha_dropout_(x.clone(), p, train=True), True,
+     [(4, 4, 2, 2, 2)]),
+    ("F.dropout1d", lambda x, p: F.dropout1d(x, p), False, [(4, 6), (4, 4, 6)]),
+    ("F.dropout2d", lambda x, p: F.dropout2d(x, p), False,
+     [(4, 6), (4, 4, 6), (4, 3, 3), (4, 4, 3, 3), (4, 4, 2, 2, 2)]),
+    ("F.dropout2d inplace", lambda x, p: F.dropout2d(x.clone(), p, inplace=True), False,
+     [(4, 4, 3, 3)]),
+    ("F.dropout3d", lambda x, p: F.dropout3d(x, p), False,
+     [(4, 6), (4, 3, 3), (4, 2, 2, 2), (4, 4, 2, 2, 2)]),
+    ("nn.Dropout3d", lambda x, p: torch.nn.Dropout3d(p)(x), False, [(4, 2, 2, 2)]),
+]
+
+
+@pytest.mark.parametrize("name, fn, alpha, shapes", _DROPOUTS, ids=[d[0] for d in _DROPOUTS])
+def test_dropout_on_a_device_is_torch_dropout(name, fn, alpha, shapes):
+    # Inside pmap, feature_alpha_dropout of a 5-D input dropped whole samples,
+    # torch.dropout(x, p, train=False) dropped, alpha dropout with p=1 gave -1.76 (torch:
+    # zeros), and dropout1d/2d/3d skipped torch's checks of the input's dimensions.
+    for shape in shapes:
+        x = torch.ones(shape)
+        with warnings.catch_warnings(record=True) as torch_warned:
+            warnings.simplefilter("always")
+            want = fn(x, 0.5)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            got = _on_device(lambda v: fn(v, 0.5), x)
+        kept = _alpha_kept() if alpha else 2.0
+        assert set(got.unique().tolist()) == set(want.unique().tolist()), (name, shape)
+        assert [_varies(g, kept) for g in got] == [_varies(want, kept)] * 2, (name, shape)
+        assert not torch.equal(got[0], got[1])  # (each device draws its own)
+        # Every warning torch gives, for the line that called the function; no others.
+        assert _warnings(warned) == _warnings(torch_warned), (name, shape)
+        for p in (0.0, 1.0):
+            torch.manual_seed(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                assert_trees_close(_on_device(lambda v: fn(v, p), x), fn(x, p).expand(2, *shape),
+                                   exact=True)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: torch.dropout(x, 0.5, False), lambda x: torch.dropout(x, 0.5, train=False),
+    lambda x: torch.dropout(input=x, p=0.5, train=False),
+    lambda x: torch.feature_dropout(x, 0.5, train=False),
+    lambda x: torch.alpha_dropout(x, 0.5, train=False),
+    lambda x: torch.feature_alpha_dropout(x, 0.5, train=False),
+    lambda x: torch.dropout_(x.clone(), 0.5, train=False),
+    lambda x: F.dropout(x, 0.5, False), lambda x: F.dropout(x, p=0.5, training=False),
+    lambda x: F.alpha_dropout(x, 0.5), lambda x: F.feature_alpha_dropout(x, 0.5),
+    lambda x: F.dropout2d(x, 0.5, training=False), lambda x: torch.nn.AlphaDropout(0.5).eval()(x),
+])
+def test_dropout_on_a_device_not_training_is_the_identity(call):
+    # torch.dropout's flag is `train`: `training` was read, and the device dropped.
+    x = torch.rand(4, 3, 5, 2) + 1
+    assert_trees_close(_on_device(call, x), torch.stack([x, x]), exact=True)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x: F.dropout1d(x, 0.5), RuntimeError, "dropout1d: Expected 2D or 3D input, but "
+                                                  "received a 4D input"),
+    (lambda x: F.dropout1d(x, 0.5, training=False), RuntimeError, "received a 4D input"),
+    (lambda x: torch.feature_dropout(x[0, 0, 0], 0.5, True), RuntimeError,
+     "Feature dropout requires at least 2 dimensions in the input"),
+    (lambda x: F.dropout(x, 1.5), ValueError, "dropout probability has to be between 0 and 1"),
+    (lambda x: torch.dropout(x, 1.5, True), RuntimeError, "has to be between 0 and 1"),
+    (lambda x: torch.dropout(x, 0.5), TypeError, 'missing 1 required positional arguments: '
+                                                 '"train"'),
+])
+def test_dropout_on_a_device_raises_as_torch(call, error, match):
+    x = torch.ones(2, 3, 4, 5)
+    with pytest.raises(error, match=match):
+        call(x)
+    with pytest.raises(error, match=match):
+        _on_device(call, x)
 
 
 def test_samplers_draw_from_the_device_generator():
@@ -753,6 +866,12 @@ def test_dropout_with_more_shards_than_devices_and_under_vmap():
     g = torch.func.vmap(funcdp.pmap(lambda a: F.dropout(a, 0.5)), randomness="different")
     out = g(torch.ones(3, 4, 16))
     assert len({tuple(r.tolist()) for r in out.reshape(12, 16)}) == 12
+    # A device's first draw inside a named vmap on the device (each of the cases above
+    # also draws first inside a vmap: the call's seed is drawn outside every transform).
+    h = funcdp.pmap(funcdp.vmap(lambda r: F.dropout(r, 0.5), randomness="different"),
+                    devices=funcdp.local_devices()[:2])
+    out = h(torch.ones(2, 3, 16)).to_tensor()
+    assert len({tuple(r.tolist()) for r in out.reshape(6, 16)}) == 6
 
 
 def test_grad_with_a_constant_made_inside_the_transform():

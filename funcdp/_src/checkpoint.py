@@ -39,34 +39,54 @@ def _plain_value(leaf: Any) -> Any:
     return _NOT_A_VALUE
 
 
-def _is_replicated(v: ShardedValue) -> bool:
-    """Shards that are one value: one storage on CPU devices (``replicate``, or a pmap
-    output holding one collective result), or equal copies on separate GPUs.
-
-    Per-device values that merely happen to be equal on CPU are kept with their axis.
+def _replica(v: ShardedValue) -> torch.Tensor | None:
+    """The one value of ``v`` if every slice of it along its (leading) mapped axis is that
+    value, else None. The slices are one value when they are the same tensor or memory
+    (``replicate``; a collective's result on CPU devices) or bitwise equal copies (a
+    pmap's small replicated outputs are per-device copies; copies on separate GPUs).
+    Empty slices hold nothing to compare: they count only when they are one tensor.
     """
-    if v.axis != 0 or v.block != 1:
-        return False
-    first = v.shards[0]
-    for s in v.shards[1:]:
-        # (Empty shards all have the same address without sharing anything.)
-        if s is first or (s.numel() and s.data_ptr() == first.data_ptr()
-                          and s.device == first.device and s.shape == first.shape
-                          and s.stride() == first.stride()):
+    if v.axis != 0:
+        return None
+    rows = list(v.shards) if v.block == 1 else [r for s in v.shards for r in s.unbind(0)]
+    first = rows[0]
+    for r in rows[1:]:
+        if r is first:
             continue
-        if s.device == first.device or not torch.equal(first, s.to(first.device)):
-            return False
-    return True
+        if r.shape != first.shape or r.dtype != first.dtype or not r.numel():
+            return None
+        if (r.data_ptr() == first.data_ptr() and r.device == first.device
+                and r.stride() == first.stride()):
+            continue
+        if not _same_bits(first, r.to(first.device)):
+            return None
+    return first
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (of one shape and dtype) hold the same bits: NaNs with the
+    same payload are equal, ``0.0`` and ``-0.0`` are not (a replicated value's copies are
+    bitwise identical, as collectives make them)."""
+    try:
+        return torch.equal(a.contiguous().reshape(-1).view(torch.uint8),
+                           b.contiguous().reshape(-1).view(torch.uint8))
+    except (RuntimeError, TypeError):  # (a layout without a byte view: sparse, quantized)
+        return torch.equal(a, b)
 
 
 @public
 def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
     """Saves a training state (any pytree of tensors, sharded values and numbers) to ``path``.
 
-    Replicated values (from ``funcdp.replicate``, or any sharded value whose shards share
-    one storage) are stored once and can be replicated again onto any number of devices
-    when loading; other sharded values are gathered (their mapped axis is kept); plain
-    tensors (such as ``out_axes=None`` results) are stored as they are. Numbers and
+    A sharded value mapped on its leading axis whose shards are all one value, bit for
+    bit, is *replicated*: stored once, without its device axis, and replicated again onto
+    any number of devices when loading. That is what ``funcdp.replicate`` makes, and what
+    a pmap with ``in_axes=0``/``out_axes=0`` returns for a replicated training state (its
+    large leaves are one shared buffer, its small ones equal per-device copies). Other
+    sharded values are gathered (their mapped axis is kept); plain tensors (such as
+    ``out_axes=None`` results) are stored as they are, so save a per-device value whose
+    shards may happen to be equal (a loss that is zero everywhere) as ``v.to_tensor()`` to
+    keep its device axis. Numbers and
     strings are stored as the builtin ``bool``, ``int``, ``float`` or ``str`` (a
     ``numpy.float64``, say, loads back as a ``float``). The file holds plain tensors on
     the CPU and a serialized pytree structure, so it loads with ``weights_only=True``, on
@@ -84,9 +104,9 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
     kinds, out = [], []
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, ShardedValue):
-            if _is_replicated(leaf):
+            if (one := _replica(leaf)) is not None:
                 kinds.append("replicated")
-                out.append(leaf.shards[0].detach().cpu())
+                out.append(one.detach().cpu())
             else:
                 kinds.append("sharded")
                 out.append(leaf.to_tensor().detach().cpu())
@@ -123,8 +143,10 @@ def load_checkpoint(path: str | os.PathLike, *, replicate_to: Sequence[Device] |
     Args:
         path: the file.
         replicate_to: devices to replicate the values that were replicated when saved
-            (e.g. ``funcdp.local_devices()``); by default every value comes back as one
-            plain tensor, whatever device count saved it.
+            onto (e.g. ``funcdp.local_devices()``; any number of devices); by default
+            they come back as plain tensors without a device axis, whatever device count
+            saved them. Other sharded values come back as plain tensors with their
+            mapped axis either way.
         map_location: where tensors are loaded (as in ``torch.load``).
 
     Returns:

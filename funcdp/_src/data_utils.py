@@ -245,10 +245,13 @@ def prefetch_to_device(iterator: Iterable[Any], size: int = 2,
 
     Every item is a pytree of tensors whose leading dimension is the device count (as
     ``funcdp.shard`` makes them); each leaf comes back as a ``ShardedValue``
-    with shard ``i`` on device ``i``, which pmap uses in place. On GPUs the copies are
+    with shard ``i`` on device ``i``, which pmap uses in place. ``None`` leaves are passed
+    through, as pmap passes them to every device. On GPUs the copies are
     issued ``size`` batches early from pinned memory without blocking, so they overlap
     with the computation on the previous batches; on virtual CPU devices the shards are
     views (nothing is copied).
+
+    ``size`` and ``devices`` are checked when it is called; the batches as they come.
 
     Examples:
         >>> import torch, funcdp
@@ -258,25 +261,53 @@ def prefetch_to_device(iterator: Iterable[Any], size: int = 2,
         ['ShardedValue', 'ShardedValue', 'ShardedValue']
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"funcdp.prefetch_to_device: `size` must be a positive int, got "
-                         f"{size!r}.")
-    devs = _devices_or_local(devices, "funcdp.prefetch_to_device")
+        raise ValueError(f"{_PREFETCH}: `size` must be a positive int, got {size!r}.")
+    devs = _devices_or_local(devices, _PREFETCH)
+    try:
+        it = iter(iterator)
+    except TypeError:
+        raise TypeError(f"{_PREFETCH}: `iterator` must be an iterable of batches (a "
+                        f"generator, a list, a DataLoader), got {a_type(iterator)}.") from None
+    return _prefetch(it, size, devs)
 
-    def place(x: Any) -> ShardedValue:
-        t = torch.as_tensor(x)
-        if t.ndim == 0 or t.shape[0] != len(devs):
-            raise ValueError(f"funcdp.prefetch_to_device: each leaf needs a leading dimension "
-                             f"of {len(devs)} (one slice per device; see funcdp.shard), got "
-                             f"shape {tuple(t.shape)}.")
-        if devs[0].platform == "cuda" and t.device.type == "cpu":
-            t = t.pin_memory()
-        return ShardedValue(to_devices(t.unbind(0), devs), devs, 0)
 
+_PREFETCH = "funcdp.prefetch_to_device"
+
+
+def _prefetch(it: Iterator[Any], size: int, devs: list[Device]) -> Iterator[Any]:
     queue: collections.deque = collections.deque()
-    it = iter(iterator)
-    for item in it:
-        queue.append(tree_util.tree_map(place, item))
+    for k, item in enumerate(it):
+        queue.append(_place_batch(item, k, devs))
         if len(queue) > size:
             yield queue.popleft()
     while queue:
         yield queue.popleft()
+
+
+def _place_batch(item: Any, k: int, devs: list[Device]) -> Any:
+    """Batch number ``k``, each leaf a ``ShardedValue`` over ``devs`` (None left as is)."""
+    leaves, treedef = tree_util.tree_flatten(item)
+    return tree_util.tree_unflatten(
+        [None if x is None else _place(x, k, treedef, j, devs) for j, x in enumerate(leaves)],
+        treedef)
+
+
+def _place(x: Any, k: int, treedef: Any, j: int, devs: list[Device]) -> ShardedValue:
+    def where() -> str:
+        path = tree_util.keystr(tree_util.leaf_paths(treedef)[j])
+        return f"batch {k} (counting from 0)" + (f", leaf {path}," if path else "")
+
+    try:
+        t = torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{_PREFETCH}: {where()} is {a_type(x)}; the leaves of a batch must "
+                        f"be tensors (or arrays, numbers) or None.") from None
+    if t.ndim == 0 or t.shape[0] != len(devs):
+        raise ValueError(
+            f"{_PREFETCH}: {where()} has shape {tuple(t.shape)}, but each leaf needs a "
+            f"leading dimension of {len(devs)} (one slice per device). Shard the batch with "
+            f"funcdp.shard(batch) ([B, ...] becomes [{len(devs)}, B / {len(devs)}, ...]), "
+            f"and leave values that are not per device out of the batches.")
+    if devs[0].platform == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return ShardedValue(to_devices(t.unbind(0), devs), devs, 0)

@@ -46,6 +46,8 @@ class _Foreach:
             one = torch.linalg.vector_norm if name == "norm" else getattr(torch, name)
 
         def run(*args: Any, **kwargs: Any) -> Any:
+            if not args[0]:  # (a tree without leaves: torch's kernels reject empty lists)
+                return None if inplace else []
             # Inside any transform some leaf may be wrapped (not necessarily the first).
             if _functorch.maybe_current_level() is None:
                 return fast(*args, **kwargs)
@@ -219,10 +221,10 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
         g = list(_foreach.add(g, new_buf, alpha=momentum)) if nesterov else new_buf
         return g, (new_buf,)
 
-    def flat_state(grads: Any, state: dict, params: Any):
+    def flat_state(grads: Any, state: dict, params: Any, stepping: bool = False):
         _check_state(state, ("step", "momentum") if momentum else ("step",), "sgd")
         g, spec = _flat(grads)
-        p, pspec = _params_of(params, g, spec, weight_decay, "sgd")
+        p, pspec = _params_of(params, g, spec, weight_decay, "sgd", stepping)
         bufs = [_state_leaves(state, "momentum", spec, "sgd", g)] if momentum else []
         step = state["step"] + 1
         return g, spec, p, pspec, bufs, step, _scalar(_lr_at(lr, step))
@@ -243,8 +245,7 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
     @_takes_mean
     def fused(grads: Any, state: dict, params: Any, axis_name: Any = None,
               mean: shared_update.Mean | None = None):
-        g, spec, p, pspec, bufs, step, lr_t = flat_state(grads, state, params)
-        _same_spec(spec, pspec)
+        g, spec, p, pspec, bufs, step, lr_t = flat_state(grads, state, params, True)
 
         def kernel(g: list, p: list, *buf: list, scratch: bool = False):
             d, new_bufs = direction(step, g, p, *buf)
@@ -360,13 +361,19 @@ def step_of(opt: Any, grads: Any, state: Any, params: Any,
     return apply_updates(params, updates), state
 
 
-def _params_of(params: Any, g: list, spec: Any, weight_decay: float, name: str):
-    """The flat parameters; ``update`` may omit them when nothing needs them."""
+def _params_of(params: Any, g: list, spec: Any, weight_decay: float, name: str,
+               stepping: bool):
+    """The flat parameters, checked against the gradients' ``g`` (of structure ``spec``);
+    ``update`` may omit them when nothing needs them, ``step`` (``stepping``) may not."""
     if params is not None:
         p, pspec = _flat(params)
-        if pspec == spec:
-            _same_shapes(p, g, spec, name, "params")
+        _same_spec(spec, pspec, name)
+        _same_shapes(p, g, spec, name, "params")
         return p, pspec
+    if stepping:
+        raise ValueError(f"funcdp.optim.{name}: `params` is None, but step(grads, state, "
+                         f"params) updates them; pass the parameters, a tree of the "
+                         f"gradients' structure.")
     if weight_decay:
         raise ValueError(f"funcdp.optim.{name}: `params` is needed for weight_decay; pass "
                          f"update(grads, state, params).")
@@ -379,10 +386,16 @@ def _state_leaves(state: Mapping, key: str, spec: Any, name: str,
     gradients' ``g``."""
     leaves, state_spec = _flat(state[key])
     if state_spec != spec:
+        if _same_but_key_order(state_spec, spec):
+            fix = (" They hold the same dict keys in another order, and the leaves are "
+                   "paired in order: make the state with opt.init(params) from parameters "
+                   "whose dicts have the gradients' key order.")
+        else:
+            fix = (" Make the state with opt.init(params) for the parameters being "
+                   "trained.")
         raise ValueError(
             f"funcdp.optim.{name}: the optimizer state was made for parameters of structure "
-            f"{state_spec}, but the gradients have structure {spec}. Make the state with "
-            f"opt.init(params) for the parameters being trained.")
+            f"{state_spec}, but the gradients have structure {spec}.{fix}")
     _same_shapes(leaves, g, spec, name, f"state[{key!r}]")
     return leaves
 
@@ -420,10 +433,34 @@ def _check_state(state: Any, keys: tuple[str, ...], name: str) -> None:
             f"pmap that maps over it (in_axes=0), or made one with funcdp.unreplicate(state).")
 
 
-def _same_spec(spec: Any, pspec: Any) -> None:
-    if spec != pspec:
-        raise ValueError(f"funcdp.optim: `grads` has structure {spec}, but `params` has "
-                         f"{pspec}.")
+def _same_spec(spec: Any, pspec: Any, name: str) -> None:
+    """Raises unless the gradients' structure ``spec`` is the parameters' ``pspec``."""
+    if spec == pspec:
+        return
+    if _same_but_key_order(spec, pspec):
+        fix = ("They hold the same dict keys in another order, and the leaves are paired in "
+               "order, so each gradient would update another parameter: build them in one "
+               "key order (e.g. grads = {k: grads[k] for k in params} for a flat dict).")
+    else:
+        fix = ("Pass the gradients of the parameters being updated, in the parameters' "
+               "structure.")
+    raise ValueError(f"funcdp.optim.{name}: `grads` has structure {spec}, but `params` has "
+                     f"{pspec}. {fix}")
+
+
+def _same_but_key_order(a: Any, b: Any) -> bool:
+    """Whether the structures ``a`` and ``b`` differ only in the order of dict keys."""
+    return _sorted_keys(tree_util.python_spec(a)) == _sorted_keys(tree_util.python_spec(b))
+
+
+def _sorted_keys(spec: Any) -> Any:
+    """``spec`` as nested tuples, the children of each dict in the order of their keys."""
+    if spec.is_leaf():
+        return None
+    children = [_sorted_keys(c) for c in spec.children()]
+    if spec.type is dict:
+        return dict, sorted(zip(map(repr, spec.context), children), key=lambda kc: kc[0])
+    return spec.type, spec.context, children
 
 
 def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled):
@@ -446,10 +483,10 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
             state[k] = tree_util.tree_unflatten(_zeros_like(p), spec)
         return state
 
-    def scalars(grads: Any, state: dict, params: Any):
+    def scalars(grads: Any, state: dict, params: Any, stepping: bool = False):
         _check_state(state, ("step", *keys), name)
         g, spec = _flat(grads)
-        p, pspec = _params_of(params, g, spec, weight_decay, name)
+        p, pspec = _params_of(params, g, spec, weight_decay, name, stepping)
         step = state["step"] + 1
         lr_t = _scalar(_lr_at(lr, step))
         t = float(step) if not _traced(step) else step.to(torch.float64)
@@ -465,7 +502,8 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
         if weight_decay and not decoupled:
             g = list(_foreach.add(g, p, alpha=weight_decay))
         mu = list(_foreach.lerp(mu, g, 1 - b1))
-        nu = list(_foreach.add(_foreach.mul(nu, b2), _foreach.mul(g, g), alpha=1 - b2))
+        # As torch.optim: ``nu * b2 + (1 - b2) * g * g`` by addcmul (g * g not rounded).
+        nu = list(_foreach.addcmul(_foreach.mul(nu, b2), g, g, value=1 - b2))
         new = [mu, nu]
         v = nu
         if amsgrad:
@@ -495,8 +533,8 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
     @_takes_mean
     def fused(grads: Any, state: dict, params: Any, axis_name: Any = None,
               mean: shared_update.Mean | None = None):
-        g, spec, p, pspec, moments, step, lr_t, bc1, bc2_sqrt = scalars(grads, state, params)
-        _same_spec(spec, pspec)
+        g, spec, p, pspec, moments, step, lr_t, bc1, bc2_sqrt = scalars(grads, state, params,
+                                                                        True)
         size = -lr_t / bc1
 
         def kernel(g: list, p: list, *moments: list, scratch: bool = False):

@@ -17,8 +17,13 @@ Routed: ``torch.rand``/``randn``/``randint``/``randperm``/``bernoulli``/``normal
 ``multinomial``/``poisson``/``binomial`` and their ``*_like`` forms, the in-place
 ``Tensor`` samplers (``uniform_``, ``normal_``, ``bernoulli_``, ...; so ``nn.init`` too),
 every dropout (``F.dropout``, ``dropout1d/2d/3d``, ``alpha_dropout``,
-``feature_alpha_dropout``, ``nn.Dropout``...), ``F.rrelu`` and the gamma and Dirichlet
-samplers under ``torch.distributions`` (``Gamma``, ``Beta``, ``Dirichlet``, ``Chi2``...).
+``feature_alpha_dropout``, ``torch.dropout``/``alpha_dropout``/``feature_dropout``/
+``feature_alpha_dropout`` and their in-place ``_`` forms, ``nn.Dropout``...), ``F.rrelu``
+and the gamma and Dirichlet samplers under ``torch.distributions`` (``Gamma``, ``Beta``,
+``Dirichlet``, ``Chi2``...). Dropout keeps torch's semantics exactly: the mask's shape
+(feature dropouts draw one value per ``(dim 0, dim 1)`` pair; ``dropout1d``/``3d`` of an
+unbatched input one per channel), ``p == 1`` giving zeros, the identity when not
+training, and torch's errors and warnings for inputs of unexpected dimensions.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import contextlib
 import math
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -196,29 +202,31 @@ _WITH_GENERATOR = {
 _SELU_ALPHA = 1.7580993408473766
 
 
-def _noise_shape(x: torch.Tensor, feature: int) -> tuple:
-    """Shape of the dropout mask: elementwise, or one draw per channel."""
-    if not feature:
-        return tuple(x.shape)
-    if feature == 2 and x.ndim == 3:
-        # As torch: a 3-D input to dropout2d is (N, C, L), dropped channel-wise.
-        return (x.shape[0], x.shape[1], 1)
-    batched = x.ndim == feature + 2
-    lead = 2 if batched else 1
-    return tuple(x.shape[:lead]) + (1,) * (x.ndim - lead)
+def _feature_noise_shape(x: torch.Tensor) -> tuple:
+    """Shape of a feature dropout's mask, as torch's: one draw per (dim 0, dim 1) pair."""
+    if x.ndim < 2:
+        raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
+    return tuple(x.shape[:2]) + (1,) * (x.ndim - 2)
 
 
 def _dropout(gen: Callable[[], torch.Generator], x: torch.Tensor, p: float, training: bool,
-             inplace: bool, feature: int = 0, alpha: bool = False) -> torch.Tensor:
-    if p < 0 or p > 1:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if not training or p == 0:
+             inplace: bool, feature: bool = False, alpha: bool = False,
+             unbatched: bool = False) -> torch.Tensor:
+    """torch's ``_dropout_impl`` on the device's generator. ``unbatched``: the feature
+    mask is that of ``x.unsqueeze(0)`` (``dropout1d``/``3d`` of an input without batch
+    dimension)."""
+    if not training or p == 0 or x.numel() == 0:
         return x
-    if p == 1:
-        out = x * 0 if not alpha else x * 0 + (-_SELU_ALPHA * 1.0507009873554805)
-        return x.copy_(out) if inplace else out
+    if p == 1:  # (alpha dropout too: torch multiplies by zero)
+        return x.mul_(0) if inplace else x * 0
+    if not feature:
+        shape = tuple(x.shape)
+    elif unbatched:
+        shape = _feature_noise_shape(x.unsqueeze(0))[1:]
+    else:
+        shape = _feature_noise_shape(x)
     # Out of place, so that under vmap(randomness="different") every entry draws its own.
-    probs = torch.full(_noise_shape(x, feature), 1 - p, dtype=x.dtype, device=x.device)
+    probs = torch.full(shape, 1 - p, dtype=x.dtype, device=x.device)
     noise = torch.bernoulli(probs, generator=gen())
     if alpha:
         a = 1.0 / math.sqrt((_SELU_ALPHA**2 * p + 1) * (1 - p))
@@ -235,18 +243,85 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any) -> Any:
     return kwargs.get(name, default)
 
 
-def _dropout_handler(feature: int, alpha: bool, functional: bool):
-    def handle(gen, args, kwargs):
-        x = args[0] if args else kwargs["input"]
+def _dropout_args(args: tuple, kwargs: dict, name: str | None,
+                  training: bool) -> tuple[torch.Tensor, float, bool, bool]:
+    """``(input, p, training, inplace)`` of a call of ``F.*dropout*`` (``name`` None;
+    ``training``: its default) or of ``torch.<name>`` (``p`` and ``train`` required;
+    whether it is in place is the function's)."""
+    functional = name is None
+    x = args[0] if args else kwargs["input"]
+    if functional:
         p = _arg(args, kwargs, 1, "p", 0.5)
-        training = _arg(args, kwargs, 2, "training", True if functional else True)
+        training = _arg(args, kwargs, 2, "training", training)
         inplace = _arg(args, kwargs, 3, "inplace", False)
-        if not functional:
-            # torch.dropout(input, p, train) has no inplace flag.
-            inplace = False
-        return _dropout(gen, x, p, training, inplace, feature, alpha)
+    else:
+        missing = [k for i, k in ((1, "p"), (2, "train")) if len(args) <= i and k not in kwargs]
+        if missing:
+            raise TypeError(f"{name}() missing {len(missing)} required positional arguments: "
+                            + ", ".join(f'"{k}"' for k in missing))
+        p, training, inplace = _arg(args, kwargs, 1, "p", None), _arg(
+            args, kwargs, 2, "train", None), False
+    if p < 0 or p > 1:
+        # (F.* raises a ValueError before torch's kernels would, which raise this.)
+        error = ValueError if functional else RuntimeError
+        raise error(f"dropout probability has to be between 0 and 1, but got {p}")
+    return x, p, training, inplace
+
+
+def _dropout_handler(feature: bool, alpha: bool, name: str | None = None,
+                     training: bool = True, inplace: bool = False):
+    """Handles ``F.dropout``/``alpha_dropout``/``feature_alpha_dropout`` (``training``:
+    their default) and ``torch.<name>`` (``inplace``: the ``_`` form)."""
+    def handle(gen, args, kwargs):
+        x, p, train, in_place = _dropout_args(args, kwargs, name, training)
+        return _dropout(gen, x, p, train, in_place or inplace, feature, alpha)
 
     return handle
+
+
+def _dropout_nd(n: int, fn: Callable):
+    """Handles ``F.dropout1d``/``2d``/``3d`` (``fn``, for ``n`` spatial dimensions) as
+    torch does: channel-wise, with torch's checks of the input's dimensions (an error for
+    ``dropout1d``, warnings for the others). Like torch, ``dropout2d`` never takes an
+    input for unbatched: a 3-D input is ``(N, C, L)``, a 2-D one ``(N, C)``."""
+    def handle(gen, args, kwargs):
+        x, p, train, inplace = _dropout_args(args, kwargs, None, True)
+        d = x.dim()
+        if n == 1 and d not in (2, 3):
+            raise RuntimeError(
+                f"dropout1d: Expected 2D or 3D input, but received a {d}D input. Note that "
+                f"dropout1d exists to provide channel-wise dropout on inputs with 1 spatial "
+                f"dimension, a channel dimension, and an optional batch dimension (i.e. 2D "
+                f"or 3D inputs).")
+        if n > 1 and d not in (n + 1, n + 2):
+            _warn_as(fn, f"dropout{n}d: Received a {d}-D input to dropout{n}d, which is "
+                         f"deprecated and will result in an error in a future release. To "
+                         f"retain the behavior and silence this warning, please use dropout "
+                         f"instead. Note that dropout{n}d exists to provide channel-wise "
+                         f"dropout on inputs with {n} spatial dimensions, a channel dimension, "
+                         f"and an optional batch dimension (i.e. {n + 1}D or {n + 2}D inputs).")
+        if n == 2 and d == 3:
+            _warn_as(fn, "dropout2d: Received a 3D input to dropout2d and assuming that "
+                         "channel-wise 1D dropout behavior is desired - input is interpreted "
+                         "as shape (N, C, L), where C is the channel dim. This behavior will "
+                         "change in a future release to interpret the input as one without a "
+                         "batch dimension, i.e. shape (C, H, W). To maintain the 1D "
+                         "channel-wise dropout behavior, please switch to using dropout1d "
+                         "instead.")
+        unbatched = n != 2 and d != n + 2
+        return _dropout(gen, x, p, train, inplace, True, False, unbatched)
+
+    return handle
+
+
+def _warn_as(fn: Callable, message: str) -> None:
+    """``warnings.warn(message)`` attributed, as ``fn`` attributes it (``stacklevel=2``),
+    to the line that called ``fn``: past the frames of the mode that handles the call."""
+    frame: Any = sys._getframe(1)
+    level = 2  # (stacklevel 1 is this function)
+    while frame is not None and frame.f_code is not fn.__code__:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level + 1 if frame is not None else 2)
 
 
 def _rrelu(gen, args, kwargs):
@@ -262,16 +337,18 @@ def _rrelu(gen, args, kwargs):
 
 _DROPOUT = {
     F.rrelu: _rrelu,
-    F.dropout: _dropout_handler(0, False, True),
-    F.alpha_dropout: _dropout_handler(0, True, True),
-    F.dropout1d: _dropout_handler(1, False, True),
-    F.dropout2d: _dropout_handler(2, False, True),
-    F.dropout3d: _dropout_handler(3, False, True),
-    F.feature_alpha_dropout: _dropout_handler(2, True, True),
-    torch.dropout: _dropout_handler(0, False, False),
-    torch.alpha_dropout: _dropout_handler(0, True, False),
-    torch.feature_dropout: _dropout_handler(2, False, False),
-    torch.feature_alpha_dropout: _dropout_handler(2, True, False),
+    F.dropout: _dropout_handler(False, False),
+    F.alpha_dropout: _dropout_handler(False, True, training=False),
+    F.dropout1d: _dropout_nd(1, F.dropout1d),
+    F.dropout2d: _dropout_nd(2, F.dropout2d),
+    F.dropout3d: _dropout_nd(3, F.dropout3d),
+    F.feature_alpha_dropout: _dropout_handler(True, True, training=False),
+    **{getattr(torch, name + suffix): _dropout_handler(feature, alpha, name + suffix,
+                                                     inplace=suffix == "_")
+       for name, feature, alpha in (("dropout", False, False), ("alpha_dropout", False, True),
+                                    ("feature_dropout", True, False),
+                                    ("feature_alpha_dropout", True, True))
+       for suffix in ("", "_")},
 }
 
 
