@@ -98,3 +98,17 @@ def test_sharded_values_are_replicated_when_their_shards_are_bitwise_equal(tmp_p
     assert back["zeros"].shape == (3,)
     assert back["signed"].shape == (2, 1)  # 0.0 and -0.0: not the same bits
     assert back["kept"].shape == (2, 3)  # a tensor is stored as it is
+
+
+def test_a_checkpoint_of_a_newer_format_version_is_an_error(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    funcdp.save_checkpoint(path, {"w": torch.ones(2)})
+    payload = torch.load(path, weights_only=True)
+    for version, shown in ((2, "2"), (None, "None"), ("1", "'1'")):
+        torch.save(dict(payload, version=version), path)
+        with pytest.raises(ValueError, match=rf"has checkpoint format version {shown}; this "
+                                             rf"funcdp reads versions up to 1\. Load it with "
+                                             rf"the newer funcdp"):
+            funcdp.load_checkpoint(path)
+    torch.save(payload, path)
+    assert_trees_close(funcdp.load_checkpoint(path), {"w": torch.ones(2)})

@@ -156,6 +156,11 @@ def load_checkpoint(path: str | os.PathLike, *, replicate_to: Sequence[Device] |
     if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
         raise ValueError(f"funcdp.load_checkpoint: {os.fspath(path)!r} is not a funcdp "
                          f"checkpoint (written by funcdp.save_checkpoint).")
+    version = payload.get("version")
+    if not isinstance(version, int) or version > _VERSION:
+        raise ValueError(f"funcdp.load_checkpoint: {os.fspath(path)!r} has checkpoint format "
+                         f"version {version!r}; this funcdp reads versions up to {_VERSION}. "
+                         f"Load it with the newer funcdp that wrote it.")
     spec = pt.treespec_loads(payload["structure"])
     leaves = []
     for kind, leaf in zip(payload["kinds"], payload["leaves"]):
