@@ -4,6 +4,8 @@ replicated training state resumes on another device count."""
 from __future__ import annotations
 
 import enum
+import sys
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -20,6 +22,15 @@ class Color(str, enum.Enum):
 
 class Level(enum.IntEnum):
     HIGH = 3
+
+
+class ScaleState(NamedTuple):  # (an optax-style optimizer state)
+    count: Any
+    inner: Any
+
+
+class MomentState(NamedTuple):
+    mu: Any
 
 
 @pytest.mark.parametrize("value, want", [
@@ -112,3 +123,43 @@ def test_a_checkpoint_of_a_newer_format_version_is_an_error(tmp_path):
             funcdp.load_checkpoint(path)
     torch.save(payload, path)
     assert_trees_close(funcdp.load_checkpoint(path), {"w": torch.ones(2)})
+
+
+def test_namedtuple_states_round_trip(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    state = {"opt": (ScaleState(count=3, inner=[MomentState(funcdp.replicate(torch.ones(2))),
+                                                 None]),
+                     MomentState(mu={"w": torch.arange(3.0)})),
+             "step": 1}
+    funcdp.save_checkpoint(path, state)
+    back = funcdp.load_checkpoint(path, replicate_to=funcdp.local_devices()[:3])
+    assert type(back["opt"][0]) is ScaleState and type(back["opt"][1]) is MomentState
+    assert type(back["opt"][0].inner[0]) is MomentState
+    assert back["opt"][0].count == 3 and back["opt"][0].inner[1] is None
+    assert isinstance(back["opt"][0].inner[0].mu, funcdp.ShardedValue)
+    assert_trees_close(back["opt"][0].inner[0].mu.to_tensor(), torch.ones(3, 2))
+    assert_trees_close(back["opt"][1].mu, {"w": torch.arange(3.0)})
+
+
+def test_namedtuples_that_cannot_be_found_again_are_errors(tmp_path, monkeypatch):
+    class Local(NamedTuple):
+        x: Any
+
+    with pytest.raises(TypeError, match=r"namedtuple .*Local at state\['s'\]\[0\] is "
+                                        r"defined inside a function.*define it at module "
+                                        r"level"):
+        funcdp.save_checkpoint(tmp_path / "x.pt", {"s": [Local(1)]})
+    path = tmp_path / "ckpt.pt"
+    funcdp.save_checkpoint(path, MomentState(torch.ones(1)))
+
+    class Renamed(NamedTuple):
+        momentum: Any
+
+    monkeypatch.setattr(sys.modules[__name__], "MomentState", Renamed)
+    with pytest.raises(ValueError, match=r"namedtuple MomentState with fields \['mu'\], but "
+                                         r".*MomentState is now \('momentum',\)"):
+        funcdp.load_checkpoint(path)
+    monkeypatch.delattr(sys.modules[__name__], "MomentState")
+    with pytest.raises(ValueError, match=r"namedtuple MomentState of module .* cannot be "
+                                         r"imported here \(AttributeError"):
+        funcdp.load_checkpoint(path)

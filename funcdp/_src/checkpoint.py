@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -74,6 +75,69 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         return torch.equal(a, b)
 
 
+# A namedtuple is stored as a dict under this key, naming its class, which loading imports.
+_NAMEDTUPLE = "__funcdp_namedtuple__"
+
+
+def _encode_namedtuples(state: Any) -> Any:
+    """``state`` with every namedtuple (an optax-style optimizer state, say) replaced by
+    ``{_NAMEDTUPLE: "module.QualName", "fields": {name: value}}``: torch serializes a
+    namedtuple's structure only for classes registered under a name, globally."""
+    leaves, spec = pt.tree_flatten(state, is_leaf=pt.is_namedtuple_instance)
+    if not any(pt.is_namedtuple_instance(x) for x in leaves):
+        return state
+    out = []
+    for i, x in enumerate(leaves):
+        if pt.is_namedtuple_instance(x):
+            cls = type(x)
+            if "<locals>" in cls.__qualname__ or cls.__module__ is None:
+                path = tree_util.keystr(tree_util.leaf_paths(spec)[i])
+                raise TypeError(
+                    f"funcdp.save_checkpoint: the namedtuple {cls.__qualname__} at "
+                    f"state{path} is defined inside a function, so loading could not find "
+                    f"it; define it at module level (or save it as a dict).")
+            x = {_NAMEDTUPLE: f"{cls.__module__}:{cls.__qualname__}",
+                 "fields": {f: _encode_namedtuples(getattr(x, f)) for f in cls._fields}}
+        out.append(x)
+    return pt.tree_unflatten(out, spec)
+
+
+def _decode_namedtuples(state: Any) -> Any:
+    """The inverse of ``_encode_namedtuples``: imports each namedtuple's class."""
+    def marked(x: Any) -> bool:
+        return type(x) is dict and _NAMEDTUPLE in x
+
+    leaves, spec = pt.tree_flatten(state, is_leaf=marked)
+    if not any(marked(x) for x in leaves):
+        return state
+    out = []
+    for x in leaves:
+        if marked(x):
+            cls = _namedtuple_class(x[_NAMEDTUPLE], tuple(x["fields"]))
+            x = cls(**{f: _decode_namedtuples(v) for f, v in x["fields"].items()})
+        out.append(x)
+    return pt.tree_unflatten(out, spec)
+
+
+def _namedtuple_class(name: str, fields: tuple) -> type:
+    module, _, qualname = name.partition(":")
+    try:
+        cls: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            cls = getattr(cls, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"funcdp.load_checkpoint: the checkpoint holds a namedtuple "
+                         f"{qualname} of module {module!r}, which cannot be imported here "
+                         f"({type(e).__name__}: {e}); load it where that class is "
+                         f"defined.") from None
+    if not pt.is_namedtuple_class(cls) or tuple(cls._fields) != fields:
+        raise ValueError(f"funcdp.load_checkpoint: the checkpoint holds a namedtuple "
+                         f"{qualname} with fields {list(fields)}, but {module}.{qualname} "
+                         f"is now {getattr(cls, '_fields', cls)!r}; load it with the "
+                         f"class it was saved with.")
+    return cls
+
+
 @public
 def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
     """Saves a training state (any pytree of tensors, sharded values and numbers) to ``path``.
@@ -86,7 +150,8 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
     sharded values are gathered (their mapped axis is kept); plain tensors (such as
     ``out_axes=None`` results) are stored as they are, so save a per-device value whose
     shards may happen to be equal (a loss that is zero everywhere) as ``v.to_tensor()`` to
-    keep its device axis. Numbers and
+    keep its device axis. Namedtuples (an optax-style optimizer state) are stored with
+    their class's name and rebuilt when loading, which imports the class. Numbers and
     strings are stored as the builtin ``bool``, ``int``, ``float`` or ``str`` (a
     ``numpy.float64``, say, loads back as a ``float``). The file holds plain tensors on
     the CPU and a serialized pytree structure, so it loads with ``weights_only=True``, on
@@ -99,7 +164,7 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
         >>> funcdp.load_checkpoint(path)
         {'w': tensor([1., 1.]), 'step': 3}
     """
-    leaves, spec = pt.tree_flatten(state)
+    leaves, spec = pt.tree_flatten(_encode_namedtuples(state))
     out: list[Any]  # tensors, and the plain values of "value" leaves
     kinds, out = [], []
     for i, leaf in enumerate(leaves):
@@ -127,7 +192,7 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
         structure = pt.treespec_dumps(spec)
     except Exception as e:  # noqa: BLE001 - reported with the fix
         raise TypeError(f"funcdp.save_checkpoint: the state's structure cannot be serialized "
-                        f"({e}); use dicts, lists and tuples.") from None
+                        f"({e}); use dicts, lists, tuples and namedtuples.") from None
     payload = {"format": _FORMAT, "version": _VERSION, "structure": structure,
                "kinds": kinds, "leaves": out}
     tmp = f"{os.fspath(path)}.tmp"
@@ -167,4 +232,4 @@ def load_checkpoint(path: str | os.PathLike, *, replicate_to: Sequence[Device] |
         if kind == "replicated" and replicate_to is not None:
             leaf = replicate(leaf, replicate_to)
         leaves.append(leaf)
-    return pt.tree_unflatten(leaves, spec)
+    return _decode_namedtuples(pt.tree_unflatten(leaves, spec))
