@@ -191,6 +191,24 @@ def _group_tables(groups: tuple, k: int):
     return member_of
 
 
+# Up to this many members, a sum over a vmap axis adds them one by one, as a reduction
+# over as many devices does; beyond, one kernel (whose order of additions is its own).
+_IN_ORDER_MAX = 16
+
+
+def _sum_in_order(t: torch.Tensor) -> torch.Tensor:
+    """``t.sum(0)`` in ``t``'s dtype, adding member 0, 1, 2... in turn (for up to
+    ``_IN_ORDER_MAX`` members): the bits a psum over that many devices gives. (torch's
+    sum adds in another order for eight members or more, and accumulates half-precision
+    values in float32.)"""
+    if t.shape[0] > _IN_ORDER_MAX or t.shape[0] < 2:
+        return t.sum(0, dtype=t.dtype)
+    out = t[0] + t[1]
+    for i in range(2, t.shape[0]):
+        out = out + t[i]
+    return out
+
+
 def _comp_rule(spec: Spec, pos: int, x: torch.Tensor, batched: bool, lead: int):
     """Applies ``spec.op`` over component ``pos`` (a vmap comp) to one leaf.
 
@@ -201,7 +219,7 @@ def _comp_rule(spec: Spec, pos: int, x: torch.Tensor, batched: bool, lead: int):
     k = spec.comps[pos].size
     dev = x.device
     if op in ("psum", "pmax", "pmin"):
-        red = {"psum": lambda t: t.sum(0, dtype=t.dtype), "pmax": lambda t: t.amax(0),
+        red = {"psum": _sum_in_order, "pmax": lambda t: t.amax(0),
                "pmin": lambda t: t.amin(0)}[op]
         if spec.groups is not None:
             member_of = _group_tables(spec.groups, k)
