@@ -87,8 +87,62 @@ def train_data(total):
             torch.randn(total, 5, 2, generator=g, dtype=torch.float64))
 
 
+def outcome(fn):
+    """``("ok", value)``, or the exception's type name and message."""
+    try:
+        return "ok", fn()
+    except Exception as e:  # noqa: BLE001 - recorded for the test
+        return type(e).__name__, str(e)
+
+
+def fails_on(device: int, after: bool = False):
+    """A psum whose device ``device`` raises before (or ``after``) reaching it."""
+    def f(v):
+        if not after and funcdp.axis_index(AX) == device:
+            raise ValueError(f"device {device} fails")
+        s = funcdp.psum(v, AX)
+        if after and funcdp.axis_index(AX) == device:
+            raise ValueError(f"device {device} fails after the psum")
+        return s
+
+    return funcdp.pmap(f, axis_name=AX)
+
+
+def recover(out_dir: str, psum_all, result: dict) -> None:
+    """Failures on one process (pmap, broadcast, process_allgather, save_checkpoint):
+    clear errors on every process, which then go on. Run with devices [1, 3]."""
+    rank, k = funcdp.process_index(), funcdp.local_device_count()
+    # A pmap called before initialize spans the processes after it.
+    result["stale_plan"] = torch.as_tensor(psum_all(torch.ones(k)))
+    # Process 1's device 3 raises while its devices 1 and 2 wait for the psum; then
+    # process 0's only device raises; then a device raises after the psum.
+    result["raise_local_round"] = outcome(lambda: fails_on(3)(torch.ones(k)))
+    result["raise_only_device"] = outcome(lambda: fails_on(0)(torch.ones(k)))
+    result["raise_after"] = outcome(lambda: torch.as_tensor(fails_on(3, True)(torch.ones(k))))
+    result["after"] = torch.as_tensor(psum_all(torch.full((k,), 100.0)))
+    bcast = funcdp.distributed.broadcast
+    result["bcast_shape"] = outcome(lambda: bcast(
+        {"w": torch.zeros(2, 3) if rank == 0 else torch.zeros(3, 2)}))
+    result["bcast_dtype"] = outcome(lambda: bcast(
+        torch.zeros(4) if rank == 0 else torch.zeros(4, dtype=torch.float64)))
+    out = funcdp.pmap(lambda v: v * 1, axis_name=AX)(torch.full((k, 2), rank + 1.0))
+    gather = funcdp.distributed.process_allgather
+    result["gather_stack"] = outcome(lambda: gather(out))
+    result["gather_tiled"] = gather({"x": out, "n": None}, tiled=True)
+    result["ckpt"] = outcome(lambda: funcdp.distributed.save_checkpoint(
+        os.path.join(out_dir, "missing", "ckpt.pt"), {"p": torch.ones(2)}))
+    result["bcast_after"] = bcast(torch.full((2,), float(rank)), src=1)
+    funcdp.distributed.shutdown()
+    # After shutdown, the same pmap runs on this process's devices only again.
+    after = psum_all(torch.ones(k))
+    result["after_shutdown"] = (torch.as_tensor(after), [d.id for d in after.devices])
+
+
 def main() -> int:
     scenario, out_dir = sys.argv[1], sys.argv[2]
+    if scenario == "recover":  # a pmap called before initialize (a warm-up, say)
+        psum_all = funcdp.pmap(lambda v: funcdp.psum(v, AX), axis_name=AX)
+        psum_all(torch.ones(funcdp.local_device_count()))
     funcdp.distributed.initialize(timeout=float(os.environ.get("TEST_TIMEOUT", "60")))
     rank = funcdp.process_index()
     k = funcdp.local_device_count()
@@ -169,6 +223,10 @@ def main() -> int:
             result["shards"] = "no error"
         except funcdp.CollectiveError as e:
             result["shards"] = str(e)
+    elif scenario == "recover":
+        recover(out_dir, psum_all, result)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        return 0
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     funcdp.distributed.shutdown()
     return 0

@@ -31,15 +31,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(scenario: str, nproc: int, per_proc: int, out: Path, timeout: float = 60,
-           test_timeout: str = "60") -> list[subprocess.CompletedProcess]:
+def launch(scenario: str, nproc: int, per_proc: int | list[int], out: Path,
+           timeout: float = 60, test_timeout: str = "60") -> list[subprocess.CompletedProcess]:
+    """Runs the worker's ``scenario`` in ``nproc`` processes with ``per_proc`` devices
+    each (or ``per_proc[rank]``)."""
     port = free_port()
     procs = []
     for rank in range(nproc):
         env = {k: v for k, v in os.environ.items() if not k.startswith("FUNCDP_")}
         env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), FUNCDP_NUM_CPU_DEVICES=str(per_proc),
+                   MASTER_PORT=str(port),
+                   FUNCDP_NUM_CPU_DEVICES=str(per_proc[rank] if isinstance(per_proc, list)
+                                              else per_proc),
                    FUNCDP_PLATFORM="cpu", TEST_TIMEOUT=test_timeout,
                    PYTHONFAULTHANDLER="1",  # an abort prints every thread's stack
                    PYTHONPATH=str(WORKER.parent) + os.pathsep + env.get("PYTHONPATH", ""))
@@ -111,7 +115,64 @@ def test_a_process_that_raises_makes_the_others_fail_in_bounded_time(tmp_path):
     assert time.monotonic() - start < 80
     assert all(r.returncode != 0 for r in runs)
     assert "process 1 failed on purpose" in runs[1].stderr
-    assert "collective between processes failed" in runs[0].stderr
+    # Process 1 tells process 0, which fails at once (not after the timeout).
+    assert "a pmap call failed on another process before it reached it:" in runs[0].stderr
+    assert "process 1: device 1 raised ValueError: process 1 failed on purpose" in (
+        runs[0].stderr)
+    assert time.monotonic() - start < 15
+
+
+def test_failures_on_one_process_give_clear_errors_everywhere_and_the_run_goes_on(tmp_path):
+    # Processes with 1 and 3 devices: see distributed_worker.recover.
+    runs = launch("recover", 2, [1, 3], tmp_path, test_timeout="20")
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    got = results(tmp_path, 2)
+    for rank, res in enumerate(got):
+        # A pmap called before initialize: its plan is not kept (4 devices sum 4).
+        assert res["stale_plan"].tolist() == [4.0] * (1, 3)[rank]
+        # A device's error before a psum: the other process raises at once, naming it,
+        # and pairs no collective with one of the next call.
+        kind, msg = res["raise_local_round"]
+        if rank == 1:
+            assert kind == "ValueError" and "device 3 fails" in msg, msg
+        else:
+            assert kind == "CollectiveError", msg
+            assert "process 1: device 3 raised ValueError: device 3 fails" in msg
+        kind, msg = res["raise_only_device"]
+        if rank == 0:
+            assert kind == "ValueError" and "device 0 fails" in msg, msg
+        else:
+            assert kind == "CollectiveError", msg
+            assert "process 0: device 0 raised ValueError: device 0 fails" in msg
+        kind, value = res["raise_after"]  # (after the psum: the other process is done)
+        assert (kind == "ValueError") if rank == 1 else value.tolist() == [4.0], value
+        assert res["after"].tolist() == [400.0] * (1, 3)[rank]
+        # broadcast and process_allgather compare shapes and dtypes first.
+        kind, msg = res["bcast_shape"]
+        assert kind == "CollectiveError", msg
+        assert "different shapes or dtypes for tree['w']:\n  - process 0: shape (2, 3), " \
+            "float32\n  - process 1: shape (3, 2), float32" in msg
+        kind, msg = res["bcast_dtype"]
+        assert kind == "CollectiveError" and "process 1: shape (4,), float64" in msg, msg
+        kind, msg = res["gather_stack"]
+        assert kind == "CollectiveError", msg
+        assert "process 0: shape (1, 2), float32\n  - process 1: shape (3, 2)" in msg
+        assert "with tiled=True, leading sizes may differ" in msg
+        assert res["gather_tiled"]["n"] is None
+        assert res["gather_tiled"]["x"].tolist() == [[1.0, 1.0]] + [[2.0, 2.0]] * 3
+        # Process 0's failed write reaches process 1.
+        kind, msg = res["ckpt"]
+        if rank == 0:
+            assert kind == "RuntimeError" and "does not exist" in msg, msg
+        else:
+            assert kind == "CollectiveError", msg
+            assert "process 0 failed to save the checkpoint" in msg and "missing" in msg
+        assert res["bcast_after"].tolist() == [1.0, 1.0]
+        # After shutdown, the pmap's plan is this process's devices again.
+        value, ids = res["after_shutdown"]
+        assert value.tolist() == [float((1, 3)[rank])] * (1, 3)[rank]
+        assert ids == list(range((1, 3)[rank]))
 
 
 def test_processes_that_reach_different_collectives_are_reported(tmp_path):
@@ -147,3 +208,22 @@ def test_initialize_errors(monkeypatch):
         funcdp.distributed.initialize(rank=3, world_size=2)
     with pytest.raises(RuntimeError, match="not initialized"):
         funcdp.distributed.barrier()
+    monkeypatch.setenv("RANK", "abc")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="variable `RANK` must be an integer, got 'abc'"):
+        funcdp.distributed.initialize()
+    monkeypatch.delenv("RANK")
+    local = dict(rank=0, world_size=1, master_addr="127.0.0.1", master_port=29500)
+    with pytest.raises(ValueError, match="`backend` must be 'gloo', 'nccl' or None.*'foo'"):
+        funcdp.distributed.initialize("foo", **local)
+    if funcdp.local_devices()[0].platform == "cpu":
+        with pytest.raises(ValueError, match="backend='nccl' needs GPUs"):
+            funcdp.distributed.initialize("nccl", **local)
+    with pytest.raises(TypeError, match="`timeout` must be a number of seconds .* got str"):
+        funcdp.distributed.initialize(timeout="10", **local)
+    # A failed initialize leaves the environment as it was.
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ValueError, match="`MASTER_PORT` is not set"):
+        funcdp.distributed.initialize(rank=0, world_size=1, master_addr="127.0.0.1")
+    assert os.environ["MASTER_ADDR"] == "10.0.0.1" and "MASTER_PORT" not in os.environ

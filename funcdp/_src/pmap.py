@@ -209,7 +209,8 @@ class Pmapped:
         else:  # tensors and sharded values (leaves) only: the flattening known in advance
             leaves = list(dyn_args)
             treedef = _flat_args_treedef(len(leaves))
-        key = (treedef, statics, tuple(sig), _context(), chunks)
+        # (The generation: initialize and shutdown change which devices a plan uses.)
+        key = (treedef, statics, tuple(sig), _context(), dist_mod._generation, chunks)
         try:
             plan = self._cache.get(key)
         except TypeError:

@@ -6,17 +6,26 @@ bucket with the other processes; every local device then takes its share. Before
 inter-process collective the processes compare a fingerprint of what they are about to
 do (operation, axis, shapes, dtypes), so that processes that reached different
 collectives fail with an error that says so, instead of exchanging mismatched data.
+
+These exchanges (``agree``) also keep the processes in step when a call fails on one of
+them: a process whose pmap call fails on a device, before the collective its peers wait
+in, takes part in their exchange with a "failed" notice instead (``tell_failure``), so
+the peers raise at once rather than time out, or pair the collective with one of a later
+call. A notice from a call a process has already finished is skipped. The
+``funcdp.distributed`` helpers exchange a description of their call the same way.
 """
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from typing import Any
 
 import torch
 
-from funcdp._src.distributed import ProcessInfo
+from funcdp._src.distributed import CallState, ProcessInfo
 from funcdp._src.rendezvous import CollectiveError
+
+_OK, _FAILED = 0, 1
 
 
 class PerRank:
@@ -43,9 +52,10 @@ def process_collective(spec: Any, dev_pos: list[int], leaves: list[torch.Tensor]
     grank = coord[0]
     members = [(info.offset + j,) + coord[1:] for j in range(local)]
     desc = (spec.label, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
+    call = mesh.call
 
     def compute(items: list) -> Any:
-        res = _global_compute(spec, dev_pos, items, info, n)
+        res = _global_compute(spec, dev_pos, items, info, n, call, coord[1:])
         # Large shared results are watched for in-place writes, as within one process.
         return res if isinstance(res, PerRank) else C._watched(mesh, spec, res)
 
@@ -57,12 +67,25 @@ def process_collective(spec: Any, dev_pos: list[int], leaves: list[torch.Tensor]
 
 
 def _global_compute(spec: Any, dev_pos: list[int], items: list, info: ProcessInfo,
-                    n: int) -> Any:
+                    n: int, call: CallState, inner: tuple) -> Any:
+    # One exchange and its data collectives at a time (nested pmaps may run several).
+    with info.lock:
+        try:
+            return _global_compute_locked(spec, dev_pos, items, info, n, call, inner)
+        except BaseException:
+            # The other processes know (the exchange failed on all of them) or are gone:
+            # the call's failure needs no notice.
+            call.settled = True
+            raise
+
+
+def _global_compute_locked(spec: Any, dev_pos: list[int], items: list, info: ProcessInfo,
+                           n: int, call: CallState, inner: tuple) -> Any:
     from funcdp._src import collectives as C
 
     op = spec.op
     try:
-        _check_same_program(spec, items[0], info)
+        _check_same_program(spec, items[0], info, call, inner)
         if op in ("psum", "pmax", "pmin", "scatter", "reduce_to") and spec.groups is None:
             red = "psum" if op in ("scatter", "reduce_to") else op
             outs = C._reduction_outputs(items[0])
@@ -144,9 +167,8 @@ def _all_gather_items(items: list, info: ProcessInfo, label: str) -> list:
     return gathered
 
 
-def _check_same_program(spec: Any, leaves: list, info: ProcessInfo) -> None:
-    import torch.distributed as dist
-
+def _check_same_program(spec: Any, leaves: list, info: ProcessInfo, call: CallState,
+                        inner: tuple) -> None:
     # The axis size counts each device's shards (a vmap per device when a process maps
     # more shards than it has devices): processes that disagree on it compute different
     # things.
@@ -155,17 +177,96 @@ def _check_same_program(spec: Any, leaves: list, info: ProcessInfo) -> None:
         size *= c.size
     text = f"{spec.label} over {size} shards with values " + ", ".join(
         f"{tuple(x.shape)}:{x.dtype}" for x in leaves)
-    mine = torch.tensor([zlib.crc32(text.encode())], dtype=torch.int64)
-    if info.backend == "nccl":
-        mine = mine.cuda()
-    prints = [torch.empty_like(mine) for _ in range(info.count)]
-    dist.all_gather(prints, mine, group=info.group)
-    if len({int(p) for p in prints}) == 1:
+    if inner:  # (in a nested pmap: one exchange per inner coordinate)
+        text += f" at inner coordinate {inner}"
+    descs = agree(info, text, call.index, spec.label)
+    if descs is None:
         return
-    texts: list[Any] = [None] * info.count
-    dist.all_gather_object(texts, text, group=info.group)
     lines = ["processes reached different collectives (or passed different shapes, or "
              "mapped different numbers of shards per device):"]
-    lines += [f"  - process {p}: {t}" for p, t in enumerate(texts)]
+    lines += [f"  - process {p}: {describe(d, c)}" for p, (d, c) in enumerate(descs)]
     lines.append("Every process must run the same program with the same shapes.")
     raise CollectiveError("\n".join(lines))
+
+
+def describe(desc: Any, call: int) -> str:
+    """A process's part in an exchange, for messages."""
+    where = f" (in its pmap call {call})" if call > 0 else ""
+    if isinstance(desc, str):
+        return desc + where
+    return f"funcdp.distributed.{desc[0]}(...)" + where
+
+
+def _hash(desc: Any) -> int:
+    text = desc if isinstance(desc, str) else repr(desc)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little",
+                          signed=True)
+
+
+def _exchange(info: ProcessInfo, flag: int, call: int | None, desc: Any) -> tuple[list, Any]:
+    """One exchange: every process's ``[seq, call, hash, flag]`` row, and every
+    process's ``desc`` if they differ (else None); every process decides alike."""
+    import torch.distributed as dist
+
+    with info.lock:
+        seq = info.seq
+        info.seq += 1
+        mine = torch.tensor([seq, -1 if call is None else call,
+                             _hash(desc) if flag == _OK else 0, flag], dtype=torch.int64)
+        if info.backend == "nccl":
+            mine = mine.cuda()
+        rows_t = [torch.empty_like(mine) for _ in range(info.count)]
+        dist.all_gather(rows_t, mine, group=info.group)
+        rows = [r.tolist() for r in rows_t]
+        if all(r[3] == _OK for r in rows) and len({(r[0], r[2]) for r in rows}) == 1:
+            return rows, None
+        descs: list[Any] = [None] * info.count
+        dist.all_gather_object(descs, desc, group=info.group)
+        return rows, descs
+
+
+def agree(info: ProcessInfo, desc: Any, call: int | None,
+          label: str = "") -> list[tuple[Any, int]] | None:
+    """Compares ``desc`` (a string, or a tuple whose ``repr`` identifies it) across the
+    processes, in the order of their exchanges; ``call``: the pmap call's number (None
+    outside pmap).
+
+    Returns:
+        None if every process passed the same; else ``(desc, call number)`` of every
+        process (the same list on every process).
+
+    Raises:
+        CollectiveError: a process's call failed before it reached this exchange (its
+            notice is for this call).
+    """
+    while True:
+        rows, descs = _exchange(info, _OK, call, desc)
+        if descs is None:
+            return None
+        failed = [p for p, r in enumerate(rows) if r[3] == _FAILED]
+        if not failed:
+            return [(d, r[1]) for d, r in zip(descs, rows)]
+        # A notice for a call this process has already finished (or from outside pmap)
+        # took the failed process's turn: this process's exchange comes next.
+        live = [p for p in failed if call is not None and call <= rows[p][1]]
+        if live:
+            lines = [f"{label}: the collective between processes cannot complete: a pmap "
+                     f"call failed on another process before it reached it:"]
+            lines += [f"  - process {p}: {descs[p]}" for p in live]
+            lines.append("That process's error is the cause; fix it first. Every process's "
+                         "call fails, so the processes stay in step: a program that catches "
+                         "the error on every process can go on.")
+            raise CollectiveError("\n".join(lines))
+
+
+def tell_failure(mesh: Any, coord: tuple, error: BaseException) -> None:
+    """Called once when a pmap call spanning the processes fails on a device of this
+    process outside an exchange: takes part in the next exchange with a notice, so that
+    processes waiting there for this call's collective fail at once (see ``agree``). It
+    waits for that exchange (at most initialize's `timeout`)."""
+    first = str(error).splitlines()[0] if str(error) else ""
+    text = f"device {coord[0]} raised {type(error).__name__}: {first}"
+    try:
+        _exchange(mesh.proc, _FAILED, mesh.call.index, text)
+    except Exception:  # noqa: BLE001 - the peers are gone: no one to tell
+        pass

@@ -87,6 +87,10 @@ class Mesh:
         # Multi-process runs: this process's place; coordinates along axis 0 are global.
         self.proc = proc
         self.offset = offset
+        # A top-level call spanning processes: its number and state in their exchanges
+        # (shared with its nested meshes; see process_collectives).
+        self.call: Any = (proc.new_call() if proc is not None and len(sizes) == 1
+                          and proc.count > 1 else None)
         self.watched: list[tuple[Any, int, str, str | None]] = []
         # Copies of one value made for the participants (small collective results, the
         # small results of a shared update): id(copy) -> (weak reference to the copy, weak
@@ -140,6 +144,9 @@ class Mesh:
     def leave(self, coord: tuple, error: BaseException | None = None) -> None:
         """Marks a participant as finished (or raised) and fails rounds that need it."""
         state = _FINISHED if error is None else ("raised", error)
+        if error is not None and self.call is not None:
+            self._raise_across_processes(coord, state, error)
+            return
         # Without the lock while no round is open and the participant is known (replacing
         # a value never resizes the dict another thread may be iterating): a round opened
         # later checks the states, under the lock, before it waits, and sees this one.
@@ -151,6 +158,20 @@ class Mesh:
             self.states[coord] = state
             if self.rounds:
                 self._check_stuck()
+
+    def _raise_across_processes(self, coord: tuple, state: Any, error: BaseException) -> None:
+        """``leave`` for a participant that raised in a call spanning processes: the
+        first to raise outside an exchange between processes then tells the other
+        processes (``tell_failure``)."""
+        tell = len(self.sizes) == 1 and self.call.claim()
+        with self.cond:
+            self.states[coord] = state
+            if self.rounds:
+                self._check_stuck()
+        if tell:
+            from funcdp._src.process_collectives import tell_failure
+
+            tell_failure(self, coord, error)
 
     def _describe(self, coord: tuple) -> str:
         state = self.states.get(coord, _RUNNING)
@@ -376,6 +397,7 @@ class Mesh:
             m = self.children.get(key)
             if m is None:
                 m = self.children[key] = make()
+                m.call = self.call
             return m
 
 
