@@ -133,18 +133,14 @@ def test_failures_on_one_process_give_clear_errors_everywhere_and_the_run_goes_o
         assert res["stale_plan"].tolist() == [4.0] * (1, 3)[rank]
         # A device's error before a psum: the other process raises at once, naming it,
         # and pairs no collective with one of the next call.
-        kind, msg = res["raise_local_round"]
-        if rank == 1:
-            assert kind == "ValueError" and "device 3 fails" in msg, msg
-        else:
-            assert kind == "CollectiveError", msg
-            assert "process 1: device 3 raised ValueError: device 3 fails" in msg
-        kind, msg = res["raise_only_device"]
-        if rank == 0:
-            assert kind == "ValueError" and "device 0 fails" in msg, msg
-        else:
-            assert kind == "CollectiveError", msg
-            assert "process 0: device 0 raised ValueError: device 0 fails" in msg
+        for case, failing, dev in (("raise_local_round", 1, 3), ("raise_only_device", 0, 0)):
+            kind, msg = res[case]
+            if rank == failing:
+                assert kind == "ValueError" and f"device {dev} fails" in msg, msg
+            else:
+                assert kind == "CollectiveError", msg
+                assert (f"process {failing}: device {dev} raised ValueError: device {dev} "
+                        f"fails") in msg
         kind, value = res["raise_after"]  # (after the psum: the other process is done)
         assert (kind == "ValueError") if rank == 1 else value.tolist() == [4.0], value
         assert res["after"].tolist() == [400.0] * (1, 3)[rank]
