@@ -727,3 +727,61 @@ def test_vmap_out_axes_errors_name_the_output_leaf_by_path():
     with pytest.raises(ValueError, match=r"out_axes entry 3 is out of range for "
                                          r"output\['b'\] of rank 1"):
         funcdp.vmap(lambda x: {"b": x}, out_axes=3)(torch.ones(2, 3))
+
+
+def test_a_recomputed_forward_pass_runs_under_the_autocast_it_ran_with():
+    # create_graph=True recomputes the devices' forward passes in the backward pass: under
+    # the forward pass's autocast (it ran in float32, a different function), and not under
+    # an autocast active only around the backward pass.
+    torch.manual_seed(0)
+    w0, x = torch.randn(8, 8), torch.randn(2, 4, 8)
+
+    def f(w, x):
+        return (x @ w).float().pow(2).sum()
+
+    pf = funcdp.pmap(f, in_axes=(None, 0), devices=funcdp.local_devices()[:2])
+
+    def grad_of(fun, forward_autocast, backward_autocast):
+        w = w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=forward_autocast):
+            out = fun(w)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=backward_autocast):
+            return torch.autograd.grad(out, w, create_graph=True)[0].detach()
+
+    for forward_autocast, backward_autocast in ((True, False), (False, True)):
+        want = grad_of(lambda w: sum(f(w, x[i]) for i in range(2)), forward_autocast,
+                       backward_autocast)
+        got = grad_of(lambda w: pf(w, x).sum(), forward_autocast, backward_autocast)
+        assert_trees_close(got, want, rtol=1e-2, atol=1e-2)
+    # (The two cases differ: bfloat16 products against float32 ones.)
+    assert not torch.allclose(grad_of(lambda w: pf(w, x).sum(), True, False),
+                              grad_of(lambda w: pf(w, x).sum(), False, True), atol=1e-2)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_settings_a_device_function_changes_for_good_do_not_outlive_its_call(n):
+    # Autocast and the intra-op thread count, switched with torch.set_* inside a device's
+    # function, stayed so on the workers (later calls ran devices 1.. under autocast) and
+    # in the caller's thread.
+    x = torch.ones(n, 2)
+    devs = funcdp.local_devices()[:n]
+
+    def state(a):
+        return a[:1] * 0 + torch.tensor([float(torch.is_autocast_enabled("cpu")),
+                                         float(torch.get_num_threads())])
+
+    probe = funcdp.pmap(state, devices=devs)
+    before = probe(x).to_tensor()
+    caller = (torch.is_autocast_enabled("cpu"), torch.get_num_threads(), torch.is_grad_enabled())
+
+    def sloppy(a):
+        torch.set_autocast_enabled("cpu", True)
+        torch.set_num_threads(3)
+        torch.set_grad_enabled(False)
+        return a
+
+    funcdp.pmap(sloppy, devices=devs)(x)
+    assert (torch.is_autocast_enabled("cpu"), torch.get_num_threads(),
+            torch.is_grad_enabled()) == caller
+    assert torch.equal(probe(x).to_tensor(), before)
+    assert not before[:, 0].any()  # (no autocast on any device)

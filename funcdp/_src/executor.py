@@ -69,6 +69,52 @@ class Inline:
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
+def autocast_now() -> tuple:
+    """The thread's autocast settings, ``()`` when off for every device type (one call)."""
+    if not _any_autocast():
+        return ()
+    return tuple((kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+                 for kind in ("cpu", "cuda"))
+
+
+def _restore_autocast(before: tuple) -> None:
+    """Puts the thread's autocast settings back to ``before`` (``autocast_now()``), after
+    a device's function that switched autocast for good (``torch.set_autocast_enabled``)."""
+    now = autocast_now()
+    if now == before:
+        return
+    for kind, enabled, dtype in before or [(k, False, None) for k in ("cpu", "cuda")]:
+        torch.set_autocast_enabled(kind, enabled)
+        if dtype is not None:
+            torch.set_autocast_dtype(kind, dtype)
+
+
+class autocast_as:  # noqa: N801 - a context manager, named like torch.autocast
+    """Runs a block under the autocast settings ``state`` (an ``autocast_now()``): a
+    recomputation of a forward pass under the autocast it ran with."""
+
+    __slots__ = ("state", "entered")
+
+    def __init__(self, state: tuple) -> None:
+        self.state = state
+        self.entered: list = []
+
+    def __enter__(self) -> None:
+        now = {kind: (on, dtype) for kind, on, dtype in autocast_now()}
+        want = {kind: (on, dtype) for kind, on, dtype in self.state}
+        for kind in ("cpu", "cuda"):
+            on, dtype = want.get(kind, (False, None))
+            now_on, now_dtype = now.get(kind, (False, None))
+            if now_on != on or (on and now_dtype != dtype):
+                cm = torch.autocast(kind, enabled=on, dtype=dtype if on else None)
+                cm.__enter__()
+                self.entered.append(cm)
+
+    def __exit__(self, *exc: Any) -> None:
+        while self.entered:
+            self.entered.pop().__exit__(None, None, None)
+
+
 class ThreadState:
     """The caller's thread-local torch state, to be re-created on workers: grad and
     inference mode, autocast, and the torch function and dispatch modes in effect (a
@@ -216,10 +262,15 @@ def _run_task(task: _Task, worker: _Worker | None) -> _Outcome:
         return _Outcome(error=e)
     finally:
         ThreadState.exit(undo)
-        # A function may have switched grad mode off for good (torch.set_grad_enabled):
-        # the next task starts from the defaults again.
+        # A function may have switched grad mode, autocast or its thread count for good
+        # (torch.set_grad_enabled, set_autocast_enabled, set_num_threads): the next task
+        # starts from the defaults and the worker's thread count again.
         if not torch.is_grad_enabled():
             torch.set_grad_enabled(True)
+        if _any_autocast():
+            _restore_autocast(())
+        if worker is not None and worker.threads and torch.get_num_threads() != worker.threads:
+            torch.set_num_threads(worker.threads)
 
 
 _MALLOC_TUNED = False
@@ -380,6 +431,7 @@ class Executor:
         hooks = _blocking_hooks()
         hooks.append(hand_off)
         budget = torch.get_num_threads()  # the caller's thread budget, held for the call
+        autocast = autocast_now()
         _tls.depth = depth + 1
         i = 0
         try:
@@ -391,12 +443,10 @@ class Executor:
                     outcomes[i] = _Outcome(fn(i))
                 except BaseException as e:  # noqa: BLE001 - re-raised in the caller
                     outcomes[i] = _Outcome(error=e)
-                # A device's function that switched grad mode for good, or the thread
-                # budget, changes neither for the next device nor for the caller.
-                if torch.is_grad_enabled() != grad:
-                    torch.set_grad_enabled(grad)
-                if torch.get_num_threads() != budget:
-                    torch.set_num_threads(budget)
+                # A device's function that switched grad mode, autocast or the thread
+                # budget for good changes them neither for the next device nor for the
+                # caller.
+                _restore(grad, autocast, budget)
                 i += 1
         finally:
             _tls.depth = depth
@@ -504,7 +554,7 @@ def _collect(done: queue.SimpleQueue, outcomes: list, count: int) -> list[_Outco
 
 
 def _run_inline_fn(fn: Callable[[int], Any], i: int, depth: int) -> _Outcome:
-    grad = torch.is_grad_enabled()
+    grad, autocast, threads = torch.is_grad_enabled(), autocast_now(), torch.get_num_threads()
     _tls.depth = depth + 1
     try:
         return _Outcome(fn(i))
@@ -513,9 +563,18 @@ def _run_inline_fn(fn: Callable[[int], Any], i: int, depth: int) -> _Outcome:
     finally:
         _tls.depth = depth
         # Device 0's share runs in the caller's thread: a function that switched grad
-        # mode for good must not change it for the caller.
-        if torch.is_grad_enabled() != grad:
-            torch.set_grad_enabled(grad)
+        # mode, autocast or the thread count for good must not change them for the caller.
+        _restore(grad, autocast, threads)
+
+
+def _restore(grad: bool, autocast: tuple, threads: int) -> None:
+    """Puts back the calling thread's grad mode, autocast and thread count."""
+    if torch.is_grad_enabled() != grad:
+        torch.set_grad_enabled(grad)
+    if autocast or _any_autocast():
+        _restore_autocast(autocast)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 _executor: Executor | None = None

@@ -38,7 +38,7 @@ from funcdp._src import tree as tree_util
 from funcdp._src.api_util import fun_name, public
 from funcdp._src.config import config
 from funcdp._src.devices import Device, local_devices
-from funcdp._src.executor import Inline, executor
+from funcdp._src.executor import Inline, autocast_as, autocast_now, executor
 from funcdp._src.rendezvous import CollectiveError, Mesh, same_copies
 from funcdp._src.sharded import ShardedValue, to_devices
 from funcdp._src.transform_util import (
@@ -642,6 +642,7 @@ class _Call:
     modes: list
     caller_mode: Any = random_mod.ACTIVE
     fwd_vmaps: frozenset[int] = frozenset()
+    fwd_autocast: tuple = ()
     around: tuple = ()
     # The copies the devices' collectives made (see rendezvous.same_copies), from the end
     # of the devices' run to the end of the output checks.
@@ -997,6 +998,7 @@ class _Call:
         # (Here: inside the autograd.Function the caller's torch-function modes, among them
         # the enclosing device's random routing that a nested call seeds from, are off.)
         self.caller_mode = random_mod.active_mode()
+        self.fwd_autocast = autocast_now()
         self.fwd_vmaps = frozenset(
             i.level() for i in pyfunctorch.retrieve_all_functorch_interpreters()
             if isinstance(i, pyfunctorch.VmapInterpreter)
@@ -1093,8 +1095,11 @@ class _Call:
             prim, cotangents = list(flat[:nleaves]), flat[nleaves:]
             of_wanted = self._as_function_of(prim, want, diff_pos)
             # Without has_aux, torch.func.vjp returns 2 values (3 only with has_aux=True).
-            _, pull = cast("tuple[Any, Callable[..., Any]]",
-                           torch.func.vjp(of_wanted, *[prim[p] for p in want]))
+            # The forward pass again under the autocast it ran with; the pullback under
+            # the backward pass's.
+            with autocast_as(self.fwd_autocast):
+                _, pull = cast("tuple[Any, Callable[..., Any]]",
+                               torch.func.vjp(of_wanted, *[prim[p] for p in want]))
             return pull(tuple(c for c, d in zip(cotangents, diff_mask) if d))
 
         grad_axes = tuple(plan.axes[p] if plan.kinds[p] != _BCAST else 0 for p in want)
