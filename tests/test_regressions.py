@@ -785,3 +785,17 @@ def test_settings_a_device_function_changes_for_good_do_not_outlive_its_call(n):
             torch.is_grad_enabled()) == caller
     assert torch.equal(probe(x).to_tensor(), before)
     assert not before[:, 0].any()  # (no autocast on any device)
+
+
+def test_an_interrupt_on_any_device_is_raised_before_other_errors():
+    # Device 0's ordinary error was raised and device 1's KeyboardInterrupt only listed.
+    def f(x):
+        if int(funcdp.axis_index("i")) == 0:
+            raise ValueError("device 0 fails")
+        raise KeyboardInterrupt
+
+    g = funcdp.pmap(f, axis_name="i", devices=funcdp.local_devices()[:2])
+    with pytest.raises(KeyboardInterrupt):
+        g(torch.ones(2))
+    again = funcdp.pmap(lambda x: x + 1, devices=funcdp.local_devices()[:2])(torch.ones(2))
+    assert again.to_tensor().tolist() == [2.0, 2.0]  # (the pool still works)

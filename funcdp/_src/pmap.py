@@ -1580,6 +1580,9 @@ def _call_error(e: BaseException) -> BaseException:
 
 
 def _raise_device_error(plan: _Plan, errors: list) -> None:
+    for _, e in errors:  # (an interrupt or exit request first, wherever it was raised)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise e
     primary = None
     for i, e in errors:
         if not isinstance(e, CollectiveError):
@@ -1591,8 +1594,6 @@ def _raise_device_error(plan: _Plan, errors: list) -> None:
         firsts = [e for _, e in errors if not e.secondary] or [errors[0][1]]
         raise firsts[0]
     i, e = primary
-    if isinstance(e, (KeyboardInterrupt, SystemExit)):
-        raise e
     dev = plan.devices[i]
     others = [j for j, _ in errors if j != i and not isinstance(_, CollectiveError)]
     also = f" (devices {others} raised too)" if others else ""
