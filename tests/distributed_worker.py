@@ -17,6 +17,7 @@ from torch import nn
 
 import funcdp
 from funcdp import optim
+from funcdp._src import onednn
 
 AX = "i"
 
@@ -148,7 +149,9 @@ def main() -> int:
     k = funcdp.local_device_count()
     total = funcdp.device_count()
     offset = funcdp.local_devices()[0].id
-    result: dict = {"devices": [d.id for d in funcdp.devices()], "offset": offset}
+    result: dict = {"devices": [d.id for d in funcdp.devices()], "offset": offset,
+                    # onednn_linear="auto": chosen by the processes together at initialize.
+                    "onednn": (onednn.decided(), onednn._choice)}
     if scenario == "collectives":
         x = global_input(total)[offset:offset + k]
         out = funcdp.pmap(collectives_fn, axis_name=AX)(x)

@@ -98,13 +98,17 @@ def test_sharded_values_are_replicated_when_their_shards_are_bitwise_equal(tmp_p
     zeros = funcdp.pmap(lambda v: v * 0, devices=devs)(torch.ones(2, 3))
     signed = funcdp.pmap(lambda v: v * 0, devices=devs)(torch.tensor([[1.0], [-1.0]]))
     path = tmp_path / "c.pt"
-    # More shards than devices: each device holds a block of two.
+    # More shards than devices (each device holds a block of two): kept with its axis, so
+    # that the pmap it came from gets as many shards again (a replicated value would be
+    # replicated onto the devices, one copy each).
     blocks = funcdp.pmap(lambda v: funcdp.psum(v, "i"), axis_name="i", devices=devs)(
         torch.ones(4, 3))
     funcdp.save_checkpoint(path, {"nan": nan, "zeros": zeros, "signed": signed,
                                   "kept": zeros.to_tensor(), "blocks": blocks})
     back = funcdp.load_checkpoint(path)
-    assert_trees_close(back["blocks"], torch.full((3,), 4.0), exact=True)
+    assert_trees_close(back["blocks"], torch.full((4, 3), 4.0), exact=True)
+    again = funcdp.load_checkpoint(path, replicate_to=devs)["blocks"]
+    assert again.shape == (4, 3)
     assert back["nan"].shape == (3,) and back["nan"].isnan().all()
     assert back["zeros"].shape == (3,)
     assert back["signed"].shape == (2, 1)  # 0.0 and -0.0: not the same bits
@@ -160,6 +164,29 @@ def test_namedtuples_that_cannot_be_found_again_are_errors(tmp_path, monkeypatch
                                          r".*MomentState is now \('momentum',\)"):
         funcdp.load_checkpoint(path)
     monkeypatch.delattr(sys.modules[__name__], "MomentState")
-    with pytest.raises(ValueError, match=r"namedtuple MomentState of module .* cannot be "
-                                         r"imported here \(AttributeError"):
+    with pytest.raises(ValueError, match=r"namedtuple MomentState of module .*, which is not "
+                                         r"imported \(or has no MomentState\); import that "
+                                         r"module before loading"):
         funcdp.load_checkpoint(path)
+    # Loading imports no module a file names (an import runs the module's code).
+    monkeypatch.delitem(sys.modules, __name__)
+    with pytest.raises(ValueError, match=r"which is not imported"):
+        funcdp.load_checkpoint(path)
+
+
+def test_the_namedtuple_key_is_reserved_and_other_dicts_load_as_they_are(tmp_path):
+    with pytest.raises(ValueError, match=r"the dict at state\['a'\]\[0\] has the key "
+                                         r"'__funcdp_namedtuple__', which checkpoints reserve"):
+        funcdp.save_checkpoint(tmp_path / "x.pt", {"a": [{"__funcdp_namedtuple__": "this:s",
+                                                          "fields": {}}]})
+    # A file that records no namedtuples decodes none, whatever its dicts hold.
+    path = tmp_path / "y.pt"
+    marker_like = {"__funcdp_namedtuple__": "this:s", "fields": {}}
+    funcdp.save_checkpoint(path, {"a": "placeholder"})
+    payload = torch.load(path, weights_only=True)
+    assert payload["namedtuples"] == 0
+    payload["structure"] = torch.utils._pytree.treespec_dumps(
+        torch.utils._pytree.tree_flatten({"a": marker_like})[1])
+    payload["kinds"], payload["leaves"] = ["value"], ["this:s"]
+    torch.save(payload, path)
+    assert funcdp.load_checkpoint(path) == {"a": marker_like}

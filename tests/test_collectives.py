@@ -539,10 +539,33 @@ def test_sums_over_a_vmap_axis_have_the_bits_of_sums_over_devices(dtype, n):
     gen = torch.Generator().manual_seed(n)
     scale = 10.0 ** torch.randint(-3, 4, (n, 1), generator=gen)
     x = (torch.randn(n, 500, generator=gen, dtype=torch.float64) * scale).to(dtype)
-    for c in (lambda v: funcdp.psum(v, AX), lambda v: funcdp.pmean(v, AX)):
+    w = x[n // 2]  # (an unmapped value, beside a mapped one: summed in order too)
+    for c in (lambda v: funcdp.psum(v, AX), lambda v: funcdp.pmean(v, AX),
+              lambda v: funcdp.psum((v, w), AX)[1], lambda v: funcdp.psum(w, AX),
+              lambda v: funcdp.psum_scatter(v.reshape(n, -1) if 500 % n == 0 else
+                                            v[:n * (500 // n)].reshape(n, -1), AX)):
         by_vmap = funcdp.vmap(c, axis_name=AX)(x)
         by_pmap = funcdp.pmap(c, axis_name=AX, devices=funcdp.local_devices()[:n])(x)
         assert torch.equal(by_vmap, by_pmap.to_tensor())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.complex64, torch.float8_e4m3fn,
+                                   torch.uint16, torch.bool])
+def test_unmapped_values_keep_their_bits_and_dtypes(dtype):
+    # Broadcasting an unmapped value along the axis (see above) keeps -0.0 (adding +0.0
+    # made it +0.0) and works for dtypes without an addition kernel (float8, uint16).
+    w = torch.tensor([-0.0, 1.0, 2.0]).to(dtype)
+    m = torch.zeros(3)
+    ops = [lambda w: funcdp.all_gather(w, AX), lambda w: funcdp.pbroadcast(w, AX, 1),
+           lambda w: funcdp.ppermute(w, AX, [(0, 1), (1, 2), (2, 0)])]
+    if dtype in (torch.float32, torch.complex64):
+        ops.append(lambda w: funcdp.psum(w, AX))
+    for op in ops:
+        by_vmap = funcdp.vmap(lambda m, w: op(w), in_axes=(0, None), axis_name=AX)(m, w)
+        by_pmap = funcdp.pmap(lambda m, w: op(w), in_axes=(0, None), axis_name=AX,
+                              devices=funcdp.local_devices()[:3])(m, w).to_tensor()
+        assert by_vmap.dtype == dtype
+        assert torch.equal(by_vmap.view(torch.uint8), by_pmap.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32])
@@ -570,6 +593,7 @@ def test_error_unbound_axis_name_outside_and_inside():
     ([(0,)], "list of \\(source, destination\\) pairs"),
     ([(0.5, 1)], "pairs of ints, got \\[\\(0.5, 1\\)\\]"),  # (not truncated to 0)
     ([(True, 1)], "pairs of ints"),
+    ([(torch.tensor(True), 1)], "pairs of ints"),
 ])
 def test_error_bad_ppermute_perm(perm, msg):
     with pytest.raises((ValueError, TypeError), match=msg):

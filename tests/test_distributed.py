@@ -83,7 +83,11 @@ def test_every_collective_matches_a_single_process_run(tmp_path, nproc, per_proc
     f = funcdp.pmap(lambda v, wi: (funcdp.psum(v, "i") ** 2).sum() * wi, axis_name="i",
                     devices=devs)
     f(xr, w).sum().backward()
-    for res in results(tmp_path, nproc):
+    got = results(tmp_path, nproc)
+    # One oneDNN choice for all processes, made at initialize (the same products).
+    assert all(res["onednn"][0] for res in got)
+    assert len({res["onednn"] for res in got}) == 1
+    for res in got:
         assert res["devices"] == list(range(total))
         lo, hi = res["offset"], res["offset"] + per_proc
         for key, value in ref.items():

@@ -278,3 +278,19 @@ def test_inductor_compiled_code_inside_pmap(products):
         got = f(x, w).to_tensor()
     want = torch.tanh(nn.functional.linear(x, w)).sum((1, 2))
     assert_trees_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dispatch_modes_see_torch_products(products, monkeypatch):
+    # A FLOP counter (a dispatch mode, carried to the devices) counts aten products: the
+    # devices run torch's F.linear under it, and "auto" measures nothing then (its timing
+    # products were counted: 42 times the step's FLOPs).
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(onednn, "_choice", None)
+    f = funcdp.pmap(lambda x, w: nn.functional.linear(x, w), in_axes=(0, None),
+                    devices=funcdp.local_devices()[:2])
+    x, w = torch.randn(2, 64, 128), torch.randn(256, 128)
+    with funcdp.config.override(onednn_linear="auto"), FlopCounterMode(display=False) as fc:
+        f(x, w)
+    assert fc.get_total_flops() == 2 * 2 * 64 * 128 * 256
+    assert not products and onednn._choice is None

@@ -768,21 +768,26 @@ def test_settings_a_device_function_changes_for_good_do_not_outlive_its_call(n):
 
     def state(a):
         return a[:1] * 0 + torch.tensor([float(torch.is_autocast_enabled("cpu")),
-                                         float(torch.get_num_threads())])
+                                         float(torch.get_num_threads()),
+                                         float(torch.get_autocast_dtype("cpu").itemsize)])
+
+    def caller_state():
+        return (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+                torch.get_num_threads(), torch.is_grad_enabled())
 
     probe = funcdp.pmap(state, devices=devs)
     before = probe(x).to_tensor()
-    caller = (torch.is_autocast_enabled("cpu"), torch.get_num_threads(), torch.is_grad_enabled())
+    caller = caller_state()
 
     def sloppy(a):
         torch.set_autocast_enabled("cpu", True)
+        torch.set_autocast_dtype("cpu", torch.float16)
         torch.set_num_threads(3)
         torch.set_grad_enabled(False)
         return a
 
     funcdp.pmap(sloppy, devices=devs)(x)
-    assert (torch.is_autocast_enabled("cpu"), torch.get_num_threads(),
-            torch.is_grad_enabled()) == caller
+    assert caller_state() == caller
     assert torch.equal(probe(x).to_tensor(), before)
     assert not before[:, 0].any()  # (no autocast on any device)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,11 +45,14 @@ def _replica(v: ShardedValue) -> torch.Tensor | None:
     value, else None. The slices are one value when they are the same tensor or memory
     (``replicate``; a collective's result on CPU devices) or bitwise equal copies (a
     pmap's small replicated outputs are per-device copies; copies on separate GPUs).
-    Empty slices hold nothing to compare: they count only when they are one tensor.
+    Empty slices hold nothing to compare: they count only when they are one tensor. A
+    value of several shards per device is not replicated: replicating it again would
+    give one copy per device, not per shard, and the pmap it came from needs as many
+    shards as before.
     """
-    if v.axis != 0:
+    if v.axis != 0 or v.block != 1:
         return None
-    rows = list(v.shards) if v.block == 1 else [r for s in v.shards for r in s.unbind(0)]
+    rows = v.shards
     first = rows[0]
     for r in rows[1:]:
         if r is first:
@@ -75,17 +78,18 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         return torch.equal(a, b)
 
 
-# A namedtuple is stored as a dict under this key, naming its class, which loading imports.
+# A namedtuple is stored as a dict of this key and "fields", naming its class (a key no
+# state may use otherwise); the file records how many there are.
 _NAMEDTUPLE = "__funcdp_namedtuple__"
 
 
-def _encode_namedtuples(state: Any) -> Any:
+def _encode_namedtuples(state: Any) -> tuple[Any, int]:
     """``state`` with every namedtuple (an optax-style optimizer state, say) replaced by
-    ``{_NAMEDTUPLE: "module.QualName", "fields": {name: value}}``: torch serializes a
-    namedtuple's structure only for classes registered under a name, globally."""
+    ``{_NAMEDTUPLE: "module:QualName", "fields": {name: value}}``, and their number: torch
+    serializes a namedtuple's structure only for classes registered under a name,
+    globally."""
     leaves, spec = pt.tree_flatten(state, is_leaf=pt.is_namedtuple_instance)
-    if not any(pt.is_namedtuple_instance(x) for x in leaves):
-        return state
+    count = 0
     out = []
     for i, x in enumerate(leaves):
         if pt.is_namedtuple_instance(x):
@@ -96,20 +100,37 @@ def _encode_namedtuples(state: Any) -> Any:
                     f"funcdp.save_checkpoint: the namedtuple {cls.__qualname__} at "
                     f"state{path} is defined inside a function, so loading could not find "
                     f"it; define it at module level (or save it as a dict).")
-            x = {_NAMEDTUPLE: f"{cls.__module__}:{cls.__qualname__}",
-                 "fields": {f: _encode_namedtuples(getattr(x, f)) for f in cls._fields}}
+            fields = {}
+            for f in cls._fields:
+                fields[f], inner = _encode_namedtuples(getattr(x, f))
+                count += inner
+            x = {_NAMEDTUPLE: f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
+            count += 1
         out.append(x)
-    return pt.tree_unflatten(out, spec)
+    return (pt.tree_unflatten(out, spec) if count else state), count
+
+
+def _check_no_marker(state: Any) -> None:
+    """Refuses a state that uses the key namedtuples are stored under."""
+    def marked(x: Any) -> bool:
+        return isinstance(x, dict) and _NAMEDTUPLE in x
+
+    leaves, spec = pt.tree_flatten(state, is_leaf=marked)
+    for i, x in enumerate(leaves):
+        if marked(x):
+            path = tree_util.keystr(tree_util.leaf_paths(spec)[i])
+            raise ValueError(f"funcdp.save_checkpoint: the dict at state{path} has the key "
+                             f"{_NAMEDTUPLE!r}, which checkpoints reserve (for namedtuples); "
+                             f"rename that key.")
 
 
 def _decode_namedtuples(state: Any) -> Any:
-    """The inverse of ``_encode_namedtuples``: imports each namedtuple's class."""
+    """The inverse of ``_encode_namedtuples``; each namedtuple's class is looked up in its
+    module, which must be imported (loading imports nothing)."""
     def marked(x: Any) -> bool:
-        return type(x) is dict and _NAMEDTUPLE in x
+        return type(x) is dict and x.keys() == {_NAMEDTUPLE, "fields"}
 
     leaves, spec = pt.tree_flatten(state, is_leaf=marked)
-    if not any(marked(x) for x in leaves):
-        return state
     out = []
     for x in leaves:
         if marked(x):
@@ -121,15 +142,14 @@ def _decode_namedtuples(state: Any) -> Any:
 
 def _namedtuple_class(name: str, fields: tuple) -> type:
     module, _, qualname = name.partition(":")
-    try:
-        cls: Any = importlib.import_module(module)
-        for part in qualname.split("."):
-            cls = getattr(cls, part)
-    except (ImportError, AttributeError) as e:
+    cls: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        cls = getattr(cls, part, None)
+    if cls is None:
         raise ValueError(f"funcdp.load_checkpoint: the checkpoint holds a namedtuple "
-                         f"{qualname} of module {module!r}, which cannot be imported here "
-                         f"({type(e).__name__}: {e}); load it where that class is "
-                         f"defined.") from None
+                         f"{qualname} of module {module!r}, which is not imported (or has no "
+                         f"{qualname}); import that module before loading (loading imports "
+                         f"nothing a file names).")
     if not pt.is_namedtuple_class(cls) or tuple(cls._fields) != fields:
         raise ValueError(f"funcdp.load_checkpoint: the checkpoint holds a namedtuple "
                          f"{qualname} with fields {list(fields)}, but {module}.{qualname} "
@@ -151,7 +171,8 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
     ``out_axes=None`` results) are stored as they are, so save a per-device value whose
     shards may happen to be equal (a loss that is zero everywhere) as ``v.to_tensor()`` to
     keep its device axis. Namedtuples (an optax-style optimizer state) are stored with
-    their class's name and rebuilt when loading, which imports the class. Numbers and
+    their class's name and rebuilt when loading, which finds the class in its module: the
+    loading program must have imported it (nothing is imported for a file). Numbers and
     strings are stored as the builtin ``bool``, ``int``, ``float`` or ``str`` (a
     ``numpy.float64``, say, loads back as a ``float``). The file holds plain tensors on
     the CPU and a serialized pytree structure, so it loads with ``weights_only=True``, on
@@ -164,7 +185,9 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
         >>> funcdp.load_checkpoint(path)
         {'w': tensor([1., 1.]), 'step': 3}
     """
-    leaves, spec = pt.tree_flatten(_encode_namedtuples(state))
+    _check_no_marker(state)
+    state, namedtuples = _encode_namedtuples(state)
+    leaves, spec = pt.tree_flatten(state)
     out: list[Any]  # tensors, and the plain values of "value" leaves
     kinds, out = [], []
     for i, leaf in enumerate(leaves):
@@ -194,7 +217,7 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
         raise TypeError(f"funcdp.save_checkpoint: the state's structure cannot be serialized "
                         f"({e}); use dicts, lists, tuples and namedtuples.") from None
     payload = {"format": _FORMAT, "version": _VERSION, "structure": structure,
-               "kinds": kinds, "leaves": out}
+               "kinds": kinds, "leaves": out, "namedtuples": namedtuples}
     tmp = f"{os.fspath(path)}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -232,4 +255,5 @@ def load_checkpoint(path: str | os.PathLike, *, replicate_to: Sequence[Device] |
         if kind == "replicated" and replicate_to is not None:
             leaf = replicate(leaf, replicate_to)
         leaves.append(leaf)
-    return _decode_namedtuples(pt.tree_unflatten(leaves, spec))
+    state = pt.tree_unflatten(leaves, spec)
+    return _decode_namedtuples(state) if payload.get("namedtuples") else state

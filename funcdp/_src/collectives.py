@@ -134,20 +134,51 @@ def _varying_along_vmap_comps(spec: Spec, leaves: list[torch.Tensor]) -> list[to
     varies, so that the component's vmap rule runs (functorch skips a level at which no
     input is batched, and the collective would then run below it, where its result, which
     may vary along the component, cannot be batched at that level, nor its derivative
-    told from that of a collective over varying values). The broadcast (adding a batched
-    zero: functorch has no batched view of an unbatched tensor) copies the smallest leaf
-    once per member; its derivative sums over the component, as an unmapped value's must.
+    told from that of a collective over varying values). The broadcast copies the smallest
+    leaf once per member; its derivative sums over the component, as an unmapped value's
+    must.
     """
     for pos, c in enumerate(spec.comps):
         if type(c) is VmapComp and pos not in spec.done and not any(
                 _batched_at(t, c.level) for t in leaves):
             j = min(range(len(leaves)), key=lambda i: leaves[i].numel())
-            x = leaves[j]
-            index = axes_mod.comp_index(c, None, x.device)
+            index = axes_mod.comp_index(c, None, leaves[j].device)
             assert isinstance(index, torch.Tensor)  # (a vmap component's: batched)
-            zero = (index * 0).to(x.dtype)
-            leaves = [*leaves[:j], x + zero, *leaves[j + 1:]]
+            leaves = [*leaves[:j], _broadcast_along(leaves[j], index), *leaves[j + 1:]]
     return leaves
+
+
+# Dtypes with an addition kernel; others (float8, uint16...) are broadcast as integers of
+# their width.
+_ADDABLE = frozenset([torch.float16, torch.bfloat16, torch.float32, torch.float64,
+                      torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32,
+                      torch.int64])
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _broadcast_along(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x`` batched like ``index`` (a vmap level's batched ``arange``), bit for bit: an
+    addition of a batched zero (functorch has no batched view of an unbatched tensor),
+    of ``-0.0`` for floating-point values (``-0.0 + 0.0`` would be ``+0.0``; complex
+    values as pairs of reals, as complex addition loses the sign of a zero too)."""
+    if x.is_complex():
+        return torch.view_as_complex(_broadcast_along(torch.view_as_real(x), index))
+    if x.dtype not in _ADDABLE:
+        ints = x.view(_INT_OF_WIDTH[x.element_size()])
+        return _broadcast_along(ints, index).view(x.dtype)
+    zero = (index * 0).to(x.dtype)
+    return x + (zero.neg() if x.is_floating_point() else zero)
+
+
+def _times(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The sum of ``k`` members that all hold ``x``, with the bits of the in-order sum
+    (``_sum_in_order``) of ``k`` copies; ``x * k`` beyond ``_IN_ORDER_MAX`` members."""
+    if k > _IN_ORDER_MAX or k < 2 or not (x.is_floating_point() or x.is_complex()):
+        return x * k
+    out = x + x
+    for _ in range(k - 2):
+        out = out + x
+    return out
 
 
 def _batched_at(t: torch.Tensor, level: int) -> bool:
@@ -227,9 +258,9 @@ def _comp_rule(spec: Spec, pos: int, x: torch.Tensor, batched: bool, lead: int):
                 per_group = [red(x.index_select(0, torch.tensor(g, device=dev)))
                              for g in spec.groups]
             else:
-                per_group = [x * len(g) if op == "psum" else x for g in spec.groups]
+                per_group = [_times(x, len(g)) if op == "psum" else x for g in spec.groups]
             return torch.stack([per_group[member_of[j]] for j in range(k)]), True
-        out = red(x) if batched else (x * k if op == "psum" else x)
+        out = red(x) if batched else (_times(x, k) if op == "psum" else x)
         scale = _scale_of(spec)
         if scale is not None and len(spec.done) + 1 == len(spec.comps):
             out = _scaled(out, scale)  # the last component of a pmean
@@ -243,7 +274,7 @@ def _comp_rule(spec: Spec, pos: int, x: torch.Tensor, batched: bool, lead: int):
     if op == "scatter":
         dim, present = spec.params
         q = lead + dim + sum(1 for p in present if p < pos)
-        total = x.sum(0) if batched else x * k
+        total = _sum_in_order(x) if batched else _times(x, k)
         return total.movedim(q, 0), True
     if op == "ppermute":
         (pairs,) = spec.params
@@ -264,7 +295,7 @@ def _comp_rule(spec: Spec, pos: int, x: torch.Tensor, batched: bool, lead: int):
         return (x[source] if batched else x), False
     if op == "reduce_to":
         (source,) = spec.params
-        total = x.sum(0) if batched else x * k
+        total = _sum_in_order(x) if batched else _times(x, k)
         mask = torch.arange(k, device=dev) == source
         return _zeros_where(mask, total.unsqueeze(0).expand(k, *total.shape)), True
     raise AssertionError(op)
@@ -819,7 +850,7 @@ def _flatten_values(x: Any, call: str):
 def _int(v: Any) -> int:
     """``v`` as an index: an int (a NumPy or 0-d tensor integer too), never a float or bool
     (which ``int()`` would take: ``0.5`` silently as ``0``)."""
-    if isinstance(v, bool):
+    if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
         raise TypeError(v)
     return operator.index(v)
 

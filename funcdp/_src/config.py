@@ -67,11 +67,14 @@ class Config:
             True, False, or ``"auto"`` (the default; ``FUNCDP_ONEDNN_LINEAR``), which
             times both on one product the first time a pmapped function makes a large
             enough one and keeps oneDNN for the process if it is at least 1.2 times
-            faster than torch's BLAS. On CPUs where that BLAS is slow (MKL on AMD EPYC:
-            115 against oneDNN's 250 GFLOPS per core) the MLP benchmark step is about
-            35 % faster; results agree with torch's to float32 rounding, not bit for
-            bit: set False for torch's own products. Elsewhere (other dtypes, GPUs,
-            inside ``torch.func`` transforms, autocast) torch's ``F.linear`` runs.
+            faster than torch's BLAS (in a multi-process run, chosen at
+            ``funcdp.distributed.initialize`` by all processes together: oneDNN if every
+            one of them measured it so). On CPUs where that BLAS is slow (MKL on AMD EPYC:
+            115 against oneDNN's 250 GFLOPS per core) the MLP benchmark step over two
+            devices is 1.6 times as fast; results agree with torch's to float32
+            rounding, not bit for bit: set False for torch's own products. Elsewhere
+            (other dtypes, GPUs, inside ``torch.func`` transforms, autocast, dispatch
+            modes) torch's ``F.linear`` runs.
 
     Examples:
         >>> import funcdp

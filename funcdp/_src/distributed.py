@@ -21,8 +21,10 @@ from typing import Any
 import torch
 
 from funcdp._src import devices as devices_mod
+from funcdp._src import onednn
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import public_in
+from funcdp._src.config import config
 from funcdp._src.devices import Device
 
 _public = public_in("funcdp.distributed")
@@ -93,6 +95,15 @@ def _env_int(name: str, arg: str) -> int | None:
         raise ValueError(f"funcdp.distributed.initialize: environment variable `{name}` must "
                          f"be an integer, got {v!r}; set it to a number (torchrun does), or "
                          f"pass {arg}=... to initialize.") from None
+
+
+def _onednn_ratio(platform: str) -> float | None:
+    """This process's oneDNN timing (see ``onednn.faster``), where the choice is still to
+    be made: processes choose together, so that all compute the same products."""
+    if (platform != "cpu" or not onednn.AVAILABLE or onednn.decided()
+            or not (isinstance(config.onednn_linear, str) and config.onednn_linear == "auto")):
+        return None
+    return onednn.measure_safely()
 
 
 def _check_int(value: Any, arg: str, least: int) -> None:
@@ -212,8 +223,8 @@ def initialize(backend: str | None = None, timeout: float | datetime.timedelta =
                                     timeout=timeout, **kwargs)
             created = True
         counts: list[Any] = [None] * world_size
-        dist.all_gather_object(counts, (len(local), platform))
-        platforms = {p for _, p in counts}
+        dist.all_gather_object(counts, (len(local), platform, _onednn_ratio(platform)))
+        platforms = {p for _, p, _ in counts}
         if len(platforms) > 1:
             raise RuntimeError(f"funcdp.distributed.initialize: processes have different "
                                f"device platforms {sorted(platforms)}; all must use CPUs or "
@@ -227,7 +238,10 @@ def initialize(backend: str | None = None, timeout: float | datetime.timedelta =
         if created and dist.is_initialized():
             dist.destroy_process_group()
         raise
-    local_counts = [n for n, _ in counts]
+    local_counts = [n for n, _, _ in counts]
+    ratios = [r for _, _, r in counts]
+    if None not in ratios:  # (one choice for all processes: the same products everywhere)
+        onednn.choose(min(ratios) >= onednn.MARGIN)
     _info = ProcessInfo(rank, world_size, local_counts, backend, dist.group.WORLD)
     offset = _info.offset
     all_devices = []

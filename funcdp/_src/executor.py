@@ -69,24 +69,32 @@ class Inline:
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
+_AUTOCAST_KINDS = ("cpu", "cuda")
+
+
 def autocast_now() -> tuple:
-    """The thread's autocast settings, ``()`` when off for every device type (one call)."""
+    """The thread's autocast settings: each device type's dtype, and whether each is
+    enabled (``()`` when none is, found with one call)."""
+    dtypes = (torch.get_autocast_dtype("cpu"), torch.get_autocast_dtype("cuda"))
     if not _any_autocast():
-        return ()
-    return tuple((kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-                 for kind in ("cpu", "cuda"))
+        return dtypes, ()
+    return dtypes, tuple(torch.is_autocast_enabled(kind) for kind in _AUTOCAST_KINDS)
 
 
 def _restore_autocast(before: tuple) -> None:
     """Puts the thread's autocast settings back to ``before`` (``autocast_now()``), after
-    a device's function that switched autocast for good (``torch.set_autocast_enabled``)."""
-    now = autocast_now()
-    if now == before:
+    a device's function that switched autocast (``torch.set_autocast_enabled``) or its
+    dtype (``set_autocast_dtype``) for good."""
+    if autocast_now() == before:
         return
-    for kind, enabled, dtype in before or [(k, False, None) for k in ("cpu", "cuda")]:
-        torch.set_autocast_enabled(kind, enabled)
-        if dtype is not None:
-            torch.set_autocast_dtype(kind, dtype)
+    dtypes, enabled = before
+    for kind, dtype, on in zip(_AUTOCAST_KINDS, dtypes, enabled or (False, False)):
+        torch.set_autocast_dtype(kind, dtype)
+        torch.set_autocast_enabled(kind, on)
+
+
+# A new thread's settings (a worker's between tasks).
+_DEFAULT_AUTOCAST = ((torch.bfloat16, torch.float16), ())
 
 
 class autocast_as:  # noqa: N801 - a context manager, named like torch.autocast
@@ -100,13 +108,11 @@ class autocast_as:  # noqa: N801 - a context manager, named like torch.autocast
         self.entered: list = []
 
     def __enter__(self) -> None:
-        now = {kind: (on, dtype) for kind, on, dtype in autocast_now()}
-        want = {kind: (on, dtype) for kind, on, dtype in self.state}
-        for kind in ("cpu", "cuda"):
-            on, dtype = want.get(kind, (False, None))
-            now_on, now_dtype = now.get(kind, (False, None))
-            if now_on != on or (on and now_dtype != dtype):
-                cm = torch.autocast(kind, enabled=on, dtype=dtype if on else None)
+        (now_dtypes, now_on), (dtypes, on) = autocast_now(), self.state
+        for i, kind in enumerate(_AUTOCAST_KINDS):
+            want = (bool(on and on[i]), dtypes[i])
+            if (bool(now_on and now_on[i]), now_dtypes[i]) != want:
+                cm = torch.autocast(kind, enabled=want[0], dtype=want[1])
                 cm.__enter__()
                 self.entered.append(cm)
 
@@ -267,8 +273,7 @@ def _run_task(task: _Task, worker: _Worker | None) -> _Outcome:
         # starts from the defaults and the worker's thread count again.
         if not torch.is_grad_enabled():
             torch.set_grad_enabled(True)
-        if _any_autocast():
-            _restore_autocast(())
+        _restore_autocast(_DEFAULT_AUTOCAST)
         if worker is not None and worker.threads and torch.get_num_threads() != worker.threads:
             torch.set_num_threads(worker.threads)
 
@@ -571,8 +576,7 @@ def _restore(grad: bool, autocast: tuple, threads: int) -> None:
     """Puts back the calling thread's grad mode, autocast and thread count."""
     if torch.is_grad_enabled() != grad:
         torch.set_grad_enabled(grad)
-    if autocast or _any_autocast():
-        _restore_autocast(autocast)
+    _restore_autocast(autocast)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 

@@ -6,9 +6,10 @@ which on some CPUs is far from their peak: on an AMD EPYC with AVX-512, MKL's si
 used for lower-precision products). With the setting on, the ``F.linear`` calls a pmapped
 function makes on its devices (every ``nn.Linear``) run forward and backward on oneDNN.
 
-Only float32 tensors on the CPU, with no ``torch.func`` transform and no autocast active,
-and products of at least ``MIN_MACS`` multiply-adds (oneDNN's fixed cost per call exceeds
-the gain on small ones); anything else runs torch's own ``F.linear``. The derivatives are
+Only float32 tensors on the CPU, with no ``torch.func`` transform, autocast or dispatch mode
+(a FLOP counter) active, and products of at least ``MIN_MACS`` multiply-adds (oneDNN's
+fixed cost per call exceeds the gain on small ones); anything else runs torch's own
+``F.linear``. The derivatives are
 again oneDNN products, so gradients of gradients work too. Results agree with torch's to
 float32 rounding (the products sum in another order), not bit for bit.
 
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 from torch._C import _functorch
+from torch.utils._python_dispatch import _disable_current_modes
 
 _pointwise = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
 AVAILABLE = _pointwise is not None and torch.backends.mkldnn.is_available()
@@ -85,7 +87,9 @@ def applies(x: Any, w: Any, b: Any) -> bool:
             and (b is None or (b.dtype == torch.float32 and b.shape == w.shape[:1]
                                and b.is_cpu))
             and _functorch.maybe_current_level() is None
-            and not torch.is_autocast_enabled("cpu"))
+            and not torch.is_autocast_enabled("cpu")
+            # (A dispatch mode (a FLOP counter, fake tensors) knows torch's ops, not this.)
+            and not torch._C._len_torch_dispatch_stack())
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,15 +118,32 @@ def wanted(setting: bool | str) -> bool:
 
 def faster() -> bool:
     """Whether oneDNN's products are at least ``MARGIN`` times faster than torch's here,
-    measured once per process (the first caller times them; the others wait for it)."""
+    measured once per process (the first caller times them; the others wait for it), or
+    chosen by ``funcdp.distributed.initialize`` for all processes together."""
     global _choice
     with _choosing:
         if _choice is None:
-            try:
-                _choice = _measure() >= MARGIN
-            except RuntimeError:  # (a CPU oneDNN cannot run on: torch's products then)
-                _choice = False
+            _choice = measure_safely() >= MARGIN
         return _choice
+
+
+def measure_safely() -> float:
+    """``_measure()``, or 0 where oneDNN cannot run (torch's products then)."""
+    try:
+        return _measure()
+    except RuntimeError:
+        return 0.0
+
+
+def decided() -> bool:
+    return _choice is not None
+
+
+def choose(use: bool) -> None:
+    """Sets ``"auto"``'s choice (made by the processes of a run together)."""
+    global _choice
+    with _choosing:
+        _choice = use
 
 
 def _measure() -> float:
@@ -136,8 +157,8 @@ def _measure() -> float:
             lambda: _product(x, w, None), lambda: _product(g.t(), x.t(), None))
     ratios = []
     threads = torch.get_num_threads()
-    # (No torch-function mode or subclass sees these calls: they are funcdp's own.)
-    with torch._C.DisableTorchFunction(), torch.no_grad():
+    # (No torch-function or dispatch mode sees these calls: they are funcdp's own.)
+    with torch._C.DisableTorchFunction(), _disable_current_modes(), torch.no_grad():
         try:
             torch.set_num_threads(1)
             for _ in range(3):
