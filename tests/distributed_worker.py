@@ -121,6 +121,28 @@ def recover(out_dir: str, psum_all, result: dict) -> None:
     result["raise_only_device"] = outcome(lambda: fails_on(0)(torch.ones(k)))
     result["raise_after"] = outcome(lambda: torch.as_tensor(fails_on(3, True)(torch.ones(k))))
     result["after"] = torch.as_tensor(psum_all(torch.full((k,), 100.0)))
+    # Process 1's call fails before its devices run (a wrong mapped size): process 0's
+    # psum fails, and the next calls pair as they should (they were one call apart).
+    result["raise_before_devices"] = outcome(lambda: psum_all(torch.ones(k + rank)))
+    result["after_before_devices"] = torch.as_tensor(psum_all(torch.full((k,), 10.0)))
+    # A device raising after the last collective, in a plan whose calls are known to
+    # make one: raised at once, with no one to tell (the other process is busy meanwhile).
+    failing = [False]
+
+    def psum_then_fail(v):
+        s = funcdp.psum(v, AX)
+        if failing[0] and funcdp.axis_index(AX) == 3:
+            raise ValueError("device 3 fails after the psum")
+        return s
+
+    later = funcdp.pmap(psum_then_fail, axis_name=AX)
+    later(torch.ones(k))
+    failing[0] = True
+    start = time.monotonic()
+    result["raise_after_known"] = outcome(lambda: torch.as_tensor(later(torch.ones(k))))
+    result["raise_after_known_s"] = time.monotonic() - start
+    if rank == 0:
+        time.sleep(2)
     bcast = funcdp.distributed.broadcast
     result["bcast_shape"] = outcome(lambda: bcast(
         {"w": torch.zeros(2, 3) if rank == 0 else torch.zeros(3, 2)}))

@@ -148,6 +148,15 @@ def test_failures_on_one_process_give_clear_errors_everywhere_and_the_run_goes_o
         kind, value = res["raise_after"]  # (after the psum: the other process is done)
         assert (kind == "ValueError") if rank == 1 else value.tolist() == [4.0], value
         assert res["after"].tolist() == [400.0] * (1, 3)[rank]
+        kind, msg = res["raise_before_devices"]
+        if rank == 1:
+            assert kind == "ValueError" and "mapped size (4)" in msg, msg
+        else:
+            assert kind == "CollectiveError" and "process 1: the call raised ValueError" in msg
+        assert res["after_before_devices"].tolist() == [40.0] * (1, 3)[rank]
+        kind, value = res["raise_after_known"]
+        assert (kind == "ValueError") if rank == 1 else value.tolist() == [4.0], value
+        assert res["raise_after_known_s"] < 1.0  # (not waiting for the busy process 0)
         # broadcast and process_allgather compare shapes and dtypes first.
         kind, msg = res["bcast_shape"]
         assert kind == "CollectiveError", msg

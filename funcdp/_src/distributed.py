@@ -12,7 +12,6 @@ bucket between processes, and a local share of the result.
 from __future__ import annotations
 
 import datetime
-import itertools
 import os
 import threading
 import time
@@ -46,24 +45,38 @@ class ProcessInfo:
         # time, each with the data collective it guards; ``seq`` counts them.
         self.lock = threading.RLock()
         self.seq = 0
-        self._calls = itertools.count(1)
+        self.calls = 0  # pmap calls spanning the processes so far
+        # Whether another process was seen shutting down (its exchange met one of this
+        # process's): this process's shutdown then has no one to wait for.
+        self.peer_left = False
 
     def new_call(self) -> CallState:
         """The state of a new pmap call spanning the processes (numbered in call order:
         every process makes the same calls, so the numbers agree)."""
-        return CallState(next(self._calls))
+        self.calls += 1
+        return CallState(self.calls)
 
 
 class CallState:
-    """One pmap call's part in the exchanges between processes: its number, and whether
-    the other processes already know that it failed on this process (it failed in an
-    exchange, or this process told them)."""
+    """One pmap call's part in the exchanges between processes: its number, whether the
+    other processes already know that it failed on this process (it failed in an
+    exchange, or this process told them), the exchanges it made, and how many the
+    earlier calls of its plan made (None: unknown; -1: not always as many)."""
 
-    __slots__ = ("index", "settled")
+    __slots__ = ("index", "settled", "exchanges", "expected")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.settled = False
+        self.exchanges = 0
+        self.expected: int | None = None
+
+    def awaited(self) -> bool:
+        """Whether the other processes may be waiting for an exchange of this call: not
+        where its plan's calls make a known number of exchanges and it has made them all
+        (it failed after its last collective, or it has none), so that a failure there
+        is raised at once, with nothing to tell."""
+        return self.expected is None or self.expected < 0 or self.exchanges < self.expected
 
     def claim(self) -> bool:
         """True for the first caller only, once: whoever tells the other processes."""
@@ -275,7 +288,8 @@ def shutdown() -> None:
             if _info is not None:
                 from funcdp._src.process_collectives import agree
 
-                agree(_info, ("shutdown",), None)  # (a barrier, in turn with pmap's)
+                if not _info.peer_left:  # (else that process shut down, not waiting)
+                    agree(_info, ("shutdown",), None)  # (a barrier, in turn with pmap's)
             else:
                 dist.barrier()
             _leave_together(dist)

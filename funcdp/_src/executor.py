@@ -436,7 +436,9 @@ class Executor:
         hooks = _blocking_hooks()
         hooks.append(hand_off)
         budget = torch.get_num_threads()  # the caller's thread budget, held for the call
-        autocast = autocast_now()
+        # (Every small call's path: the autocast dtypes are read only where autocast is
+        # on; a function that only sets a dtype, leaving autocast off, is not undone here.)
+        autocast = autocast_now() if _any_autocast() else _DEFAULT_AUTOCAST
         _tls.depth = depth + 1
         i = 0
         try:
@@ -451,7 +453,7 @@ class Executor:
                 # A device's function that switched grad mode, autocast or the thread
                 # budget for good changes them neither for the next device nor for the
                 # caller.
-                _restore(grad, autocast, budget)
+                _restore(grad, autocast, budget, False)
                 i += 1
         finally:
             _tls.depth = depth
@@ -572,11 +574,13 @@ def _run_inline_fn(fn: Callable[[int], Any], i: int, depth: int) -> _Outcome:
         _restore(grad, autocast, threads)
 
 
-def _restore(grad: bool, autocast: tuple, threads: int) -> None:
-    """Puts back the calling thread's grad mode, autocast and thread count."""
+def _restore(grad: bool, autocast: tuple, threads: int, dtypes: bool = True) -> None:
+    """Puts back the calling thread's grad mode, autocast (its dtypes too, unless
+    ``dtypes`` is false and autocast is off) and thread count."""
     if torch.is_grad_enabled() != grad:
         torch.set_grad_enabled(grad)
-    _restore_autocast(autocast)
+    if dtypes or autocast[1] or _any_autocast():
+        _restore_autocast(autocast)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 

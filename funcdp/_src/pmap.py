@@ -190,6 +190,24 @@ class Pmapped:
         """The call; with ``chunks``, device ``i`` gets a slice of ``chunks[i]`` elements
         along each mapped axis, the axis kept (``nn.DataParallel``'s scatter), and outputs
         with an integer ``out_axes`` are concatenated (its gather)."""
+        proc = dist_mod._info
+        if proc is None:
+            return self._call_plan(bound, chunks, args, kwargs)
+        calls = proc.calls
+        try:
+            return self._call_plan(bound, chunks, args, kwargs)
+        except BaseException as e:
+            # A call that would have spanned the processes but failed before its devices
+            # ran (so took no call number): the other processes may wait for it.
+            if (proc.calls == calls and proc.count > 1 and self._devices is None
+                    and chunks is None and axes_mod.current_pmap_frame() is None):
+                from funcdp._src.process_collectives import tell_failure_before_devices
+
+                tell_failure_before_devices(proc, e)
+            raise
+
+    def _call_plan(self, bound: Any, chunks: tuple[int, ...] | None, args: tuple,
+                   kwargs: dict) -> Any:
         statics, dyn_args = self._split_statics(args)
         sig: Any = None
         if not kwargs:
@@ -472,6 +490,8 @@ class _Plan:
         self.out_plans: dict = {}  # output structure -> (axes, ranked axes): _out_plan
         self.leaf_ranked: list | None = None  # ranked_axes_for(_LEAF), once known
         self.full_checks = 3
+        # Exchanges between processes a call makes (see distributed.CallState.expected).
+        self.process_exchanges: int | None = None
         # Calls of a nested plan always run nested (the enclosing call is in its key).
         self.top_level = top_level
         self.policy = (_ExecutionPolicy() if self.ndev > 1 and chunks is None and top_level
@@ -741,6 +761,8 @@ class _Call:
             prefix = ()
         else:
             mesh, prefix, names = self._mesh()
+            if mesh.call is not None and not prefix:  # (a top-level call's)
+                mesh.call.expected = plan.process_exchanges
             coords = [prefix + (mesh.offset + i,) for i in range(plan.ndev)]
             name = plan.owner._axis_name
             axis_pos = len(mesh.sizes) - 1
@@ -782,6 +804,10 @@ class _Call:
             if o.error is not None:
                 _raise_device_error(plan, [(i, o.error) for i, o in enumerate(outcomes)
                                            if o.error is not None])
+        if mesh.call is not None and not prefix:  # (how many exchanges its calls make)
+            made = mesh.call.exchanges
+            known = plan.process_exchanges
+            plan.process_exchanges = made if known is None or known == made else -1
         if mesh.watched:
             mesh.check_watched()
         # (For the output checks of this call only: see _run.)

@@ -179,6 +179,7 @@ def _check_same_program(spec: Any, leaves: list, info: ProcessInfo, call: CallSt
         f"{tuple(x.shape)}:{x.dtype}" for x in leaves)
     if inner:  # (in a nested pmap: one exchange per inner coordinate)
         text += f" at inner coordinate {inner}"
+    call.exchanges += 1
     descs = agree(info, text, call.index, spec.label)
     if descs is None:
         return
@@ -218,10 +219,14 @@ def _exchange(info: ProcessInfo, flag: int, call: int | None, desc: Any) -> tupl
         rows_t = [torch.empty_like(mine) for _ in range(info.count)]
         dist.all_gather(rows_t, mine, group=info.group)
         rows = [r.tolist() for r in rows_t]
-        if all(r[3] == _OK for r in rows) and len({(r[0], r[2]) for r in rows}) == 1:
+        # (The call numbers too: processes that made different numbers of pmap calls
+        # would pair the same collective of different calls.)
+        if all(r[3] == _OK for r in rows) and len({(r[0], r[1], r[2]) for r in rows}) == 1:
             return rows, None
         descs: list[Any] = [None] * info.count
         dist.all_gather_object(descs, desc, group=info.group)
+        if any(d == ("shutdown",) for d in descs):
+            info.peer_left = True  # (its group is gone: this process's shutdown won't wait)
         return rows, descs
 
 
@@ -264,9 +269,19 @@ def tell_failure(mesh: Any, coord: tuple, error: BaseException) -> None:
     process outside an exchange: takes part in the next exchange with a notice, so that
     processes waiting there for this call's collective fail at once (see ``agree``). It
     waits for that exchange (at most initialize's `timeout`)."""
+    _notify(mesh.proc, mesh.call.index, f"device {coord[0]}", error)
+
+
+def tell_failure_before_devices(info: ProcessInfo, error: BaseException) -> None:
+    """``tell_failure`` for a call spanning the processes that failed before its devices
+    ran (its arguments, say): it takes its call number, as its devices would have, so that
+    the processes' later calls keep the same numbers."""
+    _notify(info, info.new_call().index, "the call", error)
+
+
+def _notify(info: ProcessInfo, call: int, where: str, error: BaseException) -> None:
     first = str(error).splitlines()[0] if str(error) else ""
-    text = f"device {coord[0]} raised {type(error).__name__}: {first}"
     try:
-        _exchange(mesh.proc, _FAILED, mesh.call.index, text)
+        _exchange(info, _FAILED, call, f"{where} raised {type(error).__name__}: {first}")
     except Exception:  # noqa: BLE001 - the peers are gone: no one to tell
         pass

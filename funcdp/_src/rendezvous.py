@@ -163,7 +163,7 @@ class Mesh:
         """``leave`` for a participant that raised in a call spanning processes: the
         first to raise outside an exchange between processes then tells the other
         processes (``tell_failure``)."""
-        tell = len(self.sizes) == 1 and self.call.claim()
+        tell = len(self.sizes) == 1 and self.call.awaited() and self.call.claim()
         with self.cond:
             self.states[coord] = state
             if self.rounds:
