@@ -9,7 +9,9 @@ environment, as torchrun would set them. Results go to OUT_DIR/rank{RANK}.pt.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -92,7 +94,7 @@ def outcome(fn):
     """``("ok", value)``, or the exception's type name and message."""
     try:
         return "ok", fn()
-    except Exception as e:  # noqa: BLE001 - recorded for the test
+    except BaseException as e:  # noqa: BLE001 - recorded for the test (interrupts too)
         return type(e).__name__, str(e)
 
 
@@ -143,6 +145,16 @@ def recover(out_dir: str, psum_all, result: dict) -> None:
     result["raise_after_known_s"] = time.monotonic() - start
     if rank == 0:
         time.sleep(2)
+    # A Ctrl-C in process 0 (one device: its main thread makes the exchange) while it
+    # waits in a psum for process 1: raised once the psum is complete; process 1 gets its
+    # sum, and the next call pairs as it should.
+    psum_all(torch.ones(k))  # (both processes here)
+    if rank == 0:
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    else:
+        time.sleep(1.5)
+    result["interrupted"] = outcome(lambda: torch.as_tensor(psum_all(torch.ones(k))))
+    result["after_interrupt"] = torch.as_tensor(psum_all(torch.full((k,), 1000.0)))
     bcast = funcdp.distributed.broadcast
     result["bcast_shape"] = outcome(lambda: bcast(
         {"w": torch.zeros(2, 3) if rank == 0 else torch.zeros(3, 2)}))

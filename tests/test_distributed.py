@@ -157,6 +157,9 @@ def test_failures_on_one_process_give_clear_errors_everywhere_and_the_run_goes_o
         kind, value = res["raise_after_known"]
         assert (kind == "ValueError") if rank == 1 else value.tolist() == [4.0], value
         assert res["raise_after_known_s"] < 1.0  # (not waiting for the busy process 0)
+        kind, value = res["interrupted"]
+        assert (kind == "KeyboardInterrupt") if rank == 0 else value.tolist() == [4.0] * 3, value
+        assert res["after_interrupt"].tolist() == [4000.0] * (1, 3)[rank]
         # broadcast and process_allgather compare shapes and dtypes first.
         kind, msg = res["bcast_shape"]
         assert kind == "CollectiveError", msg

@@ -18,6 +18,8 @@ call. A notice from a call a process has already finished is skipped. The
 from __future__ import annotations
 
 import hashlib
+import signal
+import threading
 from typing import Any
 
 import torch
@@ -68,8 +70,9 @@ def process_collective(spec: Any, dev_pos: list[int], leaves: list[torch.Tensor]
 
 def _global_compute(spec: Any, dev_pos: list[int], items: list, info: ProcessInfo,
                     n: int, call: CallState, inner: tuple) -> Any:
-    # One exchange and its data collectives at a time (nested pmaps may run several).
-    with info.lock:
+    # One exchange and its data collectives at a time (nested pmaps may run several),
+    # not cut in two by a Ctrl-C: the other processes would exchange the data alone.
+    with info.lock, interrupts_deferred():
         try:
             return _global_compute_locked(spec, dev_pos, items, info, n, call, inner)
         except BaseException:
@@ -77,6 +80,30 @@ def _global_compute(spec: Any, dev_pos: list[int], items: list, info: ProcessInf
             # the call's failure needs no notice.
             call.settled = True
             raise
+
+
+class interrupts_deferred:  # noqa: N801 - a context manager
+    """Holds back a Ctrl-C (SIGINT, with Python's default handler, in the main thread)
+    until the block ends, then raises it: an exchange between processes and the data
+    collectives it guards run whole or not at all."""
+
+    __slots__ = ("old", "hit")
+
+    def __enter__(self) -> None:
+        self.old = None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.hit = False
+            self.old = signal.signal(signal.SIGINT, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.hit = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+            if self.hit and exc[0] is None:
+                raise KeyboardInterrupt
 
 
 def _global_compute_locked(spec: Any, dev_pos: list[int], items: list, info: ProcessInfo,
