@@ -374,7 +374,9 @@ class EMA(nn.Module):
 @pytest.mark.parametrize("sync", [True, False])
 def test_buffers_a_forward_updates_keep_device_0s_update(assign, sync):
     # nn.DataParallel's device-0 replica shares the module's buffers: its update is what
-    # remains. (With sync_batchnorm=False floating-point buffers are averaged instead.)
+    # remains, with or without synchronised BatchNorm (only BatchNorm's running
+    # statistics are averaged over the replicas without it: every floating-point buffer
+    # was).
     torch.manual_seed(0)
     x = torch.randn(10, 3, dtype=torch.float64)  # chunks of 3, 3, 2, 2
     m = EMA(assign)
@@ -385,10 +387,34 @@ def test_buffers_a_forward_updates_keep_device_0s_update(assign, sync):
     replicas = [copy.deepcopy(ref) for _ in chunks]
     assert_trees_close(out, torch.cat([r(c) for r, c in zip(replicas, chunks)]))
     assert int(m.seen) == 3  # device 0's chunk
-    want = (sum(r.ema for r in replicas) / 4) if not sync else replicas[0].ema
-    assert_trees_close(m.ema, want)
+    assert_trees_close(m.ema, replicas[0].ema)
     dp.eval()
     assert_trees_close(dp(x), m(x))
+
+
+class Counter(nn.Module):
+    """Counts the examples it sees, in training and in eval mode (an observer, a cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("scale", torch.ones(2))
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return self.lin(x) * self.scale
+
+
+def test_buffers_a_forward_changes_in_eval_mode_keep_device_0s_update():
+    # They were dropped in eval mode; buffers the forward leaves alone are not written.
+    m = Counter()
+    dp = funcdp.DataParallel(m, device_ids=[0, 1, 2, 3]).eval()
+    scale = m.scale
+    version = scale._version
+    dp(torch.randn(10, 3))
+    assert int(m.seen) == 3  # device 0's chunk, as nn.DataParallel keeps
+    assert m.scale is scale and scale._version == version
 
 
 def test_running_statistics_kept_when_only_the_wrapped_module_trains():
@@ -448,3 +474,30 @@ def test_argument_errors_name_the_argument(case):
         with pytest.raises(ValueError, match=r"`device_ids` must name each device once .*"
                                              r"got \[0, 1, 0\], which repeats 0"):
             funcdp.DataParallel(nn.Linear(4, 1), device_ids=[0, 1, 0])
+
+
+def test_output_device_and_sync_batchnorm_are_checked():
+    m = nn.Linear(3, 2)
+    devs = funcdp.local_devices()
+    # As device_ids: an index of the local devices, a CUDA device's index, a funcdp device.
+    for given in (1, torch.device("cuda", 1), devs[1]):
+        assert funcdp.DataParallel(m, output_device=given).output_device == devs[1].torch_device
+    assert funcdp.DataParallel(m, output_device="cpu").output_device == torch.device("cpu")
+    with pytest.raises(TypeError, match=r"`output_device` must be a device index, a funcdp "
+                                        r"device or a torch.device, got 'banana'"):
+        funcdp.DataParallel(m, output_device="banana")
+    with pytest.raises(ValueError, match=r"`output_device` device\(type='mps'\) is not a "
+                                         r"device of this process"):
+        funcdp.DataParallel(m, output_device=torch.device("mps"))
+    with pytest.raises(ValueError, match=r"device index 99 is out of range"):
+        funcdp.DataParallel(m, output_device=99)
+    # A string was truthy: sync_batchnorm="no" synchronised.
+    with pytest.raises(TypeError, match=r"`sync_batchnorm` must be True or False, got 'no'"):
+        funcdp.DataParallel(m, sync_batchnorm="no")
+
+
+def test_load_state_dict_errors_name_keys_as_state_dict_does():
+    dp = funcdp.DataParallel(nn.Linear(3, 2))
+    with pytest.raises(RuntimeError, match=r"size mismatch for weight: copying a param with "
+                                           r"shape torch.Size\(\[5, 3\]\)"):
+        dp.load_state_dict({"weight": torch.zeros(5, 3), "bias": torch.zeros(2)})

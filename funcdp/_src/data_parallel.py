@@ -12,9 +12,10 @@ What it does differently from ``nn.DataParallel``:
 - runs on virtual CPU devices too (so it can be tested without GPUs);
 - BatchNorm statistics are synchronised across devices by default (the model trains as
   on one device with the full batch); with ``sync_batchnorm=False`` each replica
-  normalises with its own statistics and floating-point buffers (the running statistics)
-  are averaged over the replicas (not taken from device 0). Other buffers a forward
-  updates (an EMA, a counter) keep device 0's update, as ``nn.DataParallel``'s do;
+  normalises with its own statistics and the BatchNorm layers' running statistics are
+  averaged over the replicas (not taken from device 0). Other buffers a forward
+  updates (an EMA, a counter, in training or in eval mode) keep device 0's update, as
+  ``nn.DataParallel``'s do;
 - parameters are never re-replicated while unchanged (on CPU devices never copied);
 - autocast's dtype is honoured in every replica;
 - ``state_dict()`` has the plain module's keys and ``load_state_dict`` accepts both those
@@ -100,11 +101,10 @@ class DataParallel(nn.Module):
         self.device_ids = [d.local_index for d in chosen]
         self._devices = chosen
         self.dim = dim
-        if output_device is None:
-            output_device = chosen[0].torch_device
-        elif isinstance(output_device, int) and not isinstance(output_device, bool):
-            output_device = _by_index(devs, output_device).torch_device
-        self.output_device = torch.device(output_device)
+        self.output_device = _output_device(output_device, devs, chosen)
+        if not isinstance(sync_batchnorm, bool):
+            raise TypeError(f"funcdp.DataParallel: `sync_batchnorm` must be True or False, "
+                            f"got {sync_batchnorm!r}.")
         self.sync_batchnorm = sync_batchnorm
         self._net = functional(module, sync_batchnorm=_AXIS if sync_batchnorm else None)
         self.register_state_dict_post_hook(DataParallel._plain_keys)
@@ -112,21 +112,26 @@ class DataParallel(nn.Module):
         self.register_load_state_dict_post_hook(DataParallel._plain_missing)
         # One pmapped replica function per input structure (which leaves are tensors).
         self._replicas: dict = {}
+        self._bn_names: tuple | None = None  # (structure, _bn_stats's names for it)
 
     def _run_replica(self, params: dict, buffers: dict, args: tuple, kwargs: dict,
                      holder: _Holder) -> Any:
         # Each layer in its own mode, as the wrapped module has it (nn.DataParallel's
         # replicas copy every submodule's flag).
-        out, new_buffers = self._net._apply(holder.built, params, buffers, args, kwargs)
+        changed: set = set()
+        out, new_buffers = self._net._apply(holder.built, params, buffers, args, kwargs,
+                                            changed=changed)
         if not self.sync_batchnorm and new_buffers:
-            # Per-replica statistics; the running averages are averaged over replicas.
-            new_buffers = {k: pmean(v, _AXIS) if v.is_floating_point() else v
+            # Per-replica statistics; BatchNorm's running averages are averaged over
+            # the replicas.
+            new_buffers = {k: pmean(v, _AXIS) if k in holder.bn_stats else v
                            for k, v in new_buffers.items()}
         if int(axis_index(_AXIS)) == 0:
             # Device 0's buffers are what remains, as with nn.DataParallel (whose device-0
             # replica shares the module's buffers): synchronised BatchNorm statistics are
             # the same everywhere, other updates (an EMA, a counter) may differ.
             holder.buffers = new_buffers
+            holder.changed = changed
         # Tensors are gathered along `dim` (scalars become one entry per replica, as in
         # nn.DataParallel); anything else is returned as device 0 has it.
         leaves, treedef = tree_util.tree_flatten(out)
@@ -172,6 +177,8 @@ class DataParallel(nn.Module):
         holder = _Holder()
         # The module's structure now (rebuilt if layers were replaced or added).
         holder.built = built = net._current()
+        if not self.sync_batchnorm:
+            holder.bn_stats = self._bn_stats(built)
         params, buffers = built.live()
         replica = self._replica_for(treedef, mask)
         tensors = replica._call_chunks(
@@ -181,13 +188,30 @@ class DataParallel(nn.Module):
         out = tree_util.tree_unflatten([next(it) if m else o for o, m in zip(others, mask)],
                                        treedef)
         new_buffers = holder.buffers
-        # Kept where a layer trains, as the bare module would keep them: the wrapper's own
-        # flag is not enough (``model.eval()``, then ``model.module.train()``).
-        if new_buffers and (self.training or any(m.training for m in module.modules())):
+        # Device 0's updates are kept, as the bare module keeps its own: every buffer
+        # where a layer trains (the wrapper's own flag is not enough: ``model.eval()``,
+        # then ``model.module.train()``), else those the forward changed (a counter).
+        if new_buffers:
+            names = (new_buffers if self.training or any(m.training for m in module.modules())
+                     else holder.changed)
             with torch.no_grad():
-                for name, value in new_buffers.items():
-                    buffers[name].copy_(value)
+                for name in names:
+                    buffers[name].copy_(new_buffers[name])
         return self._gather(out)
+
+    def _bn_stats(self, built: Any) -> frozenset:
+        """The names of BatchNorm layers' running statistics in the structure ``built``."""
+        cached = self._bn_names
+        if cached is not None and cached[0] is built:
+            return cached[1]
+        names = frozenset(
+            f"{prefix}.{stat}" if prefix else stat
+            for prefix, m in self.module.named_modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for stat in ("running_mean", "running_var")
+            if getattr(m, stat, None) is not None)
+        self._bn_names = (built, names)
+        return names
 
     # -- scatter / gather ------------------------------------------------------------
     def _scatter_plan(self, inputs: tuple, kwargs: dict) -> tuple[tuple, Any, tuple]:
@@ -271,6 +295,17 @@ class DataParallel(nn.Module):
         incompatible.missing_keys[:] = [prefix + k[len(inner):] if k.startswith(inner) else k
                                         for k in incompatible.missing_keys]
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, taking and naming keys as ``state_dict`` gives
+        them (without ``module.``; ``nn.DataParallel``'s prefixed keys are taken too)."""
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as e:
+            msg = str(e)
+            if "for module." not in msg:
+                raise
+            raise RuntimeError(msg.replace(" for module.", " for ")) from None
+
     # Copies and pickles (copy.deepcopy, torch.save(model)) leave out the per-structure
     # pmapped replicas, rebuilt on the next call.
     def __getstate__(self) -> dict:
@@ -302,18 +337,45 @@ class _Holder:
     """A pytree leaf (passed to every replica unchanged) that carries the module's
     structure in and the output's structure and device 0's buffers back."""
 
-    __slots__ = ("value", "built", "buffers")
+    __slots__ = ("value", "built", "buffers", "changed", "bn_stats")
 
     def __init__(self) -> None:
         self.value: Any = None
         self.built: Any = None
         self.buffers: dict | None = None
+        self.changed: set = set()  # the names of the buffers device 0's forward changed
+        self.bn_stats: frozenset = frozenset()
 
 
 def _arg_name(path: tuple) -> str:
     """A forward argument named as the call wrote it: ``inputs[0]``, ``kwargs['t']``
     (``path`` into ``(inputs, kwargs)``)."""
     return ("inputs" if path[0].idx == 0 else "kwargs") + tree_util.keystr(path[1:])
+
+
+def _output_device(given: Any, devs: list[Device], chosen: list[Device]) -> torch.device:
+    """Where outputs are gathered: ``output_device`` as an index of the local devices
+    (``device_ids``' way: an int, or a CUDA device's index), a funcdp device, or a
+    ``torch.device`` (or its name) that exists here; by default device_ids[0]'s."""
+    if given is None:
+        return chosen[0].torch_device
+    if isinstance(given, Device):
+        return given.torch_device
+    if isinstance(given, int) and not isinstance(given, bool):
+        return _by_index(devs, given).torch_device
+    try:
+        dev = torch.device(given)
+    except (RuntimeError, TypeError):
+        raise TypeError(f"funcdp.DataParallel: `output_device` must be a device index, a "
+                        f"funcdp device or a torch.device, got {given!r}.") from None
+    if dev.type == "cuda" and dev.index is not None:
+        return _by_index(devs, dev.index).torch_device
+    if dev.type != "cpu" and not any(d.torch_device.type == dev.type for d in devs):
+        raise ValueError(f"funcdp.DataParallel: `output_device` {given!r} is not a device of "
+                         f"this process (its devices are {devs[0].torch_device.type} "
+                         f"devices); pass a device index, or leave it out for "
+                         f"device_ids[0]'s.")
+    return dev
 
 
 def _by_index(devs: list[Device], i: int) -> Device:

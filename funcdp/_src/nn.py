@@ -327,8 +327,10 @@ class FunctionalModule:
 
     def _apply(self, built: _Built, params: Mapping[str, torch.Tensor],
                buffers: Mapping[str, torch.Tensor], args: tuple, kwargs: dict,
-               train: bool | None = None) -> tuple[Any, dict]:
-        """``apply`` for the structure ``built`` (its caller checked it is current)."""
+               train: bool | None = None, changed: set | None = None) -> tuple[Any, dict]:
+        """``apply`` for the structure ``built`` (its caller checked it is current);
+        ``changed``, if given, receives the names of the buffers the forward changed (in
+        place or by reassignment)."""
         module, pslots, bslots = self._thread_module(built, train)
         values = self._values(params, "params", built.param_aliases, built.param_names,
                               built.buffer_names, pslots)
@@ -348,12 +350,18 @@ class FunctionalModule:
             d[key] = v
         for (d, key, _), t in zip(bslots, placed):
             d[key] = t
+        versions = [t._version for t in placed] if changed is not None else []
         try:
             out = module(*args, **kwargs)
-            for (d, key, _), (_, canonical), t in zip(bslots, built.buffer_aliases, placed):
+            for i, ((d, key, _), (_, canonical), t) in enumerate(
+                    zip(bslots, built.buffer_aliases, placed)):
                 now = d[key]
                 if now is not t and isinstance(now, torch.Tensor):
                     new_buffers[canonical] = now  # reassigned (``self.ema = ...``)
+                    if changed is not None:
+                        changed.add(canonical)
+                elif changed is not None and t._version != versions[i]:
+                    changed.add(canonical)  # (changed in place)
         finally:
             for d, key, original in pslots:
                 d[key] = original
