@@ -87,11 +87,19 @@ def _encode_namedtuples(state: Any) -> tuple[Any, int]:
     """``state`` with every namedtuple (an optax-style optimizer state, say) replaced by
     ``{_NAMEDTUPLE: "module:QualName", "fields": {name: value}}``, and their number: torch
     serializes a namedtuple's structure only for classes registered under a name,
-    globally."""
-    leaves, spec = pt.tree_flatten(state, is_leaf=pt.is_namedtuple_instance)
+    globally. A dict of the state's own with that key is refused."""
+    def node(x: Any) -> bool:
+        return pt.is_namedtuple_instance(x) or (isinstance(x, dict) and _NAMEDTUPLE in x)
+
+    leaves, spec = pt.tree_flatten(state, is_leaf=node)
     count = 0
     out = []
     for i, x in enumerate(leaves):
+        if isinstance(x, dict) and _NAMEDTUPLE in x:
+            path = tree_util.keystr(tree_util.leaf_paths(spec)[i])
+            raise ValueError(f"funcdp.save_checkpoint: the dict at state{path} has the key "
+                             f"{_NAMEDTUPLE!r}, which checkpoints reserve (for namedtuples); "
+                             f"rename that key.")
         if pt.is_namedtuple_instance(x):
             cls = type(x)
             if "<locals>" in cls.__qualname__ or cls.__module__ is None:
@@ -108,20 +116,6 @@ def _encode_namedtuples(state: Any) -> tuple[Any, int]:
             count += 1
         out.append(x)
     return (pt.tree_unflatten(out, spec) if count else state), count
-
-
-def _check_no_marker(state: Any) -> None:
-    """Refuses a state that uses the key namedtuples are stored under."""
-    def marked(x: Any) -> bool:
-        return isinstance(x, dict) and _NAMEDTUPLE in x
-
-    leaves, spec = pt.tree_flatten(state, is_leaf=marked)
-    for i, x in enumerate(leaves):
-        if marked(x):
-            path = tree_util.keystr(tree_util.leaf_paths(spec)[i])
-            raise ValueError(f"funcdp.save_checkpoint: the dict at state{path} has the key "
-                             f"{_NAMEDTUPLE!r}, which checkpoints reserve (for namedtuples); "
-                             f"rename that key.")
 
 
 def _decode_namedtuples(state: Any) -> Any:
@@ -185,7 +179,6 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
         >>> funcdp.load_checkpoint(path)
         {'w': tensor([1., 1.]), 'step': 3}
     """
-    _check_no_marker(state)
     state, namedtuples = _encode_namedtuples(state)
     leaves, spec = pt.tree_flatten(state)
     out: list[Any]  # tensors, and the plain values of "value" leaves

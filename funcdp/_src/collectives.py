@@ -175,10 +175,7 @@ def _times(x: torch.Tensor, k: int) -> torch.Tensor:
     (``_sum_in_order``) of ``k`` copies; ``x * k`` beyond ``_IN_ORDER_MAX`` members."""
     if k > _IN_ORDER_MAX or k < 2 or not (x.is_floating_point() or x.is_complex()):
         return x * k
-    out = x + x
-    for _ in range(k - 2):
-        out = out + x
-    return out
+    return _sum_in_order(x.unsqueeze(0).expand(k, *x.shape))
 
 
 def _batched_at(t: torch.Tensor, level: int) -> bool:

@@ -40,10 +40,12 @@ def _env_bool(name: str, default: bool) -> bool:
 
 def _env_bool_or_auto(name: str, default: bool | str) -> bool | str:
     raw = os.environ.get(name)
-    if raw is not None and raw.strip().lower() == "auto":
+    if raw is None or raw == "":
+        return default
+    if raw.strip().lower() == "auto":
         return "auto"
     try:
-        return _env_bool(name, default)  # type: ignore[arg-type]
+        return _env_bool(name, False)  # (set: the default is not used)
     except ValueError:
         raise ValueError(
             f"environment variable `{name}` must be 1/0, true/false or auto, got {raw!r}."
@@ -104,8 +106,8 @@ class Config:
             value = float(value)
         if name == "check_replicated" and not isinstance(value, bool):
             raise ValueError(f"funcdp.config.{name} must be True or False, got {value!r}.")
-        auto = isinstance(value, str) and value == "auto"
-        if name == "onednn_linear" and not (isinstance(value, bool) or auto):
+        if name == "onednn_linear" and not (
+                isinstance(value, bool) or (isinstance(value, str) and value == "auto")):
             raise ValueError(
                 f"funcdp.config.onednn_linear must be True, False or 'auto', got {value!r}."
             )

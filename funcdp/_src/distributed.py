@@ -12,6 +12,7 @@ bucket between processes, and a local share of the result.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import threading
 import time
@@ -523,13 +524,9 @@ def process_allgather(tree: Any, tiled: bool = False) -> Any:
                                  f"tiled=False to stack scalars.")
     dev = _device_for_comm(info)
     gathered: list[list[Any]] = [[None] * len(ts) for _ in range(info.count)]
-    by_dtype: dict = {}
-    for i, t in enumerate(ts):
-        if t is not None:
-            by_dtype.setdefault(t.dtype, []).append(i)
     with info.lock:
-        for dtype, idx in by_dtype.items():
-            sizes = [sum(_numel(m[i][0]) for i in idx) for m in metas]
+        for dtype, idx in _by_dtype(ts).items():
+            sizes = [sum(math.prod(m[i][0]) for i in idx) for m in metas]
             width = max(sizes)
             if width == 0:
                 parts = [torch.empty(0, dtype=dtype, device=dev)] * info.count
@@ -543,7 +540,7 @@ def process_allgather(tree: Any, tiled: bool = False) -> Any:
                 off = 0
                 for i in idx:
                     shape = metas[p][i][0]
-                    k = _numel(shape)
+                    k = math.prod(shape)
                     gathered[p][i] = part[off:off + k].view(shape)
                     off += k
     out: list[Any] = []
@@ -555,13 +552,6 @@ def process_allgather(tree: Any, tiled: bool = False) -> Any:
         parts_i = [gathered[p][i].to(target) for p in range(info.count)]
         out.append(torch.cat(parts_i) if tiled else torch.stack(parts_i))
     return tree_util.tree_unflatten(out, spec)
-
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 @_public
@@ -599,13 +589,18 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
 
 def _buckets(leaves: list, dev: torch.device):
     """Flat buffers, one per dtype: ``[(leaf indices, flat tensor)]``."""
-    by_dtype: dict = {}
-    for i, leaf in enumerate(leaves):
-        if isinstance(leaf, torch.Tensor):
-            by_dtype.setdefault(leaf.dtype, []).append(i)
-    for idx in by_dtype.values():
+    for idx in _by_dtype(leaves).values():
         flat = torch.cat([leaves[i].detach().reshape(-1).to(dev) for i in idx])
         yield idx, flat
+
+
+def _by_dtype(leaves: list) -> dict:
+    """The indices of the tensor leaves, by dtype (in order of first appearance)."""
+    groups: dict = {}
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, torch.Tensor):
+            groups.setdefault(leaf.dtype, []).append(i)
+    return groups
 
 
 def _unbucket(flat: torch.Tensor, idx: list[int], leaves: list, out: list) -> None:

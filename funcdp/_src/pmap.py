@@ -199,8 +199,7 @@ class Pmapped:
         except BaseException as e:
             # A call that would have spanned the processes but failed before its devices
             # ran (so took no call number): the other processes may wait for it.
-            if (proc.calls == calls and proc.count > 1 and self._devices is None
-                    and chunks is None and axes_mod.current_pmap_frame() is None):
+            if proc.calls == calls and _spans_processes(proc, self, chunks):
                 from funcdp._src.process_collectives import tell_failure_before_devices
 
                 tell_failure_before_devices(proc, e)
@@ -443,10 +442,7 @@ class _Plan:
         self.size = n
         self.chunks = chunks
         proc = dist_mod.info()
-        # JAX's multi-host convention: a top-level pmap over all local devices spans every
-        # process; its mapped size is the local device count (times the block size).
-        self.spans_processes = (proc is not None and proc.count > 1 and owner._devices is None
-                                and chunks is None and axes_mod.current_pmap_frame() is None)
+        self.spans_processes = _spans_processes(proc, owner, chunks)
         if self.spans_processes:
             assert proc is not None  # spans_processes implies it
             local = len(local_devices())
@@ -1388,6 +1384,14 @@ def _saved_graphs_suffice(cts: Sequence[torch.Tensor]) -> bool:
     # at that level only, and are unwrapped before use).
     stack = pyfunctorch.retrieve_all_functorch_interpreters()
     return len(stack) == 1 and stack[0].key() == pyfunctorch.TransformType.Grad
+
+
+def _spans_processes(proc: Any, owner: Pmapped, chunks: tuple | None) -> bool:
+    """JAX's multi-host convention: a top-level pmap over all local devices spans every
+    process of a multi-process run (its mapped size is the local device count, times
+    the block size)."""
+    return (proc is not None and proc.count > 1 and owner._devices is None
+            and chunks is None and axes_mod.current_pmap_frame() is None)
 
 
 def _tracked_by_a_transform(x: torch.Tensor, grad_levels: frozenset[int]) -> bool:

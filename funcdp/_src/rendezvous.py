@@ -154,6 +154,9 @@ class Mesh:
             self.states[coord] = state
             if not self.rounds:
                 return
+        self._set_state(coord, state)
+
+    def _set_state(self, coord: tuple, state: Any) -> None:
         with self.cond:
             self.states[coord] = state
             if self.rounds:
@@ -164,10 +167,7 @@ class Mesh:
         first to raise outside an exchange between processes then tells the other
         processes (``tell_failure``)."""
         tell = len(self.sizes) == 1 and self.call.awaited() and self.call.claim()
-        with self.cond:
-            self.states[coord] = state
-            if self.rounds:
-                self._check_stuck()
+        self._set_state(coord, state)
         if tell:
             from funcdp._src.process_collectives import tell_failure
 
