@@ -328,6 +328,201 @@ def test_samplers_draw_from_the_device_generator():
             assert torch.equal(got[i], with_generator(g)), name
 
 
+def _device_draws(fn, seed=9):
+    """``fn()`` on each of two devices, and the base of the call's seeds (see
+    ``random.device_seed``)."""
+    from funcdp._src import random as random_mod
+
+    torch.manual_seed(seed)
+    got = funcdp.pmap(lambda _: fn(), devices=funcdp.local_devices()[:2])(torch.zeros(2))
+    torch.manual_seed(seed)
+    return tuple(t.to_tensor() for t in got) if isinstance(got, tuple) else got.to_tensor(), \
+        random_mod.draw_base()
+
+
+def _device_generator(base, i):
+    from funcdp._src import random as random_mod
+
+    return random_mod.make_generator(torch.device("cpu"), random_mod.device_seed(base, i))
+
+
+_NOISE = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name, fn", [
+    ("gumbel_softmax", lambda: F.gumbel_softmax(torch.arange(12.0).reshape(3, 4), tau=0.5)),
+    ("fractional_max_pool2d",
+     lambda: F.fractional_max_pool2d(_NOISE[:200].reshape(2, 1, 10, 10), 3, output_size=4)),
+    ("FractionalMaxPool3d with indices",
+     lambda: torch.nn.FractionalMaxPool3d(2, output_size=6, return_indices=True)(
+         _NOISE.reshape(1, 1, 10, 10, 10))[1]),
+    ("kaiming_uniform_", lambda: torch.nn.init.kaiming_uniform_(torch.empty(4, 5))),
+    ("trunc_normal_", lambda: torch.nn.init.trunc_normal_(torch.empty(4, 5))),
+    ("orthogonal_", lambda: torch.nn.init.orthogonal_(torch.empty(4, 5))),
+    ("nn.Linear", lambda: torch.nn.Linear(5, 4).weight.detach()),
+])
+def test_torch_functions_that_draw_inside_draw_on_the_device_generator(name, fn):
+    # The mode saw gumbel_softmax, fractional max pooling and nn.init's initialisers as
+    # one call each: the draws inside came from torch's default generator, in whatever
+    # order the devices' threads ran.
+    got, base = _device_draws(fn)
+    for i in range(2):
+        torch.manual_seed(_device_generator(base, i).initial_seed())
+        assert torch.equal(got[i], fn()), (name, i)
+    assert not torch.equal(got[0], got[1])
+
+
+_ATTENTION = [  # (name, query, key, the other keyword arguments)
+    ("plain", (2, 3, 4, 6), (2, 3, 5, 6), {}),
+    ("causal, scale", (2, 3, 5, 6), (2, 3, 5, 6), {"is_causal": True, "scale": 0.3}),
+    ("bool mask", (3, 4, 6), (3, 5, 6),
+     {"attn_mask": torch.tensor([[1, 0, 1, 1, 1]], dtype=torch.bool)}),
+    ("float mask, broadcast", (1, 3, 4, 6), (2, 1, 5, 6), {"attn_mask": torch.randn(4, 5)}),
+    ("grouped query heads", (2, 4, 3, 6), (2, 2, 5, 6), {"enable_gqa": True}),
+]
+
+
+@pytest.mark.parametrize("name, qs, ks, kw", _ATTENTION, ids=[a[0] for a in _ATTENTION])
+def test_attention_dropout_on_a_device_draws_on_the_device_generator(name, qs, ks, kw):
+    # F.scaled_dot_product_attention (nn.MultiheadAttention, nn.Transformer*) drew its
+    # dropout mask from torch's default generator: not reproducible, and derivatives
+    # through pmap saw other masks than the forward pass.
+    p = 0.4
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(qs, generator=gen, dtype=torch.float64)
+    k = torch.randn(ks, generator=gen, dtype=torch.float64)
+    # With the identity as values, the output is the attention weights after dropout.
+    v = torch.eye(ks[-2], dtype=torch.float64).expand(*ks[:-2], -1, -1)
+    got, base = _device_draws(lambda: F.scaled_dot_product_attention(q, k, v, dropout_p=p,
+                                                                     **kw))
+    weights = F.scaled_dot_product_attention(q, k, v, **kw)
+    for i in range(2):
+        keep = torch.bernoulli(torch.full(weights.shape, 1 - p, dtype=torch.float64),
+                               generator=_device_generator(base, i)).bool()
+        torch.testing.assert_close(got[i], weights.masked_fill(~keep, 0) / (1 - p))
+    assert not torch.equal(got[0], got[1])
+    # Without dropout, torch's attention as it is.
+    got, _ = _device_draws(lambda: F.scaled_dot_product_attention(q, k, v, **kw))
+    assert torch.equal(got[0], weights) and torch.equal(got[1], weights)
+
+
+def test_attention_dropout_through_pmap_derivatives_see_the_forward_masks():
+    q, k, v = torch.randn(3, 2, 4, 5, 6, dtype=torch.float64).unbind(0)
+
+    def f(v):
+        out = funcdp.pmap(lambda v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.5),
+                          in_axes=0, devices=funcdp.local_devices()[:2])(v)
+        return out if isinstance(out, torch.Tensor) else out.to_tensor()
+
+    vs = torch.stack([v, v])
+    torch.manual_seed(4)
+    out, tangent = torch.func.jvp(f, (vs,), (vs,))  # (f is linear in v)
+    assert torch.equal(out, tangent) and not torch.equal(out[0], out[1])
+    torch.manual_seed(4)
+    value, pull = vjp(f, vs)
+    (g,) = pull(torch.ones_like(value))
+    torch.testing.assert_close((g * vs).sum(), value.sum())
+    torch.manual_seed(4)
+    layer = torch.nn.TransformerEncoderLayer(6, 2, 8, dropout=0.5, dtype=torch.float64)
+    twice = []
+    for _ in range(2):
+        torch.manual_seed(4)
+        twice.append(funcdp.pmap(layer.requires_grad_(False), devices=funcdp.local_devices()[:2])(
+            vs[:, 0]).to_tensor())
+    assert torch.equal(*twice) and not torch.equal(*twice[0])
+
+
+def _rnn_by_layers(cls, rnn, x, p, gen, packed):
+    """``rnn(x)`` as single-layer copies of its layers, with dropout between them drawn on
+    ``gen`` (the reference for a device's recurrent network with dropout)."""
+    dirs = 2 if rnn.bidirectional else 1
+    kw = {"bidirectional": rnn.bidirectional, "batch_first": rnn.batch_first,
+          "dtype": torch.float64}
+    if cls is torch.nn.LSTM:
+        kw["proj_size"] = rnn.proj_size
+    if cls is torch.nn.RNN:
+        kw["nonlinearity"] = rnn.nonlinearity
+    hs = []
+    for layer in range(rnn.num_layers):
+        one = cls(x.data.shape[-1] if packed else x.shape[-1], rnn.hidden_size, 1, **kw)
+        for name, _ in one.named_parameters():
+            getattr(one, name).data.copy_(getattr(rnn, name.replace("_l0", f"_l{layer}")))
+        x, h = one(x)
+        hs.append(h)
+        if layer < rnn.num_layers - 1:
+            data = x.data if packed else x
+            keep = torch.bernoulli(torch.full(data.shape, 1 - p, dtype=torch.float64),
+                                   generator=gen)
+            data = data * (keep / (1 - p))
+            x = x._replace(data=data) if packed else data
+    if cls is torch.nn.LSTM:
+        return x, tuple(torch.cat(s) for s in zip(*hs))
+    del dirs
+    return x, torch.cat(hs)
+
+
+@pytest.mark.parametrize("cls, kw", [
+    (torch.nn.LSTM, {"num_layers": 3}),
+    (torch.nn.LSTM, {"num_layers": 2, "bidirectional": True, "batch_first": True,
+                     "proj_size": 3}),
+    (torch.nn.GRU, {"num_layers": 3, "bidirectional": True}),
+    (torch.nn.RNN, {"num_layers": 2, "nonlinearity": "relu", "batch_first": True}),
+])
+@pytest.mark.parametrize("packed", [False, True])
+def test_recurrent_dropout_on_a_device_draws_on_the_device_generator(cls, kw, packed):
+    # nn.LSTM/GRU/RNN's dropout between layers came from torch's default generator.
+    p = 0.5
+    torch.manual_seed(0)
+    rnn = cls(4, 5, dropout=p, dtype=torch.float64, **kw).requires_grad_(False)
+    x = torch.randn(6, 3, 4, dtype=torch.float64)  # (time, batch, features)
+    if rnn.batch_first:
+        x = x.transpose(0, 1)
+    if packed:
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, [3, 6, 2], batch_first=rnn.batch_first,
+                                                    enforce_sorted=False)
+
+    def run():
+        out, h = rnn(x)
+        return (out.data if packed else out), *(h if isinstance(h, tuple) else (h,))
+
+    got, base = _device_draws(run)
+    for i in range(2):
+        out, h = _rnn_by_layers(cls, rnn, x, p, _device_generator(base, i), packed)
+        want = ((out.data if packed else out), *(h if isinstance(h, tuple) else (h,)))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a[i], b)
+    assert not torch.equal(got[0][0], got[0][1])
+    rnn.eval()  # (no dropout: torch's kernel as it is)
+    got, _ = _device_draws(run)
+    for a, b in zip(got, run()):
+        torch.testing.assert_close(a, torch.stack([b, b]))
+
+
+def test_random_functions_take_a_generator_passed_by_position():
+    # torch.poisson(x, g) raised "got multiple values for argument 'generator'".
+    cases = [lambda g: torch.poisson(torch.full((3,), 3.0), g),
+             lambda g: torch.binomial(torch.full((3,), 10.0), torch.full((3,), 0.5), g),
+             lambda g: torch.rrelu(-torch.ones(3), 0.1, 0.3, True, g),
+             lambda g: torch._standard_gamma(torch.ones(3), g)]
+    for draw in cases:
+        got, _ = _device_draws(lambda: draw(torch.Generator().manual_seed(5)))
+        want = draw(torch.Generator().manual_seed(5))
+        assert torch.equal(got[0], want) and torch.equal(got[1], want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dropout_in_low_precision_keeps_with_probability_one_minus_p(dtype):
+    # The keep probability was 1 - p rounded to the input's dtype: 0.8984 for p = 0.1 in
+    # bfloat16, a bias of 0.17 % (11 sigma over 4M draws).
+    x = torch.ones(2, 1 << 21, dtype=dtype)
+    torch.manual_seed(0)
+    kept = (funcdp.pmap(lambda a: F.dropout(a, 0.1), devices=funcdp.local_devices()[:2])(
+        x).to_tensor() != 0).double().mean().item()
+    assert abs(kept - 0.9) < 5 * (0.9 * 0.1 / x.numel()) ** 0.5
+    with pytest.raises(RuntimeError, match="result type Float can't be cast"):
+        _on_device(lambda a: F.dropout(a, 0.5), torch.ones(4, 3, dtype=torch.int64))
+
+
 def test_collectives_and_optimizer_steps_keep_random_draws_per_device():
     # funcdp's own tensor code runs without torch function modes; the device's random
     # routing must be back in place after each collective, gradient and optimizer step.

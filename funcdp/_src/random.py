@@ -15,20 +15,24 @@ Recomputing a call for a derivative reuses its ``s``, so dropout masks match.
 
 Routed: ``torch.rand``/``randn``/``randint``/``randperm``/``bernoulli``/``normal``/
 ``multinomial``/``poisson``/``binomial`` and their ``*_like`` forms, the in-place
-``Tensor`` samplers (``uniform_``, ``normal_``, ``bernoulli_``, ...; so ``nn.init`` too),
+``Tensor`` samplers (``uniform_``, ``normal_``, ``bernoulli_``, ...), ``nn.init``,
 every dropout (``F.dropout``, ``dropout1d/2d/3d``, ``alpha_dropout``,
 ``feature_alpha_dropout``, ``torch.dropout``/``alpha_dropout``/``feature_dropout``/
-``feature_alpha_dropout`` and their in-place ``_`` forms, ``nn.Dropout``...), ``F.rrelu``
-and the gamma and Dirichlet samplers under ``torch.distributions`` (``Gamma``, ``Beta``,
-``Dirichlet``, ``Chi2``...). Dropout keeps torch's semantics exactly: the mask's shape
-(feature dropouts draw one value per ``(dim 0, dim 1)`` pair; ``dropout1d``/``3d`` of an
-unbatched input one per channel), ``p == 1`` giving zeros, the identity when not
-training, and torch's errors and warnings for inputs of unexpected dimensions.
+``feature_alpha_dropout`` and their in-place ``_`` forms, ``nn.Dropout``...), the dropout
+inside attention (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``) and
+between the layers of ``nn.LSTM``/``GRU``/``RNN``, ``F.gumbel_softmax``, fractional max
+pooling, ``F.rrelu`` and the gamma and Dirichlet samplers under ``torch.distributions``
+(``Gamma``, ``Beta``, ``Dirichlet``, ``Chi2``...). Dropout keeps torch's semantics
+exactly: the mask's shape (feature dropouts draw one value per ``(dim 0, dim 1)`` pair;
+``dropout1d``/``3d`` of an unbatched input one per channel), ``p == 1`` giving zeros, the
+identity when not training, and torch's errors and warnings for inputs of unexpected
+dimensions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
 import threading
@@ -187,6 +191,13 @@ class reuse:
         _tls.forced, _tls.pullback = self.old
 
 
+def _init_takes_generator(f: Callable) -> bool:
+    try:
+        return "generator" in inspect.signature(f).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 _WITH_GENERATOR = {
     torch.rand, torch.randn, torch.randint, torch.randperm, torch.bernoulli, torch.normal,
     torch.multinomial, torch.poisson, torch.binomial, torch.rand_like, torch.randn_like,
@@ -197,6 +208,12 @@ _WITH_GENERATOR = {
     # F.rrelu's kernels (see _rrelu), and the samplers of torch.distributions' Gamma,
     # Dirichlet and the distributions built on them (Beta, Chi2, StudentT, ...).
     torch.rrelu, torch.rrelu_, torch._standard_gamma, torch._sample_dirichlet,
+    # nn.init's initialisers that the mode sees as one call (they pass their generator on
+    # to the sampler they call, which the mode then does not see); the others it sees
+    # through.
+    *(f for name in dir(torch.nn.init) if not name.startswith("_")
+      for f in [getattr(torch.nn.init, name)]
+      if callable(f) and _init_takes_generator(f)),
 }
 
 _SELU_ALPHA = 1.7580993408473766
@@ -226,14 +243,17 @@ def _dropout(gen: Callable[[], torch.Generator], x: torch.Tensor, p: float, trai
     else:
         shape = _feature_noise_shape(x)
     # Out of place, so that under vmap(randomness="different") every entry draws its own.
-    probs = torch.full(shape, 1 - p, dtype=x.dtype, device=x.device)
-    noise = torch.bernoulli(probs, generator=gen())
+    # The keep probability in float32 at least: torch's is exact (a double), and 1 - p
+    # in bfloat16 is off by up to 0.4 % (0.9 is 0.8984), which biases the output.
+    probs = torch.full(shape, 1 - p, device=x.device,
+                       dtype=x.dtype if x.dtype == torch.float64 else torch.float32)
+    noise = torch.bernoulli(probs, generator=gen()).to(x.dtype)
     if alpha:
         a = 1.0 / math.sqrt((_SELU_ALPHA**2 * p + 1) * (1 - p))
         b = (noise - 1) * (_SELU_ALPHA * a) + _SELU_ALPHA * a * p
         out = x * (noise * a) + b
     else:
-        out = x * (noise / (1 - p))
+        out = x * noise.div_(1 - p)  # (as torch: an integer input fails here)
     return x.copy_(out) if inplace else out
 
 
@@ -406,7 +426,10 @@ def _route(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: d
     Applying it later, once the compiler is loaded, misses a first ``torch.compile``
     called inside a device's function, whose mode was made before: found in review.)"""
     if func in _WITH_GENERATOR:
-        if kwargs.get("generator") is None:
+        # (An explicit generator, by keyword or by position as torch.poisson(x, g) and
+        # torch.rrelu(x, l, u, True, g) allow, is the caller's.)
+        if kwargs.get("generator") is None and not any(
+                type(a) is torch.Generator for a in args):
             kwargs = dict(kwargs, generator=mode.generator)
         return func(*args, **kwargs)
     return _DROPOUT[func](lambda: mode.generator, args, kwargs)
@@ -417,25 +440,133 @@ _redispatch = getattr(torch.overrides, "redispatch_function", None)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def _with_mode_in_backward(mode: DeviceRandomness, func: Any, types: Any, args: tuple,
-                           kwargs: dict) -> Any:
-    """Runs an autograd entry point (``torch.autograd.grad``/``backward``,
-    ``Tensor.backward``) with the device's mode in effect, so that the backward pass runs
-    under it too: draws made there (a custom ``backward``, a gradient hook, a checkpointed
-    forward pass recomputed) come from the device's generator.
+def _with_mode_inside(mode: DeviceRandomness, func: Any, types: Any, args: tuple,
+                      kwargs: dict) -> Any:
+    """Runs ``func`` with the device's mode in effect for the calls it makes.
 
-    torch's autograd engine runs a backward pass with the torch-function modes in effect
-    where it was started; a mode's ``__torch_function__`` runs with that mode set aside,
-    so calling ``func`` from here would run the backward without it. The mode is put
-    back for the call, which skips torch-function handling once (it would come back
-    here). That skip would hide the call from other modes and tensor subclasses too: where
-    there are any, they see the call as before and the backward runs without the mode.
+    For autograd's entry points (``torch.autograd.grad``/``backward``,
+    ``Tensor.backward``), so that the backward pass runs under the mode too: draws made
+    there (a custom ``backward``, a gradient hook, a checkpointed forward pass
+    recomputed) come from the device's generator. torch's autograd engine runs a
+    backward pass with the torch-function modes in effect where it was started.
+
+    And for torch's Python functions that draw inside (``F.gumbel_softmax``, fractional
+    max pooling, multi-head attention's dropout): the mode sees such a function as one
+    call, and its draws would come from torch's default generator.
+
+    A mode's ``__torch_function__`` runs with that mode set aside, so calling ``func``
+    from here would run it without the mode. The mode is put back for the call, which
+    skips torch-function handling once (it would come back here). That skip would hide
+    the call from other modes and tensor subclasses too: where there are any, they see
+    the call as before and it runs without the mode.
     """
     if (_redispatch is None or torch._C._len_torch_function_stack()
             or any(t not in _PLAIN_TYPES for t in types)):
         return func(*args, **kwargs)
     with mode:
         return _redispatch(func, types, args, kwargs)
+
+
+def _with_mode_in_backward(mode: DeviceRandomness, func: Any, types: Any, args: tuple,
+                           kwargs: dict) -> Any:
+    """``_with_mode_inside`` for autograd's entry points: a function of its own, where
+    the search for a checkpoint's recomputation stops (see ``_STOPS``)."""
+    return _with_mode_inside(mode, func, types, args, kwargs)
+
+
+# torch's reference attention, which takes a dropout mask (see _attention).
+_SDPA_MATH = getattr(torch, "_scaled_dot_product_attention_math", None)
+_sdpa_lock = threading.Lock()
+_sdpa_quiet = False
+
+
+@torch.compiler.disable
+def _attention(mode: DeviceRandomness, func: Any, types: Any, args: tuple,
+               kwargs: dict) -> Any:
+    """``F.scaled_dot_product_attention`` with dropout: the mask is drawn on the device's
+    generator, and applied by torch's reference ("math") implementation, as torch's own
+    dropout would be (on the attention weights, the kept ones scaled by ``1 / (1 - p)``).
+    torch's attention kernels draw their masks from the default generator. Without
+    dropout, torch's attention as it is (its fused kernels included)."""
+    p = _arg(args, kwargs, 4, "dropout_p", 0.0)
+    if not (0 < p < 1) or _SDPA_MATH is None:
+        return func(*args, **kwargs)
+    q = _arg(args, kwargs, 0, "query", None)
+    k = _arg(args, kwargs, 1, "key", None)
+    v = _arg(args, kwargs, 2, "value", None)
+    mask = _arg(args, kwargs, 3, "attn_mask", None)
+    if not all(type(t) in _PLAIN_TYPES and not t.is_nested and t.ndim >= 2
+               for t in (q, k, v)) or not (
+            q.dtype == k.dtype == v.dtype and q.device == k.device == v.device) or (
+            mask is not None and (type(mask) not in _PLAIN_TYPES or mask.dtype not in (
+                torch.bool, torch.float32, q.dtype) or mask.device != q.device)):
+        return func(*args, **kwargs)  # (torch's errors, before it draws)
+    if mask is not None and mask.dtype == torch.bool:  # (as torch's attention does)
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            mask.logical_not(), -math.inf)
+    heads = tuple(k.shape[:-2])
+    if kwargs.get("enable_gqa", False) and q.ndim >= 3 and k.ndim >= 3:
+        heads = heads[:-1] + (q.shape[-3],)
+    try:
+        batch = torch.broadcast_shapes(tuple(q.shape[:-2]), heads)
+    except RuntimeError:
+        return func(*args, **kwargs)  # (torch's error)
+    probs = torch.full((*batch, q.shape[-2], k.shape[-2]), 1 - p, device=q.device,
+                       dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    keep = torch.bernoulli(probs, generator=mode.generator).bool()
+    _quiet_sdpa_math()
+    return _SDPA_MATH(q, k, v, mask, p, _arg(args, kwargs, 5, "is_causal", False), keep,
+                      scale=kwargs.get("scale"), enable_gqa=kwargs.get("enable_gqa", False))[0]
+
+
+def _quiet_sdpa_math() -> None:
+    """torch warns, once per process, that a dropout mask given to its reference attention
+    is "for testing purposes": said once here, where nobody hears it."""
+    global _sdpa_quiet
+    if _sdpa_quiet:
+        return
+    with _sdpa_lock:
+        if not _sdpa_quiet:
+            t, math_attention = torch.zeros(1, 1, 1), _SDPA_MATH
+            assert math_attention is not None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                math_attention(t, t, t, None, 0.5, False, torch.ones(1, 1, 1, dtype=torch.bool))
+            _sdpa_quiet = True
+
+
+@torch.compiler.disable
+def _recurrent(mode: DeviceRandomness, func: Any, types: Any, args: tuple,
+               kwargs: dict) -> Any:
+    """``nn.LSTM``/``GRU``/``RNN``'s kernel (``torch.lstm``, ``gru``, ``rnn_tanh``,
+    ``rnn_relu``) with dropout between layers: run layer by layer, as torch's kernel
+    does, with the dropout between them drawn on the device's generator (torch's kernels
+    draw it from the default generator). Without dropout, the kernel as it is."""
+    lstm = func is torch.lstm
+    # (input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+    # batch_first), or for a packed sequence (data, batch_sizes, hx, params, ...
+    # bidirectional). An LSTM's hx is a pair, a GRU's or RNN's a tensor.
+    packed = not kwargs and len(args) > 2 and isinstance(args[1 if lstm else 2], torch.Tensor)
+    head = 2 if packed else 1
+    if kwargs or len(args) < head + 7:
+        return func(*args, **kwargs)
+    hx, params, biases, layers, p, train, bidirectional = args[head:head + 7]
+    if not train or p == 0 or layers < 2 or len(params) % layers:
+        return func(*args)
+    dirs = 2 if bidirectional else 1
+    per_layer = len(params) // layers
+    x, outs = args[0], []
+    for layer in range(layers):
+        rows = slice(layer * dirs, (layer + 1) * dirs)
+        h = (hx[0][rows], hx[1][rows]) if lstm else hx[rows]
+        out = func(x, *args[1:head], h, params[layer * per_layer:(layer + 1) * per_layer],
+                   biases, 1, 0.0, train, bidirectional, *args[head + 7:])
+        outs.append(out[1:])
+        x = out[0]
+        if layer < layers - 1:
+            x = _dropout(lambda: mode.generator, x, p, True, False)
+    return (x, *(torch.cat(states, 0) for states in zip(*outs)))
+
 
 def _linear(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
     """``F.linear`` on oneDNN where ``funcdp.config.onednn_linear`` asked for it when the
@@ -455,6 +586,12 @@ _SPECIAL: dict[Any, Callable] = {
     torch.autograd.grad: _with_mode_in_backward,
     torch.autograd.backward: _with_mode_in_backward,
     torch.Tensor.backward: _with_mode_in_backward,
+    F.scaled_dot_product_attention: _attention,
+    **{f: _recurrent for f in (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)},
+    **{f: _with_mode_inside for f in (
+        F.gumbel_softmax, F.multi_head_attention_forward, F.fractional_max_pool2d,
+        F.fractional_max_pool3d, F.fractional_max_pool2d_with_indices,
+        F.fractional_max_pool3d_with_indices)},
 }
 
 
