@@ -196,3 +196,114 @@ def test_prefetch_checks_its_arguments_when_called(args, kw, error, match):
     # Checked at the first next() before (it was a generator function).
     with pytest.raises(error, match=match):
         funcdp.prefetch_to_device(args, **kw)
+
+
+def test_prefetch_on_cpu_devices_reads_no_batch_ahead():
+    # On virtual CPU devices the shards are views of the loader's tensors: reading `size`
+    # batches ahead fed a loader that refills one buffer in place the wrong data
+    # ([2, 3, 4, 4, 4] instead of [0, 1, 2, 3, 4]).
+    devs = funcdp.local_devices()[:4]
+    buf = torch.empty(4, 2)
+    read = []
+
+    def loader():
+        for i in range(5):
+            buf.fill_(float(i))
+            read.append(i)
+            yield {"x": buf}
+
+    got = []
+    for batch in funcdp.prefetch_to_device(loader(), size=2, devices=devs):
+        assert read[-1] == len(got)  # (the batch just read, none after it)
+        got.append(float(funcdp.pmap(lambda x: x.sum())(batch["x"]).to_tensor()[0]))
+    assert got == [0.0, 2.0, 4.0, 6.0, 8.0]
+
+
+def test_prefetch_yields_the_batches_read_before_an_error():
+    # The batches read before the loader failed were dropped; a bad leaf in batch 2
+    # dropped batches 0 and 1 as well.
+    devs = funcdp.local_devices()[:2]
+
+    def loader():
+        yield torch.zeros(2, 1)
+        yield torch.ones(2, 1)
+        raise OSError("loader broke")
+
+    got = []
+    with pytest.raises(OSError, match="loader broke"):
+        for b in funcdp.prefetch_to_device(loader(), size=2, devices=devs):
+            got.append(float(b[0][0]))
+    assert got == [0.0, 1.0]
+    got = []
+    batches = [torch.zeros(2, 1), torch.ones(2, 1), torch.ones(3, 1)]
+    with pytest.raises(ValueError, match=r"batch 2 \(counting from 0\) has shape \(3, 1\)"):
+        for b in funcdp.prefetch_to_device(batches, size=2, devices=devs):
+            got.append(float(b[0][0]))
+    assert got == [0.0, 1.0]
+
+
+def test_reading_ahead_yields_queued_items_before_an_error():
+    # The read-ahead that prefetching to GPUs uses: items read before an error in reading
+    # or placing one come first, then the error; a KeyboardInterrupt goes through at once.
+    from funcdp._src.data_utils import _read_ahead
+
+    def items(stop):
+        yield from range(3)
+        raise stop
+
+    def place(x, k):
+        if x == "bad":
+            raise ValueError(f"cannot place item {k}")
+        return x * 10
+
+    out = []
+    with pytest.raises(OSError, match="broke"):
+        for y in _read_ahead(items(OSError("broke")), 2, place):
+            out.append(y)
+    assert out == [0, 10, 20]
+    out = []
+    with pytest.raises(ValueError, match="cannot place item 2"):
+        for y in _read_ahead(iter([1, 2, "bad", 3]), 2, place):
+            out.append(y)
+    assert out == [10, 20]
+    out = []
+    with pytest.raises(KeyboardInterrupt):
+        for y in _read_ahead(items(KeyboardInterrupt()), 2, place):
+            out.append(y)
+    assert out == [0]  # (items 1 and 2 were still queued: not yielded)
+    assert list(_read_ahead(iter(range(5)), 2, place)) == [0, 10, 20, 30, 40]
+
+
+@pytest.mark.parametrize("devices, error, match", [
+    (lambda d: d[0], TypeError, r"`devices` must be a list of funcdp\.Device .*got a Device"),
+    (lambda d: 2, TypeError, r"`devices` must be a list of funcdp\.Device .*got an int: 2"),
+    (lambda d: [d[0], d[0]], ValueError, r"`devices` lists a device more than once"),
+])
+def test_prefetch_checks_its_devices(devices, error, match):
+    # Was "'Device' object is not iterable"; repeated devices were accepted.
+    with pytest.raises(error, match=r"^funcdp\.prefetch_to_device: " + match):
+        funcdp.prefetch_to_device([], devices=devices(funcdp.local_devices()))
+
+
+def test_num_devices_that_fn_cannot_run_is_named():
+    # pmap's error told the user to use pad_shard_unpad, which they were doing.
+    f = funcdp.pmap(lambda w, x: x * w, in_axes=(None, 0))
+    w, x = torch.tensor(2.0), torch.ones(10, 3)
+    with pytest.raises(ValueError, match=r"^funcdp\.pad_shard_unpad: `num_devices` is 12, "
+                                         r"but fn is a pmap over the 8 available devices, "
+                                         r"which runs a batch sharded n ways only when n is "
+                                         r"at most 8 or a multiple of 8\. Pass num_devices=8, "
+                                         r"or leave it None\.$"):
+        funcdp.pad_shard_unpad(f, num_devices=12)(w, x)
+    for n in (3, 8, 16):  # (fewer devices, all of them, or a multiple: fine)
+        assert_trees_close(funcdp.pad_shard_unpad(f, num_devices=n)(w, x), x * 2)
+    g = funcdp.pmap(lambda w, x: x * w, in_axes=(None, 0), devices=funcdp.local_devices()[:3])
+    with pytest.raises(ValueError, match=r"`num_devices` is None, so the batch is sharded 8 "
+                                         r"ways \(one per local device\), but fn is a pmap "
+                                         r"over the 3 devices in its `devices`, .*only when n "
+                                         r"is 3 or a multiple of 3\. Pass num_devices=3\.$"):
+        funcdp.pad_shard_unpad(g)(w, x)
+    with pytest.raises(ValueError, match=r"`num_devices` is 2, but fn is a pmap over the 3 "
+                                         r"devices in its `devices`"):
+        funcdp.pad_shard_unpad(g, num_devices=2)(w, x)
+    assert_trees_close(funcdp.pad_shard_unpad(g, num_devices=6)(w, x), x * 2)

@@ -230,3 +230,116 @@ def test_pad_shard_unpad_without_a_batch_argument_says_so():
     with pytest.raises(ValueError, match=r"no batch argument: every argument is static "
                                          r"\(static_argnums=\(0,\)"):
         f(torch.ones(4))
+
+
+def test_shift_operators_and_in_work_as_on_the_gathered_tensor():
+    # `<<`, `>>` and their reflected forms were missing (TypeError), and `3 in x` iterated
+    # over rows, whose truth value is ambiguous.
+    out = funcdp.pmap(lambda v: v * 1)(torch.arange(8).reshape(4, 2))
+    t = out.to_tensor()
+    assert_trees_close(out << 1, t << 1)
+    assert_trees_close(out >> 1, t >> 1)
+    assert_trees_close(1 << out, 1 << t)
+    assert_trees_close(64 >> out, 64 >> t)
+    assert_trees_close(out << out, t << t)
+    assert 3 in out and 8 not in out and 3.0 in out
+    assert torch.tensor([7]) in out and torch.tensor(9) not in out
+    assert out[1] in out and funcdp.replicate(torch.tensor(5))[0] in out
+    with pytest.raises(RuntimeError, match="only supports Tensor or scalar"):
+        "a" in out  # noqa: B015  (as for a tensor)
+    one = funcdp.pmap(lambda v: v * 1)(torch.tensor([1 + 2j]))
+    assert complex(one) == 1 + 2j
+
+
+def test_indexing_a_tensor_with_a_sharded_value_needs_to_tensor():
+    # torch treats a short sequence of tensors used as an index as a tuple of indices
+    # (x[sv] would be x[sv[0], sv[1]]), and a ShardedValue is a sequence of its shards:
+    # docs/concepts.md says to index with x[sv.to_tensor()]. This pins that workaround.
+    x = torch.arange(12.0).reshape(4, 3)
+    idx = funcdp.pmap(lambda v: v * 1, devices=funcdp.local_devices()[:2])(
+        torch.tensor([2, 0]))
+    assert_trees_close(x[idx.to_tensor()], x[torch.tensor([2, 0])])
+    mask = funcdp.pmap(lambda v: v > 5, devices=funcdp.local_devices()[:4])(
+        torch.arange(4.0) * 3)
+    y = torch.arange(4.0) * 10
+    assert_trees_close(y[mask.to_tensor()], torch.tensor([20.0, 30.0]))
+    t = torch.zeros(4, 3)
+    t[idx.to_tensor()] = 1.0
+    assert t.sum(1).tolist() == [3.0, 0.0, 3.0, 0.0]
+    # (Within a tuple index the value is recognised and gathered.)
+    assert_trees_close(x[idx, :], x[torch.tensor([2, 0])])
+
+
+def test_none_leaves_pass_through_replicate_shard_and_unshard():
+    # pmap passes None leaves through; these helpers raised "Could not infer dtype of
+    # NoneType".
+    devs = funcdp.local_devices()[:4]
+    rep = funcdp.replicate({"w": torch.ones(3), "bias": None}, devices=devs)
+    assert rep["bias"] is None and rep["w"].shape == (4, 3)
+    assert funcdp.replicate(None) is None
+    sharded = funcdp.shard({"x": torch.arange(8.0), "mask": None}, num_devices=4)
+    assert sharded["mask"] is None and sharded["x"].shape == (4, 2)
+    back = funcdp.unshard(sharded)
+    assert back["mask"] is None
+    assert_trees_close(back["x"], torch.arange(8.0))
+    assert funcdp.unreplicate(rep)["bias"] is None
+    out = funcdp.pmap(lambda p: p["w"] * 2)(rep)  # (the result goes into pmap as it is)
+    assert_trees_close(out, torch.full((4, 3), 2.0))
+
+
+@pytest.mark.parametrize("call", [
+    lambda t: funcdp.replicate(t), lambda t: funcdp.shard(t, num_devices=2),
+    lambda t: funcdp.unshard(t),
+])
+def test_a_leaf_that_is_no_array_names_the_call_and_its_path(call):
+    # Was torch's "new(): invalid data type 'str'".
+    tree = {"x": torch.ones(2, 2), "meta": [torch.ones(2, 2), "fc1"]}
+    with pytest.raises(TypeError, match=r"funcdp\.(replicate|shard|unshard): "
+                                        r"tree\['meta'\]\[1\] is a str \('fc1'\); every leaf "
+                                        r"must be a tensor, an array or a number"):
+        call(tree)
+
+
+def test_unreplicate_takes_one_copy_at_any_device_axis():
+    # With the device axis elsewhere (out_axes=1), unreplicate gathered and took slice 0
+    # of axis 0: element 0 of every device's copy.
+    w = torch.tensor([10.0, 20.0, 30.0])
+    for out_axes in (1, -1):
+        out = funcdp.pmap(lambda r: r * 1, out_axes=out_axes)(funcdp.replicate(w))
+        assert out.shape == (3, 8)
+        assert_trees_close(funcdp.unreplicate(out), w)
+    blk = funcdp.pmap(lambda r: r * 1, out_axes=1, devices=funcdp.local_devices()[:2])(
+        torch.stack([w] * 4))
+    assert blk.block == 2
+    assert_trees_close(funcdp.unreplicate({"w": blk}), {"w": w})
+
+
+def test_unreplicate_of_a_0d_tensor_names_its_path():
+    # Was torch's IndexError "invalid index of a 0-dim tensor".
+    with pytest.raises(ValueError, match=r"funcdp\.unreplicate: tree\['step'\] is a 0-d "
+                                         r"tensor, which has no device axis"):
+        funcdp.unreplicate({"w": torch.ones(8, 2), "step": torch.tensor(3)})
+
+
+@pytest.mark.parametrize("devices, error, match", [
+    (lambda d: d[0], TypeError, r"`devices` must be a list of funcdp\.Device \(e\.g\. "
+                                r"funcdp\.local_devices\(\)\[:2\]\), or None for every local "
+                                r"device; got a Device: CpuDevice\(id=0\); to use that one "
+                                r"device, pass it in a list: devices=\[device\]\."),
+    (lambda d: 2, TypeError, r"`devices` must be a list of funcdp\.Device .*got an int: 2; "
+                             r"for the first 2, pass devices=funcdp\.local_devices\(\)\[:2\]"),
+    (lambda d: "cpu", TypeError, r"`devices` must be a list of funcdp\.Device .*got a str: "
+                                 r"'cpu'\.$"),
+    (lambda d: [d[1], d[0], d[1]], ValueError,
+     r"`devices` lists a device more than once: \[CpuDevice\(id=1\), CpuDevice\(id=0\), "
+     r"CpuDevice\(id=1\)\] \(repeats CpuDevice\(id=1\)\); name each device once\."),
+    (lambda d: [torch.device("cpu")], TypeError, r"`devices` must hold funcdp devices"),
+    (lambda d: [], ValueError, r"`devices` is empty"),
+])
+def test_replicate_checks_its_devices(devices, error, match):
+    # A single Device, an int or a str raised "... is not iterable" (or named the str's
+    # first character); repeated devices were accepted, although pmap rejects them.
+    with pytest.raises(error, match=r"^funcdp\.replicate: " + match):
+        funcdp.replicate(torch.ones(2), devices=devices(funcdp.local_devices()))
+    assert funcdp.replicate(torch.ones(2), devices=iter(funcdp.local_devices()[:3])).shape == (
+        3, 2)

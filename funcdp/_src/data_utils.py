@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch._C import _functorch
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import public
 from funcdp._src.devices import Device, local_devices
-from funcdp._src.pmap import Pmapped
+from funcdp._src.pmap import Pmapped, _available_devices
 from funcdp._src.sharded import ShardedValue, _devices_or_local, to_devices
 from funcdp._src.transform_util import a_type, describe_sizes, is_axis_leaf
 
@@ -68,8 +69,9 @@ def pad_shard_unpad(fn: Callable, static_argnums: int | Sequence[int] = (0,),
             the types above; or, when called, a leaf of a batch argument is not an array
             (a Python number, say).
         ValueError: ``num_devices`` is not positive; or, when called, no argument is a
-            batch, a batch leaf is 0-d, the batch arguments have different sizes, or a
-            per-device output is not ``[n, B' / n, ...]``.
+            batch, a batch leaf is 0-d, the batch arguments have different sizes, ``fn``
+            is a pmap whose devices cannot run ``n`` shards (``num_devices`` does not fit
+            them), or a per-device output is not ``[n, B' / n, ...]``.
 
     Examples:
         >>> import torch, funcdp
@@ -92,6 +94,8 @@ def pad_shard_unpad(fn: Callable, static_argnums: int | Sequence[int] = (0,),
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         n = num_devices if num_devices is not None else len(local_devices())
+        if isinstance(fn, Pmapped):
+            _check_fits(fn, n, num_devices)
         static = {i + len(args) if i < 0 else i for i in statics}
         batch_args: list[tuple[int | str, Any]] = [
             (i, a) for i, a in enumerate(args) if i not in static]
@@ -125,6 +129,26 @@ def pad_shard_unpad(fn: Callable, static_argnums: int | Sequence[int] = (0,),
             treedef)
 
     return wrapped
+
+
+def _check_fits(fn: Pmapped, n: int, num_devices: int | None) -> None:
+    """An error naming ``num_devices`` when ``fn`` cannot run ``n`` shards (pmap's own
+    error would tell the user to pad the batch, which they are doing)."""
+    explicit = fn._devices
+    d = len(explicit) if explicit is not None else len(_available_devices())
+    if n % d == 0 or (explicit is None and n <= d):
+        return
+    over = (f"the {d} devices in its `devices`" if explicit is not None
+            else f"the {d} available devices")
+    fits = f"{d} or a multiple of {d}" if explicit is not None else (
+        f"at most {d} or a multiple of {d}")
+    given = (f"`num_devices` is {n}" if num_devices is not None
+             else f"`num_devices` is None, so the batch is sharded {n} ways (one per local "
+                  f"device)")
+    raise ValueError(
+        f"{_CALL}: {given}, but fn is a pmap over {over}, which runs a batch sharded n ways "
+        f"only when n is {fits}. Pass num_devices={d}"
+        + (", or leave it None." if explicit is None else "."))
 
 
 def _static_argnums(static_argnums: Any) -> frozenset[int]:
@@ -241,17 +265,27 @@ def _output_axes(fn: Callable, leaves: list, treedef: Any, n: int) -> list:
 @public
 def prefetch_to_device(iterator: Iterable[Any], size: int = 2,
                        devices: Sequence[Device] | None = None) -> Iterator[Any]:
-    """Puts the next ``size`` batches on their devices ahead of use.
+    """Puts batches on their devices ahead of use (on GPUs, ``size`` batches ahead).
 
     Every item is a pytree of tensors whose leading dimension is the device count (as
     ``funcdp.shard`` makes them); each leaf comes back as a ``ShardedValue``
     with shard ``i`` on device ``i``, which pmap uses in place. ``None`` leaves are passed
     through, as pmap passes them to every device. On GPUs the copies are
     issued ``size`` batches early from pinned memory without blocking, so they overlap
-    with the computation on the previous batches; on virtual CPU devices the shards are
-    views (nothing is copied).
+    with the computation on the previous batches. On virtual CPU devices the shards are
+    views of the batch's tensors (nothing is copied, so there is nothing to overlap):
+    no batch is read ahead, each is yielded as soon as it is read, so a loader that
+    refills one buffer in place feeds the right data.
 
     ``size`` and ``devices`` are checked when it is called; the batches as they come.
+    When the iterator raises (or a batch cannot be placed), the batches read before it
+    are yielded first, then the error is raised, as iterating without prefetching would.
+
+    Args:
+        iterator: an iterable of batches.
+        size: how many batches to read ahead on GPUs (a positive int).
+        devices: the devices (a list of distinct ``funcdp.Device``); default: all local
+            devices.
 
     Examples:
         >>> import torch, funcdp
@@ -275,13 +309,38 @@ _PREFETCH = "funcdp.prefetch_to_device"
 
 
 def _prefetch(it: Iterator[Any], size: int, devs: list[Device]) -> Iterator[Any]:
+    # Reading ahead pays only where placing a batch copies it (to a GPU). On virtual CPU
+    # devices the shards are views of the loader's tensors: reading ahead would only
+    # expose them to a loader that refills its buffers.
+    ahead = size if devs[0].platform == "cuda" else 0
+    return _read_ahead(it, ahead, lambda item, k: _place_batch(item, k, devs))
+
+
+def _read_ahead(it: Iterator[Any], ahead: int, place: Callable[[Any, int], Any]
+                ) -> Iterator[Any]:
+    """``place(item, k)`` for each item ``k`` of ``it``, read ``ahead`` items early. An
+    error reading or placing an item is raised after the items before it are yielded."""
     queue: collections.deque = collections.deque()
-    for k, item in enumerate(it):
-        queue.append(_place_batch(item, k, devs))
-        if len(queue) > size:
+    error: Exception | None = None
+    for k in itertools.count():
+        try:
+            item = next(it)
+        except StopIteration:
+            break
+        except Exception as e:  # (not BaseException: a KeyboardInterrupt goes through)
+            error = e
+            break
+        try:
+            queue.append(place(item, k))
+        except Exception as e:
+            error = e
+            break
+        while len(queue) > ahead:
             yield queue.popleft()
     while queue:
         yield queue.popleft()
+    if error is not None:
+        raise error
 
 
 def _place_batch(item: Any, k: int, devs: list[Device]) -> Any:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 import torch
 
 from funcdp._src.api_util import public
+from funcdp._src.transform_util import a_type
 
 
 class Device:
@@ -67,6 +69,47 @@ class Device:
     def __reduce__(self):
         return (Device, (self.id, self.platform, self.process_index, self.local_index,
                          self.torch_device, self.slot))
+
+
+def check_devices(devices: Any, call: str, arg: str = "devices",
+                  none_means: str | None = "every local device") -> list[Device]:
+    """A ``devices`` argument as a list, checked: distinct funcdp devices, at least one.
+
+    ``call`` names the call in messages (``funcdp.replicate``, ``pmap(f)``), ``arg`` the
+    argument, ``none_means`` what passing None instead does (None: not allowed).
+    Functions taking a list of devices use this, so that they accept and reject the same
+    values with the same messages.
+    """
+    or_none = f", or None for {none_means}" if none_means else ""
+    given = None
+    if not isinstance(devices, (Device, str, bytes, torch.device)):
+        try:
+            given = list(devices)
+        except TypeError:
+            pass
+    if given is None:
+        if isinstance(devices, Device):
+            fix = f"; to use that one device, pass it in a list: {arg}=[device]"
+        elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+            fix = f"; for the first {devices}, pass {arg}=funcdp.local_devices()[:{devices}]"
+        else:
+            fix = ""
+        raise TypeError(
+            f"{call}: `{arg}` must be a list of funcdp.Device (e.g. "
+            f"funcdp.local_devices()[:2]){or_none}; got "
+            f"{a_type(devices)}: {devices!r}{fix}.")
+    if not given:
+        raise ValueError(f"{call}: `{arg}` is empty; pass at least one device, e.g. "
+                         f"{arg}=funcdp.local_devices()[:2]{or_none}.")
+    for d in given:
+        if not isinstance(d, Device):
+            raise TypeError(f"{call}: `{arg}` must hold funcdp devices (from "
+                            f"funcdp.local_devices()), got {type(d).__name__}: {d!r}.")
+    if len(set(given)) != len(given):
+        twice = dict.fromkeys(d for j, d in enumerate(given) if d in given[:j])
+        raise ValueError(f"{call}: `{arg}` lists a device more than once: {given!r} "
+                         f"(repeats {', '.join(map(repr, twice))}); name each device once.")
+    return given
 
 
 class _State:

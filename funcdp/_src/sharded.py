@@ -21,7 +21,8 @@ import torch
 
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import public
-from funcdp._src.devices import Device, local_devices
+from funcdp._src.devices import Device, check_devices, local_devices
+from funcdp._src.transform_util import a_type
 
 
 class ShardedValue:
@@ -140,6 +141,13 @@ class ShardedValue:
         for i in range(len(self)):
             yield self[i]
 
+    def __contains__(self, element: Any) -> bool:
+        # As for a tensor: whether any element equals ``element`` (iterating would compare
+        # whole rows, whose truth value is ambiguous).
+        if isinstance(element, ShardedValue):
+            element = element.to_tensor()
+        return self.to_tensor().__contains__(element)
+
     # -- conversion ------------------------------------------------------------
     def to_tensor(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Gathers the whole value into one ``torch.Tensor`` on ``device``.
@@ -212,6 +220,9 @@ class ShardedValue:
 
     def __int__(self) -> int:
         return int(self.to_tensor())
+
+    def __complex__(self) -> complex:
+        return complex(self.to_tensor())
 
     def __bool__(self) -> bool:
         return bool(self.to_tensor())
@@ -294,8 +305,9 @@ def _binary(name: str):
 for _name in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
               "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__",
               "__rmod__", "__pow__", "__rpow__", "__matmul__", "__rmatmul__", "__and__",
-              "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__eq__", "__ne__",
-              "__lt__", "__le__", "__gt__", "__ge__"):
+              "__rand__", "__or__", "__ror__", "__xor__", "__rxor__", "__lshift__",
+              "__rlshift__", "__rshift__", "__rrshift__", "__eq__", "__ne__", "__lt__", "__le__",
+              "__gt__", "__ge__"):
     setattr(ShardedValue, _name, _binary(_name))
 for _name in ("__neg__", "__pos__", "__abs__", "__invert__"):
     setattr(ShardedValue, _name, (lambda n: lambda self: getattr(self.to_tensor(), n)())(_name))
@@ -303,17 +315,7 @@ ShardedValue.__module__ = "funcdp"
 
 
 def _devices_or_local(devices: Sequence[Device] | None, call: str) -> list[Device]:
-    if devices is None:
-        return local_devices()
-    devices = list(devices)
-    if not devices:
-        raise ValueError(f"{call}: `devices` is empty; pass at least one device, e.g. "
-                         f"devices=funcdp.local_devices().")
-    for d in devices:
-        if not isinstance(d, Device):
-            raise TypeError(f"{call}: `devices` must hold funcdp devices (from "
-                            f"funcdp.local_devices()), got {type(d).__name__}: {d!r}.")
-    return devices
+    return local_devices() if devices is None else check_devices(devices, call)
 
 
 def to_devices(parts: Sequence[torch.Tensor], devices: Sequence[Device]) -> list:
@@ -325,12 +327,33 @@ def to_devices(parts: Sequence[torch.Tensor], devices: Sequence[Device]) -> list
             for p, d in zip(parts, devices)]
 
 
-def _as_tensor(x: Any) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x
-    if isinstance(x, ShardedValue):
-        return x.to_tensor()
-    return torch.as_tensor(x)
+def _leaf_tensor(leaf: Any, call: str, spec: Any, j: int) -> torch.Tensor:
+    """Leaf ``j`` of a tree of spec ``spec`` as a tensor; an error naming it if it is none."""
+    if isinstance(leaf, torch.Tensor):
+        return leaf
+    if isinstance(leaf, ShardedValue):
+        return leaf.to_tensor()
+    try:
+        return torch.as_tensor(leaf)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(
+            f"{call}: {_where(spec, j)} is {a_type(leaf)} ({leaf!r:.60}); every leaf must be "
+            f"a tensor, an array or a number (None leaves are passed through). Leave other "
+            f"values out of the tree.") from None
+
+
+def _where(spec: Any, j: int) -> str:
+    """``tree['w'][0]``: the path of leaf ``j`` of a tree of spec ``spec``."""
+    return "tree" + tree_util.keystr(tree_util.leaf_paths(spec)[j])
+
+
+def _map_tensors(fn: Any, tree: Any, call: str) -> Any:
+    """``tree`` with ``fn(tensor, j, spec)`` for each leaf ``j`` (as a tensor); None leaves
+    are passed through, as pmap passes them."""
+    leaves, spec = tree_util.tree_flatten(tree)
+    return tree_util.tree_unflatten(
+        [None if x is None else fn(_leaf_tensor(x, call, spec, j), j, spec)
+         for j, x in enumerate(leaves)], spec)
 
 
 @public
@@ -342,11 +365,18 @@ def replicate(tree: Any, devices: Sequence[Device] | None = None) -> Any:
     parameters). On virtual CPU devices the replicas share one storage: nothing is copied.
 
     Args:
-        tree: a pytree of tensors (or numbers / arrays).
-        devices: target devices; default: all local devices.
+        tree: a pytree of tensors (or numbers / arrays); ``None`` leaves are passed
+            through, as pmap passes them.
+        devices: target devices (a list of distinct ``funcdp.Device``); default: all
+            local devices.
 
     Returns:
         A pytree of the same structure with replicated leaves.
+
+    Raises:
+        TypeError: ``devices`` is not a list of funcdp devices, or a leaf is not a
+            tensor, an array, a number or None (the message names its path).
+        ValueError: ``devices`` is empty or lists a device twice.
 
     Examples:
         >>> import torch, funcdp
@@ -355,32 +385,45 @@ def replicate(tree: Any, devices: Sequence[Device] | None = None) -> Any:
         True
     """
     devs = _devices_or_local(devices, "funcdp.replicate")
-
-    def rep(leaf: Any) -> ShardedValue:
-        t = _as_tensor(leaf)
-        return ShardedValue(to_devices([t] * len(devs), devs), devs, 0)
-
-    return tree_util.tree_map(rep, tree)
+    return _map_tensors(
+        lambda t, j, spec: ShardedValue(to_devices([t] * len(devs), devs), devs, 0),
+        tree, "funcdp.replicate")
 
 
 @public
 def unreplicate(tree: Any) -> Any:
     """Takes one copy back from a replicated pytree (no gather): the first slice.
 
+    A ``ShardedValue`` gives its shard 0 (slice 0 along its own device axis, wherever
+    ``out_axes`` put it); a tensor gives its slice 0 along dimension 0; other leaves
+    (``None``, numbers) come back as they are.
+
+    Raises:
+        ValueError: a leaf is a 0-d tensor, which has no device axis (the message names
+            its path).
+
     Examples:
         >>> import torch, funcdp
         >>> funcdp.unreplicate(funcdp.replicate(torch.tensor([1.0, 2.0])))
         tensor([1., 2.])
     """
+    leaves, spec = tree_util.tree_flatten(tree)
+    return tree_util.tree_unflatten([_first(x, spec, j) for j, x in enumerate(leaves)], spec)
 
-    def first(leaf: Any) -> Any:
-        if isinstance(leaf, ShardedValue):
-            return leaf.shard(0) if leaf.axis == 0 else leaf.to_tensor().select(0, 0)
-        if isinstance(leaf, torch.Tensor):
-            return leaf[0]
-        return leaf
 
-    return tree_util.tree_map(first, tree)
+def _first(leaf: Any, spec: Any, j: int) -> Any:
+    """One copy of the replicated leaf ``j``."""
+    if isinstance(leaf, ShardedValue):
+        return leaf.shard(0)  # (one device's copy, wherever its device axis is)
+    if isinstance(leaf, torch.Tensor):
+        if leaf.ndim == 0:
+            raise ValueError(
+                f"funcdp.unreplicate: {_where(spec, j)} is a 0-d tensor, which has no device "
+                f"axis to take one copy from; a replicated leaf is [n, ...] (as "
+                f"funcdp.replicate or a pmap makes it). Leave values that are not replicated "
+                f"out of the tree.")
+        return leaf[0]
+    return leaf
 
 
 @public
@@ -388,10 +431,12 @@ def shard(tree: Any, num_devices: int | None = None) -> Any:
     """Reshapes each leaf of a global batch ``[B, ...]`` to ``[n, B // n, ...]``.
 
     ``n`` is the number of local devices unless ``num_devices`` says otherwise. The
-    result is a view (no copy) ready for ``pmap``.
+    result is a view (no copy) ready for ``pmap``. ``None`` leaves are passed through,
+    as pmap passes them.
 
     Raises:
         ValueError: if ``B`` is not divisible by ``n`` (the message names the leaf).
+        TypeError: a leaf is not a tensor, an array, a number or None.
 
     Examples:
         >>> import torch, funcdp
@@ -401,45 +446,42 @@ def shard(tree: Any, num_devices: int | None = None) -> Any:
     n = num_devices if num_devices is not None else len(local_devices())
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"funcdp.shard: `num_devices` must be a positive int, got {n!r}.")
-    leaves, spec = tree_util.tree_flatten(tree)
-    paths = tree_util.leaf_paths(spec)
-    out = []
-    for path, leaf in zip(paths, leaves):
-        t = _as_tensor(leaf)
-        where = f"tree{tree_util.keystr(path)}"
+
+    def split(t: torch.Tensor, j: int, spec: Any) -> torch.Tensor:
         if t.ndim == 0:
-            raise ValueError(f"funcdp.shard: {where} is a scalar; every leaf needs a leading "
-                             f"batch dimension to split over {n} devices.")
+            raise ValueError(f"funcdp.shard: {_where(spec, j)} is a scalar; every leaf needs a "
+                             f"leading batch dimension to split over {n} devices.")
         if t.shape[0] % n:
             raise ValueError(
-                f"funcdp.shard: {where} has leading (batch) dimension {t.shape[0]}, which is "
-                f"not divisible by the {n} devices; pad the batch to a multiple of {n} "
-                f"(funcdp.pad_shard_unpad does this for you) or drop the last "
+                f"funcdp.shard: {_where(spec, j)} has leading (batch) dimension {t.shape[0]}, "
+                f"which is not divisible by the {n} devices; pad the batch to a multiple of "
+                f"{n} (funcdp.pad_shard_unpad does this for you) or drop the last "
                 f"{t.shape[0] % n} examples."
             )
-        out.append(t.reshape(n, t.shape[0] // n, *t.shape[1:]))
-    return tree_util.tree_unflatten(out, spec)
+        return t.reshape(n, t.shape[0] // n, *t.shape[1:])
+
+    return _map_tensors(split, tree, "funcdp.shard")
 
 
 @public
 def unshard(tree: Any) -> Any:
     """Inverse of ``shard``: ``[n, b, ...]`` to ``[n * b, ...]`` (gathers sharded leaves).
 
+    ``None`` leaves are passed through.
+
     Examples:
         >>> import torch, funcdp
         >>> funcdp.unshard(torch.zeros(4, 2, 3)).shape
         torch.Size([8, 3])
     """
-    leaves, spec = tree_util.tree_flatten(tree)
-    paths = tree_util.leaf_paths(spec)
-    out = []
-    for path, leaf in zip(paths, leaves):
-        t = _as_tensor(leaf)
+
+    def merge(t: torch.Tensor, j: int, spec: Any) -> torch.Tensor:
         if t.ndim < 2:
-            raise ValueError(f"funcdp.unshard: tree{tree_util.keystr(path)} has shape "
-                             f"{tuple(t.shape)}; expected [devices, batch, ...].")
-        out.append(t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]))
-    return tree_util.tree_unflatten(out, spec)
+            raise ValueError(f"funcdp.unshard: {_where(spec, j)} has shape {tuple(t.shape)}; "
+                             f"expected [devices, batch, ...].")
+        return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+    return _map_tensors(merge, tree, "funcdp.unshard")
 
 
 def _versions(tensors: tuple) -> tuple:
