@@ -152,6 +152,26 @@ def test_nested_pmaps_from_two_threads_at_once():
     assert not errors and results == [8.0] * 10
 
 
+def test_a_pmap_from_a_thread_a_device_function_waits_for_fails_in_bounded_time():
+    # It waited for the outer call's turn forever, and so did every later top-level call.
+    import concurrent.futures
+
+    inner = funcdp.pmap(lambda a: a * 2)
+
+    def step(a):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(lambda: inner(torch.ones(2)).to_tensor().sum()).result() + a
+
+    start = time.monotonic()
+    with funcdp.config.override(collective_timeout=1), pytest.raises(
+            funcdp.CollectiveError, match=r"(?s)<lambda>\) waited 1 s for its turn.*"
+                                          r"step\), called from thread .MainThread.*"
+                                          r"device function's own thread"):
+        funcdp.pmap(step, devices=funcdp.local_devices()[:2])(torch.ones(2))
+    assert time.monotonic() - start < 10
+    assert inner(torch.ones(2)).to_tensor().tolist() == [2.0, 2.0]  # (usable afterwards)
+
+
 def test_grad_mode_does_not_leak_between_calls_on_workers():
     def off(v):
         torch.set_grad_enabled(False)
@@ -804,3 +824,36 @@ def test_an_interrupt_on_any_device_is_raised_before_other_errors():
         g(torch.ones(2))
     again = funcdp.pmap(lambda x: x + 1, devices=funcdp.local_devices()[:2])(torch.ones(2))
     assert again.to_tensor().tolist() == [2.0, 2.0]  # (the pool still works)
+
+
+def test_forward_mode_through_pmap_leaves_inputs_without_tangents_alone():
+    # jvp/jacfwd/hessian of a pmap whose eval-mode batch_norm reads running statistics
+    # raised "not differentiable with respect to argument 'running_mean'": the
+    # recomputation gave every input a tangent (torch.func passes zeros for inputs that
+    # have none).
+    import torch.nn.functional as F
+    from torch.func import hessian, jacfwd, jvp
+
+    gen = torch.Generator().manual_seed(0)
+    rm = torch.randn(3, generator=gen, dtype=torch.float64)
+    rv = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+    x = torch.randn(4, 2, 3, generator=gen, dtype=torch.float64)
+    w = torch.randn(3, generator=gen, dtype=torch.float64)
+
+    def f(w, rm, rv, x):
+        return (F.batch_norm(x, rm, rv, weight=w, training=False) ** 3).sum()
+
+    pf = funcdp.pmap(f, in_axes=(None, None, None, 0))
+
+    def ref(w):
+        return torch.stack([f(w, rm, rv, x[i]) for i in range(4)])
+
+    def through_pmap(w):
+        out = pf(w, rm, rv, x)
+        return out if isinstance(out, torch.Tensor) else out.to_tensor()
+
+    t = torch.randn(3, generator=gen, dtype=torch.float64)
+    assert_trees_close(jvp(through_pmap, (w,), (t,)), jvp(ref, (w,), (t,)))
+    assert_trees_close(jacfwd(through_pmap)(w), jacfwd(ref)(w))
+    assert_trees_close(hessian(lambda w: through_pmap(w).sum())(w),
+                       hessian(lambda w: ref(w).sum())(w))

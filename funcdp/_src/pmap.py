@@ -52,7 +52,34 @@ from funcdp._src.transform_util import (
     plural,
 )
 
-_TOP_LEVEL = threading.RLock()
+
+class _Turns:
+    """Top-level calls from different threads take turns (see ``_on_devices``), waiting
+    at most ``funcdp.config.collective_timeout``: a call made from a thread that a device
+    function started and waits for (a thread pool inside the step) could never have its
+    turn, and waits forever otherwise."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.holder = ("", "")  # the call that has the turn and its thread, for messages
+
+    def take(self, name: str) -> None:
+        if not self.lock.acquire(blocking=False):
+            timeout = config.collective_timeout
+            if not self.lock.acquire(timeout=timeout):
+                raise CollectiveError(
+                    f"{name} waited {timeout:g} s for its turn: top-level pmap calls from "
+                    f"different threads run one at a time, and {self.holder[0]}, called "
+                    f"from thread {self.holder[1]!r}, has not finished. If this call comes "
+                    f"from a thread that a device function of {self.holder[0]} started and "
+                    f"waits for (a thread pool inside the step, say), it can never run: "
+                    f"make the call in the device function's own thread, where it runs as "
+                    f"a nested pmap. Otherwise {self.holder[0]} is slow: raise "
+                    f"funcdp.config.collective_timeout.")
+        self.holder = (name, threading.current_thread().name)
+
+
+_TOP_LEVEL = _Turns()
 
 # Leaf kinds of a plan.
 _SPLIT = 0  # a tensor mapped over an axis: each device gets a view of its slice
@@ -788,7 +815,9 @@ class _Call:
         # Top-level calls from different threads take turns: a nested pmap queues its
         # inner devices' work from every outer device separately, and two calls
         # interleaved on the same workers could each wait for the other.
-        with _TOP_LEVEL if top else contextlib.nullcontext():
+        if top:
+            _TOP_LEVEL.take(plan.name)
+        try:
             if _functorch.maybe_current_level() is not None:
                 # Called from a backward (or jvp) at some torch.func level: the calling
                 # thread runs device 0's share and must see no transforms, like the workers.
@@ -796,6 +825,9 @@ class _Call:
                     outcomes = executor().run(plan.devices, per_device, self.inline, prefix)
             else:
                 outcomes = executor().run(plan.devices, per_device, self.inline, prefix)
+        finally:
+            if top:
+                _TOP_LEVEL.lock.release()
         for o in outcomes:
             if o.error is not None:
                 _raise_device_error(plan, [(i, o.error) for i, o in enumerate(outcomes)
@@ -1161,7 +1193,21 @@ class _Call:
         leaves = list(self.leaves)
         for pos, t in zip(self.tensor_pos, inputs):
             leaves[pos] = t
-        live = [(p, t) for p, t in zip(self.tensor_pos, tangents) if t is not None]
+        # torch.func hands the rule a tangent for every input, zeros for those that have
+        # none (a captured tensor, a BatchNorm's running statistics): those are left out,
+        # or the recomputation would give them tangents, which some ops refuse.
+        level = _functorch.maybe_current_level()  # (the jvp's own)
+        live = [(p, t) for p, t in zip(self.tensor_pos, tangents) if t is not None and (
+            level is None or _wrapped_at(self.leaves[p], level))]
+        if level is not None:
+            # The others as they were below the jvp (it wraps every input of the rule), so
+            # that the recomputation does not track them either.
+            dead = set(self.tensor_pos) - {p for p, _ in live}
+            for p in dead:
+                x = leaves[p]
+                if (_functorch.is_functorch_wrapped_tensor(x)
+                        and _functorch.maybe_get_level(x) == level):
+                    leaves[p] = _functorch.get_unwrapped(x)
         live_pos = [p for p, _ in live]
         out_pos = self.out_tensor_pos
         out_float = {j: bool(self.out_template[j].is_floating_point()
@@ -1408,6 +1454,14 @@ def _tracked_by_a_transform(x: torch.Tensor, grad_levels: frozenset[int]) -> boo
         if t.requires_grad:
             return True
     return False
+
+
+def _wrapped_at(x: torch.Tensor, level: int) -> bool:
+    """Whether the transform at ``level`` (or one above it) wraps ``x``: for the jvp
+    whose rule runs at ``level``, whether ``x`` has a tangent. (Transforms below wrap
+    the inputs of every transform above them.)"""
+    return (_functorch.is_functorch_wrapped_tensor(x)
+            and _functorch.maybe_get_level(x) >= level)
 
 
 def _track(x: Any) -> Any:
