@@ -3,14 +3,21 @@ replicated training state resumes on another device count."""
 
 from __future__ import annotations
 
+import collections
 import enum
+import math
+import os
 import sys
+import tempfile
 from typing import Any, NamedTuple
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 import torch
+import torch.utils._pytree as pt
 from helpers import assert_trees_close
+from hypothesis import given
 
 import funcdp
 from funcdp import optim
@@ -22,6 +29,10 @@ class Color(str, enum.Enum):
 
 class Level(enum.IntEnum):
     HIGH = 3
+
+
+class Phase(enum.Enum):  # (a plain Enum: torch's structure stores its members by name)
+    WARMUP = "warmup"
 
 
 class ScaleState(NamedTuple):  # (an optax-style optimizer state)
@@ -119,10 +130,10 @@ def test_a_checkpoint_of_a_newer_format_version_is_an_error(tmp_path):
     path = tmp_path / "ckpt.pt"
     funcdp.save_checkpoint(path, {"w": torch.ones(2)})
     payload = torch.load(path, weights_only=True)
-    for version, shown in ((2, "2"), (None, "None"), ("1", "'1'")):
+    for version, shown in ((3, "3"), (None, "None"), ("1", "'1'")):
         torch.save(dict(payload, version=version), path)
         with pytest.raises(ValueError, match=rf"has checkpoint format version {shown}; this "
-                                             rf"funcdp reads versions up to 1\. Load it with "
+                                             rf"funcdp reads versions up to 2\. Load it with "
                                              rf"the newer funcdp"):
             funcdp.load_checkpoint(path)
     torch.save(payload, path)
@@ -190,3 +201,178 @@ def test_the_namedtuple_key_is_reserved_and_other_dicts_load_as_they_are(tmp_pat
     payload["kinds"], payload["leaves"] = ["value"], ["this:s"]
     torch.save(payload, path)
     assert funcdp.load_checkpoint(path) == {"a": marker_like}
+
+
+def _same_keys(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are one tree down to the types of dict keys (``1``,
+    ``1.0`` and ``True``, or ``(0,)`` and ``[0]``, are different keys here) and the bits
+    of float keys (``0.0`` and ``-0.0``; NaNs); leaves are compared elsewhere."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return (getattr(a, "default_factory", None) is getattr(b, "default_factory", None)
+                and len(a) == len(b)
+                and all(_same_key(ka, kb) and _same_keys(a[ka], b[kb])
+                        for ka, kb in zip(a, b)))
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(_same_keys, a, b))
+    return True
+
+
+def _same_key(a: Any, b: Any) -> bool:
+    if type(a) is not type(b):
+        return False
+    if type(a) is tuple:
+        return len(a) == len(b) and all(map(_same_key, a, b))
+    if type(a) is float:
+        return math.copysign(1, a) == math.copysign(1, b) and (a == b or a != a and b != b)
+    return a == b
+
+
+# Keys a checkpoint gives back exactly: scalars of the builtin types and tuples of them,
+# nested, empty ones among them.
+_scalar_keys = (st.none() | st.booleans() | st.integers(-2**70, 2**70)
+                | st.floats(allow_nan=False, width=64) | st.text(max_size=4))
+_keys = st.recursive(_scalar_keys, lambda inner: st.lists(inner, max_size=3).map(tuple),
+                     max_leaves=6)
+
+
+@st.composite
+def _keyed_states(draw, depth=2):
+    """A dict, OrderedDict or defaultdict with keys of ``_keys`` and values that are
+    tensors, numbers or (to ``depth``) such dicts again, in lists and tuples too."""
+    leaf = st.integers(0, 9).map(lambda n: torch.arange(float(n))) | st.integers() | st.none()
+    value = leaf if depth == 0 else (leaf | _keyed_states(depth=depth - 1)
+                                     | st.lists(_keyed_states(depth=depth - 1), max_size=2))
+    items = draw(st.lists(st.tuples(_keys, value), max_size=4, unique_by=lambda kv: kv[0]))
+    kind = draw(st.sampled_from(["dict", "OrderedDict", "defaultdict"]))
+    if kind == "defaultdict":
+        return collections.defaultdict(list, items)
+    return (dict if kind == "dict" else collections.OrderedDict)(items)
+
+
+@given(_keyed_states())
+def test_dict_keys_round_trip_with_their_types(state):
+    # torch stores a dict's keys in JSON, which turns a tuple key into a list: the file
+    # was written, and load_checkpoint raised "unhashable type: 'list'".
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "ckpt.pt")
+        funcdp.save_checkpoint(path, {"state": state, "step": 3})
+        back = funcdp.load_checkpoint(path)
+    assert _same_keys(back, {"state": state, "step": 3})
+    assert_trees_close(pt.tree_leaves(back), pt.tree_leaves({"state": state, "step": 3}),
+                       exact=True)
+
+
+@pytest.mark.parametrize("keys", [
+    [(0, "decay")],
+    [(0, "decay"), (1, "no_decay"), "lr", 3],
+    [((0, 1), ("a", (None, True))), ()],
+    [(1,), (1.0,), (True,), 1],  # equal as values; tuples of distinct keys
+    [(-0.0, float("nan")), (0.0, float("inf")), -0.0, float("nan")],
+    [None, True, 2.5, "s", Phase.WARMUP],  # no tuple: stored by torch, as before
+])
+def test_dict_keys_of_each_kind_round_trip(tmp_path, keys):
+    plain = [k for k in keys if not isinstance(k, enum.Enum)]  # (see the defaultdict test)
+    state = {"by_key": {k: torch.full((2,), float(i)) for i, k in enumerate(keys)},
+             "ordered": collections.OrderedDict((k, i) for i, k in enumerate(keys)),
+             "default": collections.defaultdict(int, {k: [i] for i, k in enumerate(plain)}),
+             "opt": ScaleState(count={k: 1 for k in keys}, inner=[{"in": {k: "v" for k in keys}}])}
+    path = tmp_path / "ckpt.pt"
+    funcdp.save_checkpoint(path, state)
+    back = funcdp.load_checkpoint(path)
+    assert _same_keys(back, state)
+    assert type(back["opt"]) is ScaleState
+    assert back["default"].default_factory is int
+    # (Leaf by leaf: trees keyed by NaN are never equal.)
+    assert_trees_close(pt.tree_leaves(back), pt.tree_leaves(state), exact=True)
+    # Only a file with tuple keys needs this funcdp; others stay readable by older ones.
+    tupled = any(type(k) is tuple for k in keys)
+    assert torch.load(path, weights_only=True)["version"] == (2 if tupled else 1)
+
+
+def test_tuple_keyed_replicated_values_resume_on_other_devices(tmp_path):
+    lr = funcdp.replicate(torch.tensor(0.1), funcdp.local_devices()[:4])
+    path = tmp_path / "ckpt.pt"
+    funcdp.save_checkpoint(path, {"lr_by_group": {(0, "decay"): lr}, "epoch": 3})
+    back = funcdp.load_checkpoint(path, replicate_to=funcdp.local_devices()[:2])
+    assert list(back["lr_by_group"]) == [(0, "decay")] and back["epoch"] == 3
+    assert_trees_close(back["lr_by_group"][(0, "decay")].to_tensor(), torch.full((2,), 0.1))
+
+
+def _local_enum():
+    class Local(enum.Enum):
+        A = 1
+
+    return Local.A
+
+
+@pytest.mark.parametrize("key, match", [
+    (torch.float32, r"torch.float32 of type dtype: a checkpoint stores dict keys that are "
+                    r"strs, ints, floats, bools, None, tuples of these, or members of a plain "
+                    r"Enum .*Convert the key \(to a str, say\)"),
+    (frozenset({1}), r"frozenset\(\{1\}\) of type frozenset: a checkpoint stores dict keys"),
+    ((0, b"x"), r"\(0, b'x'\) of type tuple: a checkpoint stores dict keys"),
+    (Level.HIGH, r"<Level.HIGH: 3> of type Level: a member of Level, an Enum that is also an "
+                 r"int, would load as the plain int it equals\. Use the member's .value"),
+    (Color.RED, r"<Color.RED: 'red'> of type Color: .*an Enum that is also a str, would load "
+                r"as the plain str"),
+    ((1, Phase.WARMUP), r"\(1, <Phase.WARMUP: 'warmup'>\) of type tuple: a tuple key holding "
+                        r"an Enum member \(<Phase.WARMUP: 'warmup'>\) cannot be stored\. Use "
+                        r"its .name"),
+    (_local_enum(), r"<Local.A: 1> of type Local: .*Local is defined inside a function, so "
+                    r"loading could not find it\. Define it at module level"),
+])
+def test_dict_keys_that_would_not_load_as_saved_are_refused_naming_their_path(tmp_path, key,
+                                                                               match):
+    # A dtype key made an error without its path; an IntEnum key loaded as an int; a
+    # local Enum's file could not be loaded.
+    path = tmp_path / "x.pt"
+    with pytest.raises(TypeError, match=r"funcdp.save_checkpoint: the dict at "
+                                        r"state\['a'\]\[0\]\[\(1, 'b'\)\] has the key " + match):
+        funcdp.save_checkpoint(path, {"a": [{(1, "b"): {key: torch.ones(1)}}]})
+    assert not path.exists()
+
+
+def test_an_enum_key_beside_tuple_keys_is_refused(tmp_path):
+    with pytest.raises(TypeError, match=r"the dict at state\['a'\] has the key "
+                                        r"<Phase.WARMUP: 'warmup'>, an Enum member, beside "
+                                        r"tuple keys.*Use the member's .name, or keep the "
+                                        r"Enum keys and the tuple keys in separate dicts"):
+        funcdp.save_checkpoint(tmp_path / "x.pt", {"a": {Phase.WARMUP: 1, (0, 1): 2}})
+
+
+def test_an_enum_key_in_a_defaultdict_is_refused(tmp_path):
+    # torch's structure of a defaultdict stores the member, but loads it as a dict: the
+    # file could not be loaded ("unhashable type: 'dict'").
+    with pytest.raises(TypeError, match=r"the defaultdict at state\['a'\] has the key "
+                                        r"<Phase.WARMUP: 'warmup'>, an Enum member, which "
+                                        r"torch's structure of a defaultdict cannot give "
+                                        r"back\. Use a dict"):
+        funcdp.save_checkpoint(tmp_path / "x.pt",
+                               {"a": collections.defaultdict(int, {Phase.WARMUP: 1})})
+
+
+def test_the_tuple_keys_key_is_reserved(tmp_path):
+    with pytest.raises(ValueError, match=r"the dict at state\['a'\] has the key "
+                                         r"'__funcdp_keys__', which checkpoints reserve "
+                                         r"\(for tuple keys\); rename that key"):
+        funcdp.save_checkpoint(tmp_path / "x.pt", {"a": {"__funcdp_keys__": [], "values": {}}})
+
+
+def test_errors_inside_namedtuples_and_tuple_keyed_dicts_name_the_path_as_saved(tmp_path):
+    # Inside a namedtuple the path started again at `state`.
+    class Local(NamedTuple):
+        x: Any
+
+    for state, path in [
+            ({"a": ScaleState(count=[Local(1)], inner=None)}, r"state\['a'\]\.count\[0\]"),
+            ({(0, "a"): ScaleState(count={(1, 2): [Local(1)]}, inner=None)},
+             r"state\[\(0, 'a'\)\]\.count\[\(1, 2\)\]\[0\]")]:
+        with pytest.raises(TypeError, match=rf"the namedtuple .*Local at {path} is defined "
+                                            rf"inside a function"):
+            funcdp.save_checkpoint(tmp_path / "x.pt", state)
+    with pytest.raises(ValueError, match=r"the dict at state\['a'\]\.inner\[\(1,\)\] has the "
+                                         r"key '__funcdp_namedtuple__'"):
+        funcdp.save_checkpoint(tmp_path / "x.pt", {"a": ScaleState(
+            count=1, inner={(1,): {"__funcdp_namedtuple__": "m:C", "fields": {}}})})

@@ -623,3 +623,140 @@ def test_sync_batchnorm_refuses_one_value_per_channel_like_torch():
     dp.eval()
     ref.eval()
     assert_trees_close(dp(x), ref(x))
+
+
+def _two_layers(width):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, width), nn.BatchNorm1d(width))
+
+
+def _torch_errors(module, state_dict):
+    """The lines ``module.load_state_dict`` reports for ``state_dict``."""
+    with pytest.raises(RuntimeError) as info:
+        module.load_state_dict(state_dict)
+    return str(info.value).split("\n\t")[1:]
+
+
+def test_load_state_dict_refuses_other_shapes_listing_each_as_torch_does():
+    # A Linear(3, 5) state dict loaded into a Linear(3, 4) model silently: apply failed
+    # (or, for BatchNorm statistics of shape (1,), broadcast) later.
+    fm = funcdp.nn.functional(_two_layers(4))
+    for sd in (_two_layers(5).state_dict(),
+               {**_two_layers(4).state_dict(), "1.running_mean": torch.tensor([5.0]),
+                "1.running_var": torch.tensor([4.0])}):
+        want = _torch_errors(_two_layers(4), sd)
+        assert want and all(line.startswith("size mismatch for ") for line in want)
+        with pytest.raises(RuntimeError) as info:
+            fm.load_state_dict(sd)
+        head, *lines = str(info.value).split("\n\t")
+        assert head == ("funcdp.nn.functional(Sequential).load_state_dict: Error(s) in "
+                        "loading state_dict for Sequential:")
+        *lines, last = "\n\t".join(lines).split("\n")
+        assert "\n".join(lines).split("\n\t") == want
+        assert last.startswith("Load a state dict of a module built as this one")
+    # Values that are not tensors, in torch's words too.
+    sd = {**_two_layers(4).state_dict(), "0.bias": [0.0] * 4}
+    with pytest.raises(RuntimeError, match=r'While copying the parameter named "0.bias", '
+                                           r"expected torch.Tensor or Tensor-like object from "
+                                           r"checkpoint but received <class 'list'>"):
+        fm.load_state_dict(sd)
+    # A replicated state dict: the message says how to take one copy.
+    with pytest.raises(RuntimeError, match=r"(?s)size mismatch for 0.weight: copying a param "
+                                           r"with shape torch.Size\(\[2, 4, 3\]\).*take one "
+                                           r"copy with funcdp.unreplicate"):
+        fm.load_state_dict(funcdp.replicate(_two_layers(4).state_dict(),
+                                            funcdp.local_devices()[:2]))
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.scale = nn.Parameter(torch.tensor(2.0))  # 0-dim
+        self.register_buffer("steps", torch.tensor(0))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale + self.steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_load_state_dict_casts_values_to_the_modules_dtypes_as_torch_does(dtype):
+    # An fp16 state dict gave fp16 parameters: apply then failed on float32 inputs.
+    torch.manual_seed(0)
+    sd = {k: v.to(dtype) for k, v in _Scaled().state_dict().items()}  # (steps too)
+    sd["scale"] = sd["scale"].reshape(1)  # torch takes a one-element value for 0-dim
+    fm = funcdp.nn.functional(_Scaled())
+    params, buffers = fm.load_state_dict(sd)
+    ref = _Scaled()
+    ref.load_state_dict(sd)
+    assert_trees_close((params, buffers),
+                       ({k: v.detach() for k, v in ref.named_parameters()},
+                        dict(ref.named_buffers())), exact=True)  # (dtypes, 0-dim scale)
+    x = torch.randn(2, 3)
+    assert_trees_close(fm.apply(params, buffers, x)[0], ref(x), exact=True)
+
+
+def test_load_state_dict_shares_or_copies_as_before():
+    # Parameters that need no conversion are the state dict's tensors; buffers are copies;
+    # a module on the meta device takes the values where they are (torch would copy
+    # nothing into it).
+    fm = funcdp.nn.functional(_two_layers(4))
+    sd = _two_layers(4).state_dict()
+    params, buffers = fm.load_state_dict(sd)
+    assert params["0.weight"].data_ptr() == sd["0.weight"].data_ptr()
+    assert buffers["1.running_mean"].data_ptr() != sd["1.running_mean"].data_ptr()
+    meta = funcdp.nn.functional(nn.Linear(3, 4, device="meta"))
+    params, _ = meta.load_state_dict(nn.Linear(3, 4).state_dict())
+    assert params["weight"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("name, match", [
+    (True, r"got True\. Pass the name of the pmap axis to synchronise over, `{arg}='batch'`.*"
+           r"True/False is funcdp.DataParallel's `sync_batchnorm`"),
+    (False, r"got False\. Pass the name of the pmap axis"),
+    (["b"], r"got \['b'\] \(a list\); for several axes pass a tuple, \('b',\)"),
+    ({"b"}, r"got \{'b'\} \(a set\); for several axes pass a tuple"),
+    ((), r"got \(\); name at least one axis"),
+    (("a", True), r"got \('a', True\); its element True is not a name: pass strings"),
+    ({"b": 1}, r"got \{'b': 1\} \(a dict\); pass the name of the pmap axis, a string"),
+])
+def test_axis_names_are_checked_at_construction(name, match):
+    # sync_batchnorm=True (DataParallel's flag) was taken for an axis name: the error came
+    # from the first training step, inside the pmap ("unbound axis name True").
+    expected = (r"`{arg}` must be an axis name \(a string such as 'batch', as given to "
+                r"funcdp.pmap\(..., axis_name='batch'\)\) or a non-empty tuple of names, ")
+    for call, arg, make in [
+            ("funcdp.nn.functional", "sync_batchnorm",
+             lambda: funcdp.nn.functional(bn_model(), sync_batchnorm=name)),
+            ("funcdp.nn.SyncBatchNorm", "axis_name",
+             lambda: funcdp.nn.SyncBatchNorm(4, axis_name=name)),
+            ("funcdp.nn.SyncBatchNorm.convert", "axis_name",
+             lambda: funcdp.nn.SyncBatchNorm.convert(bn_model(), name))]:
+        with pytest.raises(TypeError, match=(call.replace(".", r"\.") + ": "
+                                             + (expected + match).replace("{arg}", arg))):
+            make()
+    with pytest.raises(TypeError, match=r"`axis_name` must be an axis name .*got None"):
+        funcdp.nn.SyncBatchNorm(4, axis_name=None)
+
+
+def test_axis_names_that_collectives_take_are_accepted():
+    for name in ("batch", ("i", "j"), 0):
+        assert funcdp.nn.functional(bn_model(), sync_batchnorm=name).axis_name == name
+        assert funcdp.nn.SyncBatchNorm(4, axis_name=name).axis_name == name
+    assert funcdp.nn.functional(bn_model()).axis_name is None
+    # Over a tuple of axes: the statistics of both, as over one axis of their product.
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 5)
+    bn = funcdp.nn.SyncBatchNorm(5, axis_name=("i", "j"))
+    out = funcdp.vmap(funcdp.vmap(bn, axis_name="j"), axis_name="i")(x)
+    assert_trees_close(out, nn.BatchNorm1d(5)(x.reshape(24, 5)).reshape(2, 3, 4, 5),
+                       atol=1e-5)
+
+
+def test_convert_refuses_what_is_not_a_module():
+    # An int raised "'int' object has no attribute '_modules'".
+    with pytest.raises(TypeError, match=r"funcdp\.nn\.SyncBatchNorm\.convert: `module` must be "
+                                        r"a torch\.nn\.Module, got int \(3\); pass the model "
+                                        r"whose BatchNorm layers should synchronise, "
+                                        r"SyncBatchNorm\.convert\(model, axis_name\)"):
+        funcdp.nn.SyncBatchNorm.convert(3, "b")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 import threading
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
@@ -25,6 +25,36 @@ from funcdp._src.collectives import axis_size, psum
 _public = public_in("funcdp.nn")
 
 
+def _check_axis_name(name: Any, call: str, arg: str) -> None:
+    """Refuses at construction what no collective accepts as an axis name (the error
+    would otherwise come from the first training-mode forward, inside a pmap): as
+    funcdp's collectives, a hashable name other than None, or a non-empty tuple of
+    names; and not a bool (``sync_batchnorm=True`` is ``funcdp.DataParallel``'s flag)."""
+    names = name if isinstance(name, tuple) else (name,)
+    bad = [n for n in names if n is None or isinstance(n, (bool, list, dict, set))
+           or not isinstance(n, Hashable)]
+    if names and not bad:
+        return
+    msg = (f"{call}: `{arg}` must be an axis name (a string such as 'batch', as given to "
+           f"funcdp.pmap(..., axis_name='batch')) or a non-empty tuple of names, got "
+           f"{name!r}")
+    if isinstance(name, bool):
+        msg += (f". Pass the name of the pmap axis to synchronise over, `{arg}='batch'`"
+                + ("; None (the default) synchronises nothing" if arg == "sync_batchnorm"
+                   else "") + "; True/False is funcdp.DataParallel's `sync_batchnorm`")
+    elif isinstance(name, (list, set)) and name:
+        msg += f" (a {type(name).__name__}); for several axes pass a tuple, {tuple(name)!r}"
+    elif name == ():
+        msg += "; name at least one axis"
+    elif isinstance(name, tuple):
+        msg += f"; its element {bad[0]!r} is not a name: pass strings"
+    elif name is None:
+        msg += "; pass the name of the pmap axis to synchronise over, a string"
+    else:
+        msg += f" (a {type(name).__name__}); pass the name of the pmap axis, a string"
+    raise TypeError(msg + ".")
+
+
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose batch statistics are averaged over a named axis.
 
@@ -33,7 +63,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     deviations from the mean, which is exact where ``E[x²] - E[x]²`` loses digits), so a model
     trained with pmap over ``n`` devices matches the same model on one device with the
     full batch: outputs, gradients and running statistics. Works on CPU and GPU alike.
-    Participants may hold different numbers of examples.
+    Participants may hold different numbers of examples. ``axis_name`` is a name (a
+    string) or a tuple of names, as collectives take; anything else (``True``, a list)
+    raises a ``TypeError`` here rather than in the first training step.
 
     Examples:
         >>> import torch, funcdp
@@ -46,6 +78,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
                  axis_name: Any, device=None, dtype=None) -> None:
+        _check_axis_name(axis_name, "funcdp.nn.SyncBatchNorm", "axis_name")
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.axis_name = axis_name
@@ -60,7 +93,22 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         """Returns ``module`` with every BatchNorm layer replaced by a SyncBatchNorm.
 
         The new layers share the old ones' parameter and buffer tensors (and names).
+
+        Raises:
+            TypeError: ``module`` is not a ``torch.nn.Module``, or ``axis_name`` is not an
+                axis name.
         """
+        call = f"funcdp.nn.{cls.__qualname__}.convert"
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{call}: `module` must be a torch.nn.Module, got "
+                            f"{type(module).__name__} ({module!r:.80}); pass the model whose "
+                            f"BatchNorm layers should synchronise, "
+                            f"{cls.__qualname__}.convert(model, axis_name).")
+        _check_axis_name(axis_name, call, "axis_name")
+        return cls._convert(module, axis_name)
+
+    @classmethod
+    def _convert(cls, module: nn.Module, axis_name: Any) -> nn.Module:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
             new = cls(module.num_features, module.eps, module.momentum, module.affine,
                       module.track_running_stats, axis_name=axis_name)
@@ -70,7 +118,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             return new
         for name, child in list(module._modules.items()):
             if child is not None:
-                module._modules[name] = cls.convert(child, axis_name)
+                module._modules[name] = cls._convert(child, axis_name)
         return module
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -182,7 +230,7 @@ class _Built:
         self.refs = refs
         template = _replica(module)
         if axis_name is not None:
-            template = SyncBatchNorm.convert(template, axis_name)
+            template = SyncBatchNorm._convert(template, axis_name)
         self.template = template
         self.param_names = [n for n, _ in module.named_parameters()]
         self.buffer_names = [n for n, _ in module.named_buffers()]
@@ -220,6 +268,8 @@ class FunctionalModule:
         if not isinstance(module, nn.Module):
             raise TypeError(f"funcdp.nn.functional: `module` must be a torch.nn.Module, got "
                             f"{type(module).__name__}.")
+        if sync_batchnorm is not None:
+            _check_axis_name(sync_batchnorm, "funcdp.nn.functional", "sync_batchnorm")
         self.module = module
         self.axis_name = sync_batchnorm
         self._init_caches()
@@ -394,27 +444,87 @@ class FunctionalModule:
         """Params and buffers from a ``state_dict`` of the module (or of an
         ``nn.DataParallel`` wrapping it: ``module.`` prefixes are accepted).
 
-        Non-persistent buffers (never in a ``state_dict``) are the module's own, copied.
+        The values are those ``module.load_state_dict`` would copy into the module: each
+        takes the dtype and device of the module's own tensor (a float16 state dict gives
+        a float32 model float32 parameters), a one-element value fills a 0-dim tensor, and
+        a value of another shape is an error. Parameters that need no conversion are the
+        state dict's tensors (detached); buffers are copies. Non-persistent buffers (never
+        in a ``state_dict``) are the module's own, copied.
 
         Raises:
             KeyError: listing missing and unexpected keys.
+            RuntimeError: a value whose shape differs from the module's tensor, or that is
+                not a tensor: every such key listed, in ``nn.Module.load_state_dict``'s
+                words.
         """
         built = self._current()
-        expected = set(self.module.state_dict())
-        sd = strip_prefix(state_dict, list(expected))
+        expected = list(self.module.state_dict())
+        sd = strip_prefix(state_dict, expected)
+        names = set(expected)
         # Tensors a state_dict does not hold (non-persistent buffers) are the module's.
         missing = [n for n in built.param_names + built.buffer_names
-                   if n in expected and n not in sd]
-        unexpected = [k for k in sd if k not in expected]
+                   if n in names and n not in sd]
+        unexpected = [k for k in sd if k not in names]
         if missing or unexpected:
             raise KeyError(f"funcdp.nn: state_dict does not match the module: missing keys "
                            f"{missing}, unexpected keys {unexpected}.")
         own_params, own_buffers = built.live()
-        params = {n: (sd[n] if n in expected else own_params[n]).detach()
+        own = {**own_params, **own_buffers}
+        canonical = dict(built.param_aliases + built.buffer_aliases)
+        loaded: dict[str, torch.Tensor] = {}
+        errors: list[str] = []
+        # In the state dict's order, as torch reports; a tied weight's other names (which
+        # may be left out) are checked too, as torch checks them.
+        for name in expected:
+            c = canonical.get(name)  # (None: a module's extra state, not a tensor)
+            if c is not None and name in sd:
+                value = _load_value(name, sd[name], own[c], errors)
+                if c == name and value is not None:
+                    loaded[name] = value
+        if errors:
+            from funcdp._src.sharded import ShardedValue
+
+            cls = type(self.module).__name__
+            fix = ("Load a state dict of a module built as this one (its parameters' and "
+                   "buffers' shapes)")
+            if any(isinstance(v, ShardedValue) for v in sd.values()):
+                fix += ("; a replicated value (a funcdp.ShardedValue) has a device axis: "
+                        "take one copy with funcdp.unreplicate(state_dict)")
+            raise RuntimeError(f"funcdp.nn.functional({cls}).load_state_dict: Error(s) in "
+                               f"loading state_dict for {cls}:\n\t" + "\n\t".join(errors)
+                               + f"\n{fix}.")
+        params = {n: loaded[n] if n in loaded else own_params[n].detach()
                   for n in built.param_names}
-        buffers = {n: (sd[n] if n in expected else own_buffers[n]).detach().clone()
+        buffers = {n: (loaded[n] if n in loaded else own_buffers[n]).detach().clone()
                    for n in built.buffer_names}
         return params, buffers
+
+
+def _load_value(name: str, value: Any, own: torch.Tensor, errors: list[str]) -> Any:
+    """``value`` as ``nn.Module.load_state_dict`` copies it into ``own``: of its dtype and
+    device (a meta tensor's value keeps its device: torch would copy nothing), and a
+    one-element value for a 0-dim tensor; None after appending torch's message to
+    ``errors`` for a value of another shape or that is not a tensor."""
+    if not torch.overrides.is_tensor_like(value):
+        errors.append(f'While copying the parameter named "{name}", expected torch.Tensor or '
+                      f"Tensor-like object from checkpoint but received {type(value)}")
+        return None
+    if nn.parameter.is_lazy(own):  # (no shape or dtype yet: torch checks nothing either)
+        return value.detach()
+    if own.dim() == 0 and value.dim() == 1 and value.shape[0] == 1:  # (torch's, for 0.3 files)
+        value = value[0]
+    if value.shape != own.shape:
+        errors.append(f"size mismatch for {name}: copying a param with shape {value.shape} "
+                      f"from checkpoint, the shape in current model is {own.shape}.")
+        return None
+    value = value.detach()
+    try:
+        return value.to(dtype=own.dtype, device=value.device if own.is_meta else own.device)
+    except Exception as e:  # noqa: BLE001 - reported as torch reports it
+        errors.append(f'While copying the parameter named "{name}", whose dimensions in the '
+                      f"model are {own.size()} and whose dimensions in the checkpoint are "
+                      f"{value.size()}, an exception occurred : {e.args}.")
+        return None
 
 
 def _given(fm: FunctionalModule, given: Mapping[str, torch.Tensor], what: str,
@@ -488,12 +598,17 @@ def functional(module: nn.Module, *, sync_batchnorm: Any = None) -> FunctionalMo
 
     Args:
         module: any ``torch.nn.Module``.
-        sync_batchnorm: an axis name: BatchNorm layers then compute batch statistics over
-            that axis (see ``SyncBatchNorm``). The module itself is not changed.
+        sync_batchnorm: an axis name (a string, or a tuple of names): BatchNorm layers
+            then compute batch statistics over that axis (see ``SyncBatchNorm``). The
+            module itself is not changed.
 
     Returns:
         A ``FunctionalModule`` ``m``: ``m.params``, ``m.buffers`` and
         ``m.apply(params, buffers, *args, train=None) -> (out, new_buffers)``.
+
+    Raises:
+        TypeError: ``module`` is not a ``torch.nn.Module``, or ``sync_batchnorm`` is not
+            an axis name (``True``, say, which is ``funcdp.DataParallel``'s flag).
 
     Examples:
         >>> import torch, funcdp
