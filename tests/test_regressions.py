@@ -857,3 +857,76 @@ def test_forward_mode_through_pmap_leaves_inputs_without_tangents_alone():
     assert_trees_close(jacfwd(through_pmap)(w), jacfwd(ref)(w))
     assert_trees_close(hessian(lambda w: through_pmap(w).sum())(w),
                        hessian(lambda w: ref(w).sum())(w))
+
+
+class _Center(torch.autograd.Function):
+    """x minus its mean over axis "i", with a backward that calls a collective."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x - funcdp.pmean(x.mean(), "i")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, g):
+        n = funcdp.axis_size("i")
+        return g - funcdp.psum(g.mean(), "i") / n
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_collectives_in_a_custom_backward_with_more_shards_than_devices(shards):
+    # With 2 shards per device, the backward's collective reached the devices only
+    # (axis_size said 2, not 4): silently wrong gradients.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shards, 3, generator=gen, dtype=torch.float64)
+    w = torch.randn(shards, 3, generator=gen, dtype=torch.float64)
+    f = funcdp.pmap(lambda v: _Center.apply(v) ** 2, axis_name="i",
+                    devices=funcdp.local_devices()[:2])
+
+    def loss(v):
+        out = f(v)
+        return ((out if isinstance(out, torch.Tensor) else out.to_tensor()) * w).sum()
+
+    want = torch.func.grad(lambda v: (((v - v.mean()) ** 2) * w).sum())(x)
+    xr = x.clone().requires_grad_()
+    loss(xr).backward()
+    assert_trees_close(xr.grad, want)
+    assert_trees_close(torch.func.grad(loss)(x), want)
+
+
+def test_is_grads_batched_through_a_collective_says_what_to_use():
+    # It failed on the devices with "Batching rule not implemented for aten::add.out".
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    cts = torch.randn(5, 2, 3, dtype=torch.float64)
+    kw = {"axis_name": "i", "devices": funcdp.local_devices()[:2]}
+    plain = funcdp.pmap(torch.sin, **kw)(x)  # (without a collective it works)
+    (g,) = torch.autograd.grad(plain, x, cts, is_grads_batched=True)
+    assert_trees_close(g, cts * torch.cos(x.detach()))
+    out = funcdp.pmap(lambda v: torch.sin(v) + funcdp.pmean(v, "i"), **kw)(x)
+    with pytest.raises(NotImplementedError, match=r"(?s)is_grads_batched=True.*torch.func.vmap"):
+        torch.autograd.grad(out, x, cts, is_grads_batched=True)
+
+
+def test_empty_batches_under_transforms_of_pmap():
+    # vmap/jacrev/jacfwd of a pmap over an empty batch raised "`axis_size` must be a
+    # positive int, got 0" from the pmap's own vmap rule.
+    from torch.func import jacfwd, jacrev, vmap
+
+    z = torch.zeros(2, 0, 3, dtype=torch.float64)
+    pf = funcdp.pmap(lambda a: funcdp.psum(a, "i") * a, axis_name="i",
+                     devices=funcdp.local_devices()[:2])
+
+    def ref(z):
+        return z.sum(0) * z
+
+    assert jacrev(pf)(z).shape == jacrev(ref)(z).shape == (2, 0, 3, 2, 0, 3)
+    assert jacfwd(pf)(z).shape == jacfwd(ref)(z).shape
+    assert vmap(pf)(torch.zeros(0, 2, 5)).shape == (0, 2, 5)
+    assert funcdp.vmap(lambda: torch.ones(2), axis_size=0)().shape == (0, 2)
+    with pytest.raises(ValueError, match="`axis_size` must be a non-negative int, got -1"):
+        funcdp.vmap(lambda: torch.ones(2), axis_size=-1)

@@ -128,7 +128,7 @@ def _bound_description() -> str:
     seen: dict = {}
     for frame in reversed(frames()):
         for name, comps in frame.names.items():
-            if name not in seen:
+            if name not in seen and type(comps) is tuple:
                 size = 1
                 for c in comps:
                     size *= c.size
@@ -144,6 +144,26 @@ def _validate_name(name: Any, call: str) -> None:
             f"{call}: `axis_name` must be a hashable name (such as a string) or a tuple of "
             f"names, got {name!r}."
         )
+
+
+class ShardsUnreachable(RuntimeError):
+    """Raised by a collective over an axis whose shards run as a vmap on each device,
+    where that vmap is not running: in the backward pass that funcdp replays from the
+    devices' saved graphs, where torch runs the shards' part of a custom
+    ``autograd.Function``'s backward (or of a hook) as a vmap of its own. The pmap's
+    backward then recomputes instead (see ``pmap._Call.backward``)."""
+
+
+class Unreachable(tuple):
+    """Bound in place of an axis's components where collectives cannot reach them all
+    (see ``ShardsUnreachable``); resolving the name raises."""
+
+    message: str
+
+    def __new__(cls, message: str) -> Unreachable:
+        self = super().__new__(cls)
+        self.message = message
+        return self
 
 
 def resolve(axis_name: Any, call: str) -> tuple[tuple, tuple]:
@@ -169,6 +189,8 @@ def resolve(axis_name: Any, call: str) -> tuple[tuple, tuple]:
                 f"must run inside funcdp.pmap(..., axis_name={name!r}) or "
                 f"funcdp.vmap(..., axis_name={name!r})."
             )
+        if type(found) is not tuple:
+            raise ShardsUnreachable(f"{call}: {found.message}")
         for c in found:
             if c in comps:
                 raise ValueError(f"{call}: axis {name!r} appears twice in `axis_name` "

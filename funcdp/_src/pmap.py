@@ -1107,7 +1107,20 @@ class _Call:
     def backward(self, cts: Sequence[torch.Tensor], needs: Sequence[bool],
                  inputs: Sequence[torch.Tensor]) -> list:
         if _saved_graphs_suffice(cts):
-            return self._backward_saved(cts, needs)
+            try:
+                grads = self._backward_saved(cts, needs)
+            except RuntimeError as e:
+                if not any(_functorch.is_legacy_batchedtensor(c) for c in cts):
+                    raise
+                raise NotImplementedError(
+                    f"{self.plan.name}: torch.autograd.grad(..., is_grads_batched=True) "
+                    f"batches the cotangents with torch's legacy vmap, which funcdp's "
+                    f"collectives cannot run under (the devices raised: {e}). Batch the "
+                    f"gradient with torch.func instead: torch.func.vmap(lambda ct: "
+                    f"torch.func.vjp(f, x)[1](ct))(cotangents).") from e
+            if grads is not None:
+                return grads
+            # (None: a collective over the shards in a custom backward; see grad_device.)
         self._no_chunks("a higher-order or batched gradient")
         return self._backward_recompute(cts, needs, inputs)
 
@@ -1236,7 +1249,8 @@ class _Call:
         return tuple((lambda r: r.to_tensor() if isinstance(r, ShardedValue) else r)(next(res))
                      if out_float[j] else None for j in out_pos)
 
-    def _backward_saved(self, cts: Sequence[torch.Tensor], needs: Sequence[bool]) -> list:
+    def _backward_saved(self, cts: Sequence[torch.Tensor],
+                        needs: Sequence[bool]) -> list | None:
         cts = [_functorch.get_unwrapped(c) if _functorch.is_functorch_wrapped_tensor(c) else c
                for c in cts]
         if _functorch.maybe_current_level() is None:
@@ -1247,7 +1261,7 @@ class _Call:
             return self._backward_saved_plain(cts, needs)
 
     def _backward_saved_plain(self, cts: Sequence[torch.Tensor],
-                              needs: Sequence[bool]) -> list:
+                              needs: Sequence[bool]) -> list | None:
         plan = self.plan
         assert self.per_device is not None
         ndev, k = plan.ndev, plan.block
@@ -1273,6 +1287,16 @@ class _Call:
         saved = self.per_device
         wanted_leaves = [self.tensor_pos[i] for i in want]
 
+        name = plan.owner._axis_name
+        # With several shards per device, the shards' part of the graph runs as a vmap
+        # that torch makes for it (funcdp's collectives carry their axes in their saved
+        # state): a collective that a custom backward or a hook calls by name could only
+        # reach the devices, and would reduce over them alone. It raises instead, and the
+        # backward recomputes (_backward_recompute runs it inside funcdp's named vmap).
+        unreachable = axes_mod.Unreachable(
+            f"axis {name!r} runs {k} shards per device, and this backward pass runs them "
+            f"as a vmap funcdp cannot name") if k > 1 and name is not None else None
+
         def grad_device(i: int, frame: Any) -> Any:
             ins, outs = saved[i]
             pairs = [(outs[j], c) for j, c in zip(self.out_tensor_pos, per_ct[i])
@@ -1280,19 +1304,26 @@ class _Call:
             targets = [ins[p] for p in wanted_leaves]
             if not pairs or not targets:
                 return [None] * len(targets)
+            if unreachable is not None:
+                frame.names[name] = unreachable  # (the frame is this device's own)
             # The device's random routing of the forward pass, continued: draws made in
             # the backward pass (a custom backward, a hook, a checkpoint's recomputation)
             # come from the device's generator, where the forward pass left it.
             with random_mod.Continuation(self.modes[i], self.around), torch.enable_grad():
                 # The graph lives as long as the caller's graph does (which may run
                 # backward more than once); it is freed with it.
-                return list(torch.autograd.grad([p[0] for p in pairs], targets,
-                                                [p[1] for p in pairs], allow_unused=True,
-                                                retain_graph=True))
+                try:
+                    return list(torch.autograd.grad([p[0] for p in pairs], targets,
+                                                    [p[1] for p in pairs], allow_unused=True,
+                                                    retain_graph=True))
+                except axes_mod.ShardsUnreachable:
+                    return None
 
         # Each device's backward runs on its own worker, with the axis bound again so
         # that the collectives' transposes meet the other devices.
         results = self._on_devices(grad_device)
+        if any(r is None for r in results):
+            return None
         grads: list[Any] = [None] * len(self.tensor_pos)
         for k_, (w, leaf_i) in enumerate(zip(want, wanted_leaves)):
             per = [r[k_] for r in results]

@@ -69,8 +69,10 @@ def vmap(fun: Any = None, in_axes: Any = 0, out_axes: Any = 0, axis_name: Any = 
             raise TypeError(f"{name}: `axis_name` must be a single name, got the tuple "
                             f"{axis_name!r}.")
     if axis_size is not None and (isinstance(axis_size, bool) or not isinstance(axis_size, int)
-                                  or axis_size < 1):
-        raise ValueError(f"{name}: `axis_size` must be a positive int, got {axis_size!r}.")
+                                  or axis_size < 0):
+        # (0 as torch.func.vmap allows: an empty batch, as a mapped argument can give.)
+        raise ValueError(f"{name}: `axis_size` must be a non-negative int, got "
+                         f"{axis_size!r}.")
 
     @functools.wraps(fun)
     def batched(*args: Any, **kwargs: Any) -> Any:
