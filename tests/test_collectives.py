@@ -141,6 +141,19 @@ def test_psum_of_bool_counts():
     assert out.to_tensor().tolist() == [3, 3, 3, 3]
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+def test_psum_scatter_of_bool_counts(tiled):
+    # psum_scatter kept bool (an "or" where psum counts).
+    x = torch.tensor([[True, True, False, True]] * 4)
+    for f in (funcdp.pmap(lambda v: funcdp.psum_scatter(v, AX, tiled=tiled), axis_name=AX,
+                          devices=funcdp.local_devices()[:4]),
+              funcdp.vmap(lambda v: funcdp.psum_scatter(v, AX, tiled=tiled), axis_name=AX)):
+        out = f(x)
+        out = out.to_tensor() if isinstance(out, funcdp.ShardedValue) else out
+        assert out.dtype == torch.int64
+        assert out.reshape(-1).tolist() == [4, 4, 0, 4]
+
+
 @given(case(), st.data())
 def test_reductions_within_axis_index_groups(cs, data):
     n, devs, x, _ = cs

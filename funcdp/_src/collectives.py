@@ -1192,6 +1192,8 @@ def psum_scatter(x: Any, axis_name: Any, *, scatter_dimension: int = 0,
         if t.ndim == 0:
             raise ValueError(f"{call}: the value is a scalar; it needs a dimension of size "
                              f"{n} to scatter over `{axis_name}`.")
+        if t.dtype == torch.bool:  # (a sum, as psum's: bool counts, as int64)
+            t = t.to(torch.int64)
         d = _norm_dim(scatter_dimension, t.ndim, call, "scatter_dimension")
         length = t.shape[d]
         if tiled:
