@@ -529,6 +529,19 @@ def test_device_exceptions_keep_their_type_and_attributes():
     assert info2.value.errno == errno.ENOENT and info2.value.filename == "/x"
     if hasattr(info2.value, "__notes__"):
         assert "on device 1 (CpuDevice(id=1))" in info2.value.__notes__[-1]
+    # A KeyError's argument is the key, and a class with a __str__ of its own formats its
+    # arguments: both were rewritten into "Caught ..." messages (KeyError("Caught ... 'w'")).
+
+    class Code(Exception):
+        def __str__(self):
+            return f"error code {self.args[0]}"
+
+    with pytest.raises(KeyError) as info3:
+        raise_on_1(lambda: {}["w"])(torch.ones(4))
+    assert info3.value.args == ("w",)
+    with pytest.raises(Code) as info4:
+        raise_on_1(lambda: Code(42))(torch.ones(4))
+    assert str(info4.value) == "error code 42"
 
 
 def test_out_axes_none_accepts_a_nan_that_is_the_same_everywhere():

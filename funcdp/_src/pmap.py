@@ -1713,9 +1713,12 @@ def _raise_device_error(plan: _Plan, errors: list) -> None:
     others = [j for j, _ in errors if j != i and not isinstance(_, CollectiveError)]
     also = f" (devices {others} raised too)" if others else ""
     where = f"on device {i} ({dev!r}) in {plan.name}{also}"
-    if len(e.args) <= 1 and not e.__dict__ and not isinstance(e, OSError):
-        # A plain exception (one message, no attributes): the same type again, its
-        # message naming the device, the device's own traceback kept as the cause.
+    if (len(e.args) <= 1 and not e.__dict__ and not isinstance(e, OSError)
+            and all(isinstance(a, str) for a in e.args)
+            and type(e).__str__ is BaseException.__str__):
+        # A plain exception (one message, no attributes, shown as it is: not a KeyError,
+        # whose argument is the key, nor a class with a __str__ of its own): the same type
+        # again, its message naming the device, the device's own traceback as the cause.
         msg = (f"Caught {type(e).__name__} {where}: {e}\n"
                f"(the device's own traceback is shown above, as the cause)")
         try:
