@@ -943,3 +943,13 @@ def test_empty_batches_under_transforms_of_pmap():
     assert funcdp.vmap(lambda: torch.ones(2), axis_size=0)().shape == (0, 2)
     with pytest.raises(ValueError, match="`axis_size` must be a non-negative int, got -1"):
         funcdp.vmap(lambda: torch.ones(2), axis_size=-1)
+
+
+def test_vmap_refusals_with_more_shards_than_devices_say_where_the_vmap_is():
+    # torch's "vmap: It looks like you're calling .item()" said nothing of a vmap the
+    # user never wrote (2 shards per device run as one).
+    f = funcdp.pmap(lambda v: v * float(v.sum().item()), devices=funcdp.local_devices()[:2])
+    assert f(torch.ones(2, 3)).to_tensor().tolist() == [[3.0] * 3] * 2  # (a shard per device)
+    with pytest.raises(RuntimeError, match=r"(?s)calling \.item\(\).*runs 4 shards on 2 "
+                                           r"devices.*FUNCDP_NUM_CPU_DEVICES=4"):
+        f(torch.ones(4, 3))

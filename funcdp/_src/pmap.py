@@ -1713,13 +1713,25 @@ def _raise_device_error(plan: _Plan, errors: list) -> None:
     others = [j for j, _ in errors if j != i and not isinstance(_, CollectiveError)]
     also = f" (devices {others} raised too)" if others else ""
     where = f"on device {i} ({dev!r}) in {plan.name}{also}"
+    hint = ""
+    if plan.block > 1 and isinstance(e, RuntimeError) and "vmap" in str(e):
+        # torch's vmap refusing something (.item(), control flow on a value, a hook):
+        # the user wrote no vmap; say where it comes from.
+        n = plan.ndev * plan.block
+        hint = (f"Note: {plan.name} runs {n} shards on {plural(plan.ndev, 'device')}: "
+                f"each device runs its {plan.block} shards as a torch.func.vmap, which "
+                f"refuses some things that run with one shard per device (.item() and "
+                f"Python control flow on tensor values, tensor hooks, "
+                f".backward() inside the function). Give the pmap as many devices as shards "
+                f"(FUNCDP_NUM_CPU_DEVICES={n} for virtual devices), or avoid them "
+                f"(torch.where instead of an if on a value, say).\n")
     if (len(e.args) <= 1 and not e.__dict__ and not isinstance(e, OSError)
             and all(isinstance(a, str) for a in e.args)
             and type(e).__str__ is BaseException.__str__):
         # A plain exception (one message, no attributes, shown as it is: not a KeyError,
         # whose argument is the key, nor a class with a __str__ of its own): the same type
         # again, its message naming the device, the device's own traceback as the cause.
-        msg = (f"Caught {type(e).__name__} {where}: {e}\n"
+        msg = (f"Caught {type(e).__name__} {where}: {e}\n{hint}"
                f"(the device's own traceback is shown above, as the cause)")
         try:
             new = type(e)(msg)
@@ -1731,7 +1743,7 @@ def _raise_device_error(plan: _Plan, errors: list) -> None:
     # an unusual constructor) is re-raised itself, so that `except` clauses and
     # attributes work as if the function had run here; the device goes in a note.
     if hasattr(e, "add_note"):
-        e.add_note(f"(raised {where})")
+        e.add_note(f"{hint}(raised {where})")
     raise e
 
 
