@@ -953,3 +953,15 @@ def test_vmap_refusals_with_more_shards_than_devices_say_where_the_vmap_is():
     with pytest.raises(RuntimeError, match=r"(?s)calling \.item\(\).*runs 4 shards on 2 "
                                            r"devices.*FUNCDP_NUM_CPU_DEVICES=4"):
         f(torch.ones(4, 3))
+
+
+def test_a_reentrant_checkpoint_in_a_pmap_says_why_grad_is_involved():
+    # torch's message blamed .grad() or `inputs`, which the user's .backward() never used.
+    from torch.utils.checkpoint import checkpoint
+
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    f = funcdp.pmap(lambda a: checkpoint(torch.sin, a, use_reentrant=True),
+                    devices=funcdp.local_devices()[:2])
+    with pytest.raises(RuntimeError, match=r"(?s)use_reentrant=True.*torch\.autograd\.grad, "
+                                           r"which a reentrant checkpoint refuses"):
+        f(x).sum().backward()

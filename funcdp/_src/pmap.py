@@ -1318,6 +1318,14 @@ class _Call:
                                                     retain_graph=True))
                 except axes_mod.ShardsUnreachable:
                     return None
+                except RuntimeError as e:
+                    if "use_reentrant=True" not in str(e):
+                        raise
+                    raise RuntimeError(
+                        f"{e} (The backward pass of a pmap computes each device's gradient "
+                        f"with torch.autograd.grad, which a reentrant checkpoint refuses: "
+                        f"inside a pmap, call torch.utils.checkpoint.checkpoint with "
+                        f"use_reentrant=False.)") from e
 
         # Each device's backward runs on its own worker, with the axis bound again so
         # that the collectives' transposes meet the other devices.
