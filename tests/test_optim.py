@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import types
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_trees_close
@@ -446,3 +447,331 @@ def test_adam_in_bfloat16_equals_torch_optim_exactly(make_torch, ours, foreach):
         params, state = ours.step({"w": g}, state, params)
     assert torch.equal(state["nu"]["w"], ref.state[tp]["exp_avg_sq"])
     assert torch.equal(params["w"], tp.detach())
+
+
+# -- gradients of another dtype ---------------------------------------------------------
+@pytest.mark.parametrize("opt", [optim.sgd(0.1), optim.sgd(0.1, momentum=0.9),
+                                 optim.adam(0.1), optim.adamw(0.1, amsgrad=True)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_error_gradient_of_another_dtype(opt, fused):
+    # SGD silently made the bfloat16 parameters (and momentum) float32; Adam raised
+    # torch's "expected dtype c10::BFloat16 for `end`" from _foreach_lerp.
+    params = {"b": torch.zeros(2, dtype=torch.bfloat16), "w": torch.ones(3, dtype=torch.bfloat16)}
+    grads = {"b": torch.ones(2, dtype=torch.bfloat16), "w": torch.full((3,), 0.5)}
+    step = opt.step if fused else opt.update
+    with pytest.raises(ValueError, match=r"^funcdp.optim.\w+: grads\['w'\] has dtype "
+                                         r"torch.float32, but its parameter params\['w'\] has "
+                                         r"dtype torch.bfloat16; .*Cast the gradients .*"
+                                         r"g\.to\(p\.dtype\)"):
+        step(grads, opt.init(params), params)
+    # torch refuses such a gradient too.
+    p = nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="dtype"):
+        p.grad = torch.full((3,), 0.5)
+    # The cast the message proposes works.
+    cast = torch.utils._pytree.tree_map(lambda g, p: g.to(p.dtype), grads, params)
+    out = step(cast, opt.init(params), params)[0]
+    assert all(v.dtype == torch.bfloat16 for v in out.values())
+
+
+@pytest.mark.parametrize("opt", [optim.sgd(0.1, momentum=0.9), optim.adam(0.1)])
+@pytest.mark.parametrize("with_params", [False, True])
+def test_error_state_of_another_dtype(opt, with_params):
+    # A state made for float32 parameters, used with bfloat16 ones (the model cast after
+    # opt.init): SGD's momentum silently promoted the step to float32.
+    params = {"w": torch.ones(3, dtype=torch.bfloat16)}
+    grads = {"w": torch.ones(3, dtype=torch.bfloat16)}
+    state = opt.init({"w": torch.ones(3)})
+    key = "momentum" if "momentum" in state else "mu"
+    with pytest.raises(ValueError, match=rf"state\['{key}'\]\['w'\] has dtype torch.float32, "
+                                         r"but its gradient grads\['w'\] has dtype "
+                                         r"torch.bfloat16\. .*opt\.init\(params\)"):
+        opt.update(grads, state, params if with_params else None)
+
+
+# -- None gradients: the parameter is left as it is -----------------------------------
+# Which gradients are None at each of 5 steps ("c" at none, as a parameter the loss never
+# uses; "b" at some, as a routed expert that no example of the batch reached).
+NONE_AT = {"never": {"c": range(5)}, "sometimes": {"b": (0, 2, 3), "c": range(5)}}
+
+
+def _none_steps(make_torch, ours, pattern, fused):
+    """``ours`` and ``make_torch`` trained with the gradients of ``NONE_AT[pattern]`` None;
+    the parameters after every step of each."""
+    g = torch.Generator().manual_seed(0)
+    init = {k: torch.randn(4, generator=g, dtype=torch.float64) for k in "abc"}
+    grads = [{k: torch.randn(4, generator=g, dtype=torch.float64) for k in "abc"}
+             for _ in range(5)]
+    for t, gr in enumerate(grads):
+        for k, steps in NONE_AT[pattern].items():
+            if t in steps:
+                gr[k] = None
+    tp = {k: nn.Parameter(v.clone()) for k, v in init.items()}
+    ref = make_torch(list(tp.values()))
+    params, state = dict(init), ours.init(init)
+    got, want = [], []
+    for gr in grads:
+        for k, p in tp.items():
+            p.grad = None if gr[k] is None else gr[k].clone()
+        ref.step()
+        want.append({k: p.detach().clone() for k, p in tp.items()})
+        if fused:
+            new, new_state = ours.step(gr, state, params)
+        else:
+            updates, new_state = ours.update(gr, state, params)
+            assert all((updates[k] is None) == (gr[k] is None) for k in gr)
+            new = optim.apply_updates(params, updates)
+        # (A chain's state: that of its optimizer, the last member.)
+        old, now = (state[-1], new_state[-1]) if isinstance(state, tuple) else (state, new_state)
+        for k in gr:
+            if gr[k] is None:  # left as it was, and its state too
+                assert new[k] is params[k]
+                for key, tree in old.items():
+                    if isinstance(tree, dict):
+                        assert now[key][k] is tree[k]
+        assert int(now["step"]) == int(old["step"]) + 1  # the global count
+        params, state = new, new_state
+        got.append(params)
+    return got, want
+
+
+# Where the update does not depend on how many gradients a parameter has had before,
+# every pattern; Adam's bias correction and SGD's dampening of the first gradient do
+# (torch counts a parameter's own steps, funcdp all updates: see docs/training.md), so
+# those only where a parameter has a gradient at every step or at none.
+NONE_CASES = [
+    ("sgd", lambda p: torch.optim.SGD(p, lr=0.1), optim.sgd(0.1), NONE_AT),
+    ("sgd momentum", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+     optim.sgd(0.1, momentum=0.9), NONE_AT),
+    ("sgd nesterov wd", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True,
+                                                  weight_decay=1e-2, maximize=True),
+     optim.sgd(0.05, momentum=0.8, nesterov=True, weight_decay=1e-2, maximize=True), NONE_AT),
+    ("sgd dampening", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5, dampening=0.3),
+     optim.sgd(0.05, momentum=0.5, dampening=0.3), ["never"]),
+    ("adam wd", lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=0.1),
+     optim.adam(1e-2, weight_decay=0.1), ["never"]),
+    ("adamw amsgrad", lambda p: torch.optim.AdamW(p, lr=1e-2, amsgrad=True),
+     optim.adamw(1e-2, amsgrad=True), ["never"]),
+    ("clip sgd", lambda p: _clipped(torch.optim.SGD(p, lr=0.5, momentum=0.9), p, 0.5),
+     optim.chain(optim.clip_by_global_norm(0.5), optim.sgd(0.5, momentum=0.9)), NONE_AT),
+]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["update+apply", "step"])
+@pytest.mark.parametrize("name, make_torch, ours, patterns", NONE_CASES,
+                         ids=[c[0] for c in NONE_CASES])
+def test_none_gradients_leave_their_parameters_as_torch_optim_does(name, make_torch, ours,
+                                                                    patterns, fused):
+    # Were an AttributeError ('NoneType' object has no attribute 'shape') or torch's
+    # "expected Tensor as element 1" from the foreach kernels.
+    for pattern in patterns:
+        got, want = _none_steps(make_torch, ours, pattern, fused)
+        for t, (a, b) in enumerate(zip(got, want), start=1):
+            assert_trees_close(a, b, rtol=1e-12 * t, atol=1e-13 * t)
+
+
+class _clipped:
+    """torch.optim with clip_grad_norm_ before every step (it skips None gradients)."""
+
+    def __init__(self, opt, params, max_norm):
+        self.opt, self.params, self.max_norm = opt, params, max_norm
+
+    def step(self):
+        nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        self.opt.step()
+
+
+def test_none_gradients_in_global_norm_and_apply_updates():
+    grads = {"a": torch.tensor([3.0, 4.0]), "b": None, "c": torch.tensor([12.0])}
+    assert torch.equal(optim.global_norm(grads), torch.tensor(13.0))
+    assert torch.equal(optim.global_norm({"b": None}), torch.tensor(0.0))
+    params = {"a": torch.zeros(2), "b": torch.ones(1), "c": torch.zeros(1)}
+    new = optim.apply_updates(params, grads)
+    assert new["b"] is params["b"]
+    assert_trees_close(new, {"a": grads["a"], "b": params["b"], "c": grads["c"]})
+    with pytest.raises(TypeError, match=r"^funcdp.optim.apply_updates: params\['b'\] is None, "
+                                        r"not a tensor, but its update updates\['b'\] is"):
+        optim.apply_updates({"a": torch.zeros(2), "b": None}, {"a": None, "b": torch.ones(1)})
+
+
+def test_all_gradients_none():
+    # The step still counts (see docs/training.md); nothing else changes.
+    opt = optim.adam(0.1)
+    params = {"w": torch.ones(2)}
+    state = opt.init(params)
+    new, new_state = opt.step({"w": None}, state, params)
+    assert new["w"] is params["w"] and new_state["mu"]["w"] is state["mu"]["w"]
+    assert int(new_state["step"]) == 1
+    updates, _ = opt.update({"w": None}, state, params)
+    assert updates == {"w": None}
+
+
+def test_none_gradients_under_vmap():
+    opt = optim.adam(0.1)
+    params = {"w": torch.ones(3, 2), "b": torch.zeros(3, 2)}
+    grads = {"w": torch.full((3, 2), 0.5), "b": None}
+    state = torch.func.vmap(opt.init)(params)
+    new, state = torch.func.vmap(opt.step, in_dims=({"w": 0, "b": None}, 0, 0))(grads, state,
+                                                                               params)
+    want, _ = opt.step({"w": grads["w"]}, opt.init({"w": params["w"]}), {"w": params["w"]})
+    assert torch.equal(new["w"], want["w"]) and torch.equal(new["b"], params["b"])
+
+
+@pytest.mark.parametrize("make", [lambda: optim.sgd(0.1, momentum=0.9),
+                                  lambda: optim.adamw(0.01, amsgrad=True)])
+@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("how", ["step", "value_and_update"])
+def test_none_gradients_in_a_shared_step(devices, make, n, how):
+    # Inside pmap the devices share the update of the large leaves (shared_update), in the
+    # gradients' average's round with value_and_update (whose own gradients are never
+    # None: this calls its step as it does); the None leaves stay out of it, and the
+    # results are those of the unshared step, bit for bit.
+    from funcdp._src.optim import step_of_mean
+    from funcdp._src.shared_update import _SHARED_MIN_NUMEL, Mean
+
+    opt = make()
+    g = torch.Generator().manual_seed(0)
+    sizes = {"big": _SHARED_MIN_NUMEL, "none": _SHARED_MIN_NUMEL, "small": 5}
+    params = {k: torch.randn(s, generator=g) for k, s in sizes.items()}
+    per_device = [{k: None if k == "none" else torch.randn(n, s, generator=g)
+                   for k, s in sizes.items()} for _ in range(2)]
+    mean = lambda v, grads: (funcdp.pmean(v, "i"), funcdp.pmean(grads, "i"))  # noqa: E731
+
+    def step(shared):
+        def f(grads, state, params):
+            if not shared:
+                return opt.step(funcdp.pmean(grads, "i"), state, params)
+            if how == "step":
+                return opt.step(funcdp.pmean(grads, "i"), state, params, axis_name="i")
+            return step_of_mean(opt, grads, state, params, "i",
+                                Mean(grads["small"].sum(), mean, "test"))
+
+        return funcdp.pmap(f, axis_name="i", in_axes=(0, None, None), out_axes=(0, None),
+                           devices=devices[:n])
+
+    results = []
+    for shared in (True, False):
+        p, state = params, opt.init(params)
+        for grads in per_device:
+            new, state = step(shared)(grads, state, p)
+            if shared:  # (one tensor for all devices: the update was shared)
+                assert new["big"][0].data_ptr() == new["big"][n - 1].data_ptr()
+            p = {k: v[0] for k, v in new.items()}
+            assert torch.equal(p["none"], params["none"])
+        results.append((p, state))
+    assert_trees_close(results[0], results[1], exact=True)
+
+
+@pytest.mark.parametrize("opt", [optim.sgd(0.1), optim.sgd(0.1, momentum=0.9), optim.adam(0.1),
+                                 optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1))])
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("leaf", [np.ones(2, dtype=np.float32), 0.5], ids=["numpy", "float"])
+def test_error_gradient_that_is_not_a_tensor(opt, fused, leaf):
+    # Were torch's "expected Tensor as element 1 in argument 0" or an AttributeError.
+    params = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    grads = {"a": torch.ones(2), "b": leaf}
+    step = opt.step if fused else opt.update
+    with pytest.raises(TypeError, match=r"^funcdp.optim.\w+: grads\['b'\] is an? \w+, not a "
+                                        r"tensor\. .*torch.as_tensor"):
+        step(grads, opt.init(params), params)
+    with pytest.raises(TypeError, match=r"^funcdp.optim.global_norm: tree\['b'\] is an? \w+, "
+                                        r"not a tensor"):
+        optim.global_norm(grads)
+    with pytest.raises(TypeError, match=r"^funcdp.optim.apply_updates: updates\['b'\] is an? "
+                                        r"\w+, not a tensor"):
+        optim.apply_updates(params, grads)
+
+
+@pytest.mark.parametrize("make", [lambda: optim.sgd(0.1), lambda: optim.sgd(0.1, momentum=0.9),
+                                  lambda: optim.adamw()])
+@pytest.mark.parametrize("leaf, what", [(None, "None"), (0.5, "a float"),
+                                        (np.zeros(2), "an? ndarray")])
+def test_error_init_of_a_parameter_that_is_not_a_tensor(make, leaf, what):
+    # Were torch's "zeros_like(): argument 'input' (position 1) must be Tensor" (or, for
+    # SGD, nothing until the first step).
+    with pytest.raises(TypeError, match=rf"^funcdp.optim.\w+: init\(params\): "
+                                        rf"params\[1\]\['b'\] is {what}, not a tensor\."):
+        make().init([{"a": torch.zeros(2)}, {"b": leaf}])
+
+
+# -- schedules --------------------------------------------------------------------------
+@pytest.mark.parametrize("make, match", [
+    (lambda: optim.constant("a"), r"constant: `value` must be a non-negative number \(a "
+                                  r"learning rate, such as 0.1\), got 'a'\."),
+    (lambda: optim.constant(-1.0), r"constant: `value` must be a non-negative number"),
+    (lambda: optim.linear_warmup(1.0, -3), r"linear_warmup: `warmup_steps` must be a "
+                                           r"non-negative number of steps \(.*\), got -3\."),
+    (lambda: optim.linear_warmup(-1.0, 3), r"linear_warmup: `peak` must be a non-negative"),
+    (lambda: optim.linear_warmup(1.0, 3, start=float("nan")),
+     r"linear_warmup: `start` must be a non-neg"),
+    (lambda: optim.cosine_decay(1.0, 0), r"cosine_decay: `decay_steps` must be a positive "
+                                         r"number of steps \(.*\), got 0\."),
+    (lambda: optim.cosine_decay(1.0, 10, alpha=2.0), r"cosine_decay: `alpha` must be a number "
+                                                     r"in \[0, 1\]"),
+    (lambda: optim.exponential_decay(1.0, 0.5, steps_per_decay=0),
+     r"exponential_decay: `steps_per_decay` must be a positive number of steps \(.*\), "
+     r"got 0\."),
+    (lambda: optim.exponential_decay(1.0, -0.5), r"exponential_decay: `rate` must be a "
+                                                 r"positive number .*, got -0\.5\."),
+    (lambda: optim.exponential_decay(1.0, 0), r"exponential_decay: `rate` must be a positive"),
+    (lambda: optim.warmup_cosine_decay(1.0, 10, 5),
+     r"warmup_cosine_decay: `decay_steps` \(the step at which the decay ends, counted from the "
+     r"first, the warmup included\) must be greater than `warmup_steps`, got decay_steps=5 and "
+     r"warmup_steps=10\. For n steps of decay after the warmup, pass "
+     r"decay_steps=warmup_steps \+ n\."),
+    (lambda: optim.warmup_cosine_decay(1.0, 10, 10),
+     r"warmup_cosine_decay: `decay_steps` .* must be greater than `warmup_steps`"),
+    (lambda: optim.warmup_cosine_decay(1.0, -1, 10), r"warmup_cosine_decay: `warmup_steps` must "
+                                                       r"be a non-negative"),
+    (lambda: optim.piecewise_constant([20, 10], [1.0, 0.1, 0.01]),
+     r"piecewise_constant: `boundaries` must be strictly increasing .*, got \[20, 10\]"),
+    (lambda: optim.piecewise_constant([10, 10], [1.0, 0.1, 0.01]),
+     r"piecewise_constant: `boundaries` must be strictly increasing"),
+    (lambda: optim.piecewise_constant([10], [1.0]),
+     r"piecewise_constant: `values` must have one entry more than `boundaries` .*, got 1 "
+     r"values for 1 boundaries"),
+    (lambda: optim.piecewise_constant([10], [1.0, -0.1]),
+     r"piecewise_constant: `values\[1\]` must be a non-negative number"),
+    (lambda: optim.piecewise_constant([2, "x"], [1.0, 0.1, 0.0]),
+     r"piecewise_constant: `boundaries\[1\]` must be a non-negative number of steps "
+     r"\(the update at which the value changes\), got 'x'"),
+    (lambda: optim.piecewise_constant("10", [1.0, 0.1]),
+     r"piecewise_constant: `boundaries` must be a list of numbers, got a str"),
+])
+def test_error_schedule_arguments(make, match):
+    # Each made a schedule of nonsense (a negative or NaN learning rate, 0/0, a value that
+    # jumped back), or failed at the first step with torch's error.
+    with pytest.raises(ValueError, match=r"^funcdp.optim." + match):
+        make()
+
+
+def test_schedules_at_the_edges_of_their_arguments():
+    at = lambda s, steps: [float(s(torch.tensor(t))) for t in steps]  # noqa: E731
+    assert at(optim.linear_warmup(1.0, 0), (1, 5)) == [1.0, 1.0]  # no warmup
+    assert at(optim.warmup_cosine_decay(1.0, 2, 3, end=0.5), (1, 2, 3, 9)) == [0.5, 1.0, 0.5,
+                                                                               0.5]
+    assert at(optim.cosine_decay(2.0, 4, alpha=1.0), (1, 9)) == [2.0, 2.0]
+    assert at(optim.exponential_decay(1.0, 2.0, steps_per_decay=2.5), (5,)) == [4.0]
+    assert at(optim.piecewise_constant([], [0.3]), (1, 100)) == [0.3, 0.3]
+    assert optim.constant(0)(torch.tensor(1)) == 0
+
+
+@pytest.mark.parametrize("make", [optim.sgd, optim.adam])
+@pytest.mark.parametrize("fused", [False, True])
+def test_error_schedule_value_negative_at_a_step(make, fused):
+    # A learning rate of one's own that goes below 0 made the step ascend, silently.
+    opt = make(lambda step: 0.2 - 0.1 * float(step))
+    params = {"w": torch.ones(2)}
+    grads = {"w": torch.ones(2)}
+    step = opt.step if fused else opt.update
+    state = step(grads, opt.init(params), params)[1]  # step 1: 0.1
+    state = step(grads, state, params)[1]  # step 2: 0.0
+    with pytest.raises(ValueError, match=r"^funcdp.optim.\w+: the learning-rate schedule `lr` "
+                                         r"returned -0\.1\d* for step 3; a learning rate must "
+                                         r"be a non-negative number\."):
+        step(grads, state, params)
+    nan = make(lambda step: torch.tensor(float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"returned nan for step 1"):
+        (nan.step if fused else nan.update)(grads, nan.init(params), params)
+    with pytest.raises(ValueError, match=r"`lr` must be a non-negative number or a schedule"):
+        make(float("nan"))

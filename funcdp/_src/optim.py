@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import operator
 from collections.abc import Callable, Mapping, Sequence
+from itertools import repeat
 from typing import Any, NamedTuple
 
 import torch
@@ -72,6 +75,10 @@ class GradientTransformation(NamedTuple):
     ``step(grads, state, params) -> (new_params, state)`` is ``update`` followed by
     ``apply_updates``, fused into one multi-tensor kernel where the optimizer allows
     (half the memory traffic of the two steps: use it in training loops).
+
+    A gradient leaf that is None (a parameter without a gradient) leaves its parameter
+    and its state as they are, as ``torch.optim`` skips a parameter whose ``.grad`` is
+    None; its update is None. The state's step counts every update all the same.
     """
 
     init: Callable[[Any], Any]
@@ -120,10 +127,6 @@ def _flat(tree: Any) -> tuple[list[torch.Tensor], Any]:
     return tree_util.tree_flatten(tree)
 
 
-def _lr_at(lr: float | Schedule, step: torch.Tensor) -> Any:
-    return lr(step) if callable(lr) else lr
-
-
 def _scalar(v: Any) -> Any:
     """A schedule's value as a Python float when it is one, for the foreach kernels."""
     # Only on the CPU: reading a GPU scalar would synchronise the device every step.
@@ -146,9 +149,27 @@ def _zeros_like(xs: list[torch.Tensor]) -> list[torch.Tensor]:
 def _check_lr(lr: Any, name: str) -> None:
     if callable(lr):
         return
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
         raise ValueError(f"funcdp.optim.{name}: `lr` must be a non-negative number or a "
                          f"schedule (a function of the step), got {lr!r}.")
+
+
+def _lr_value(lr: float | Schedule, step: torch.Tensor, name: str) -> Any:
+    """The learning rate of update ``step``: ``lr`` or the schedule's value, a Python
+    float where it is one (see ``_scalar``), checked to be non-negative. (A tensor left
+    as one, on a GPU or under a transform, is not: reading it would synchronise.)"""
+    if not callable(lr):
+        return lr
+    v = _scalar(lr(step))
+    if (type(v) is float and v >= 0) or isinstance(v, torch.Tensor):
+        return v
+    if isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v) >= 0:
+        return v
+    raise ValueError(
+        f"funcdp.optim.{name}: the learning-rate schedule `lr` returned {v!r} for step "
+        f"{int(step)}; a learning rate must be a non-negative number. Check the schedule's "
+        f"arguments (funcdp.optim's schedules check theirs when made), or keep its values "
+        f"non-negative (clamp them at 0).")
 
 
 def _check_nonnegative(name: str, **values: Any) -> None:
@@ -163,6 +184,9 @@ def _check_nonnegative(name: str, **values: Any) -> None:
 def apply_updates(params: Any, updates: Any) -> Any:
     """Returns ``params + updates`` leafwise (new tensors; nothing is modified).
 
+    A None update (that of a parameter whose gradient was None) leaves its parameter as
+    it is.
+
     Examples:
         >>> import torch, funcdp
         >>> funcdp.optim.apply_updates({"w": torch.ones(2)}, {"w": torch.full((2,), -0.5)})
@@ -173,7 +197,33 @@ def apply_updates(params: Any, updates: Any) -> Any:
     if spec != uspec:
         raise ValueError(f"funcdp.optim.apply_updates: `updates` has structure {uspec}, but "
                          f"`params` has {spec}.")
-    return tree_util.tree_unflatten(list(_foreach.add(p, u)) if p else [], spec)
+    try:
+        return tree_util.tree_unflatten(list(_foreach.add(p, u)) if p else [], spec)
+    except TypeError:  # (a leaf that is not a tensor: a None update, say)
+        keep = _tensor_leaves(u, spec, "apply_updates", "updates")
+        for i in keep:
+            if not isinstance(p[i], torch.Tensor):
+                path = _leaf_path(spec, i)
+                raise TypeError(
+                    f"funcdp.optim.apply_updates: params{path} is {_a(p[i])}, not a tensor, "
+                    f"but its update updates{path} is a tensor.") from None
+        new = _foreach.add([p[i] for i in keep], [u[i] for i in keep])
+        return tree_util.tree_unflatten(_put(p, keep, new), spec)
+
+
+def _tensor_leaves(leaves: list, spec: Any, call: str, what: str) -> list[int]:
+    """The positions of the tensors among ``leaves`` (of the tree ``what``, of structure
+    ``spec``), the others being None; raises for another leaf."""
+    keep = []
+    for i, x in enumerate(leaves):
+        if isinstance(x, torch.Tensor):
+            keep.append(i)
+        elif x is not None:
+            raise TypeError(
+                f"funcdp.optim.{call}: {what}{_leaf_path(spec, i)} is {a_type(x)}, not a "
+                f"tensor. The leaves of `{what}` are tensors, or None for a parameter "
+                f"without a gradient; convert it with torch.as_tensor.") from None
+    return keep
 
 
 @_public
@@ -198,11 +248,13 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
         raise ValueError("funcdp.optim.sgd: nesterov momentum requires momentum > 0 and "
                          "dampening = 0 (as in torch.optim.SGD).")
 
+    keys = ("momentum",) if momentum else ()
+
     def init(params: Any) -> dict:
-        p, _ = _flat(params)
+        p, spec = _check_params(params, "sgd")
         state: dict = {"step": torch.zeros((), dtype=torch.int64)}
         if momentum:
-            state["momentum"] = tree_util.tree_unflatten(_zeros_like(p), _flat(params)[1])
+            state["momentum"] = tree_util.tree_unflatten(_zeros_like(p), spec)
         return state
 
     def direction(step: torch.Tensor, g: list, p: list, *buf: list):
@@ -221,31 +273,21 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
         g = list(_foreach.add(g, new_buf, alpha=momentum)) if nesterov else new_buf
         return g, (new_buf,)
 
-    def flat_state(grads: Any, state: dict, params: Any, stepping: bool = False):
-        _check_state(state, ("step", "momentum") if momentum else ("step",), "sgd")
-        g, spec = _flat(grads)
-        p, pspec = _params_of(params, g, spec, weight_decay, "sgd", stepping)
-        bufs = [_state_leaves(state, "momentum", spec, "sgd", g)] if momentum else []
-        step = state["step"] + 1
-        return g, spec, p, pspec, bufs, step, _scalar(_lr_at(lr, step))
-
-    def new_state(step: torch.Tensor, bufs: Sequence[list], spec: Any) -> dict:
-        out: dict = {"step": step}
-        if momentum:
-            out["momentum"] = tree_util.tree_unflatten(list(bufs[0]), spec)
-        return out
-
     def update(grads: Any, state: dict, params: Any = None) -> tuple[Any, dict]:
-        g, spec, p, _, bufs, step, lr_t = flat_state(grads, state, params)
-        d, bufs = direction(step, g, p, *bufs)
+        x = _inputs(grads, state, params, keys, weight_decay, "sgd", False)
+        step = state["step"] + 1
+        lr_t = _lr_value(lr, step, "sgd")
+        d, bufs = direction(step, x.g, x.p, *x.states)
         updates = _scale(d, -lr_t) if isinstance(lr_t, torch.Tensor) else list(
             _foreach.mul(d, -lr_t))
-        return tree_util.tree_unflatten(updates, spec), new_state(step, bufs, spec)
+        return x.updates(updates), x.state(step, keys, bufs)
 
     @_takes_mean
     def fused(grads: Any, state: dict, params: Any, axis_name: Any = None,
               mean: shared_update.Mean | None = None):
-        g, spec, p, pspec, bufs, step, lr_t = flat_state(grads, state, params, True)
+        x = _inputs(grads, state, params, keys, weight_decay, "sgd", True)
+        step = state["step"] + 1
+        lr_t = _lr_value(lr, step, "sgd")
 
         def kernel(g: list, p: list, *buf: list, scratch: bool = False):
             d, new_bufs = direction(step, g, p, *buf)
@@ -254,9 +296,9 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, dampening: float = 0.0,
             into = _into(g, p, d) if scratch else None
             return (_foreach_into("add", into, p, d, alpha=-lr_t), *new_bufs)
 
-        new, *bufs = _shared_step(kernel, g, p, bufs, axis_name, "funcdp.optim.sgd step", mean,
-                                  (step, lr_t))
-        return tree_util.tree_unflatten(new, pspec), new_state(step, bufs, spec)
+        new, *bufs = _shared_step(kernel, x.g, x.p, x.states, axis_name,
+                                  "funcdp.optim.sgd step", mean, (step, lr_t))
+        return x.params(new), x.state(step, keys, bufs)
 
     return GradientTransformation(init, update, fused)
 
@@ -361,14 +403,65 @@ def step_of(opt: Any, grads: Any, state: Any, params: Any,
     return apply_updates(params, updates), state
 
 
-def _params_of(params: Any, g: list, spec: Any, weight_decay: float, name: str,
-               stepping: bool):
-    """The flat parameters, checked against the gradients' ``g`` (of structure ``spec``);
-    ``update`` may omit them when nothing needs them, ``step`` (``stepping``) may not."""
+class _Inputs(NamedTuple):
+    """An optimizer's per-parameter inputs, flat and checked (see ``_inputs``): ``g``,
+    ``p`` and ``states`` hold the leaves whose gradient is a tensor, at the positions
+    ``keep`` of the whole trees (all of them where None); ``all_p`` and ``all_states``
+    are the whole trees' leaves, from which the others are returned unchanged."""
+
+    g: list
+    p: list
+    states: list[list]
+    spec: Any
+    pspec: Any
+    keep: list[int] | None
+    all_p: list | None
+    all_states: list[list]
+
+    def updates(self, updates: list) -> Any:
+        """The update tree: None where the gradient is None."""
+        if self.keep is None:
+            return tree_util.tree_unflatten(updates, self.spec)
+        return tree_util.tree_unflatten(_put([None] * self.spec.num_leaves, self.keep, updates),
+                                        self.spec)
+
+    def params(self, new: list) -> Any:
+        """The new parameter tree: the parameter itself where the gradient is None."""
+        assert self.all_p is not None
+        return tree_util.tree_unflatten(_put(self.all_p, self.keep, new), self.pspec)
+
+    def state(self, step: torch.Tensor, keys: Sequence[str], new: Sequence[list]) -> dict:
+        """The new state: the old leaves where the gradient is None."""
+        out: dict = {"step": step}
+        for k, old, leaves in zip(keys, self.all_states, new):
+            out[k] = tree_util.tree_unflatten(_put(old, self.keep, leaves), self.spec)
+        return out
+
+
+def _inputs(grads: Any, state: Any, params: Any, keys: tuple[str, ...], weight_decay: float,
+            name: str, stepping: bool) -> _Inputs:
+    """The flat gradients, parameters and state trees ``state[k]`` (``k`` in ``keys``),
+    checked against each other (``_checked``), for ``update`` or, ``stepping``, ``step``."""
+    _check_state(state, ("step", *keys), name)
+    g, spec = _flat(grads)
+    p, pspec = _params_of(params, spec, weight_decay, name, stepping)
+    states = [_state_leaves(state, k, spec, name) for k in keys]
+    keep = _checked(g, spec, name, p, states, keys)
+    if keep is None:
+        return _Inputs(g, g if p is None else p, states, spec, pspec, None, p, states)
+    only = lambda xs: [xs[i] for i in keep]  # noqa: E731
+    return _Inputs(only(g), only(g if p is None else p), [only(s) for s in states], spec,
+                   pspec, keep, p, states)
+
+
+def _params_of(params: Any, spec: Any, weight_decay: float, name: str,
+               stepping: bool) -> tuple[list | None, Any]:
+    """The flat parameters, checked to have the gradients' structure ``spec`` (their
+    leaves: see ``_checked``); ``update`` may omit them when nothing needs them, ``step``
+    (``stepping``) may not. None where omitted."""
     if params is not None:
         p, pspec = _flat(params)
         _same_spec(spec, pspec, name)
-        _same_shapes(p, g, spec, name, "params")
         return p, pspec
     if stepping:
         raise ValueError(f"funcdp.optim.{name}: `params` is None, but step(grads, state, "
@@ -377,13 +470,12 @@ def _params_of(params: Any, g: list, spec: Any, weight_decay: float, name: str,
     if weight_decay:
         raise ValueError(f"funcdp.optim.{name}: `params` is needed for weight_decay; pass "
                          f"update(grads, state, params).")
-    return g, spec
+    return None, spec
 
 
-def _state_leaves(state: Mapping, key: str, spec: Any, name: str,
-                  g: list) -> list[torch.Tensor]:
-    """The leaves of the per-parameter state ``state[key]``, checked against the
-    gradients' ``g``."""
+def _state_leaves(state: Mapping, key: str, spec: Any, name: str) -> list[torch.Tensor]:
+    """The leaves of the per-parameter state ``state[key]``, checked to have the
+    gradients' structure ``spec`` (their leaves: see ``_checked``)."""
     leaves, state_spec = _flat(state[key])
     if state_spec != spec:
         if _same_but_key_order(state_spec, spec):
@@ -396,21 +488,137 @@ def _state_leaves(state: Mapping, key: str, spec: Any, name: str,
         raise ValueError(
             f"funcdp.optim.{name}: the optimizer state was made for parameters of structure "
             f"{state_spec}, but the gradients have structure {spec}.{fix}")
-    _same_shapes(leaves, g, spec, name, f"state[{key!r}]")
     return leaves
 
 
-def _same_shapes(leaves: list, g: list, spec: Any, name: str, what: str) -> None:
-    """Raises unless each of ``leaves`` (of the tree ``what``, of structure ``spec``) has
-    the shape of the gradient leaf ``g`` it goes with."""
-    for i, (t, x) in enumerate(zip(leaves, g)):
-        if getattr(t, "shape", None) != x.shape:
-            shape = tuple(t.shape) if hasattr(t, "shape") else a_type(t)
-            path = tree_util.keystr(tree_util.leaf_paths(spec)[i])
+def _checked(g: list, spec: Any, name: str, p: list | None, states: Sequence[list],
+             keys: Sequence[str]) -> list[int] | None:
+    """Checks each leaf of the parameters ``p`` (if given) and of the state's ``states``
+    (``state[k]`` for ``k`` in ``keys``) against its gradient in ``g`` (of structure
+    ``spec``): the same shape and dtype. Returns None where every gradient is a tensor,
+    else the positions of those that are: the others are None (a parameter without a
+    gradient, as ``torch.autograd.grad(..., allow_unused=True)`` gives), whose parameter
+    and state are left as they are, as ``torch.optim`` leaves a parameter whose ``.grad``
+    is None."""
+    # The hot path, as lean as it gets in Python (each leaf's shape and dtype read once
+    # per tree); anything unusual (a None or a number, with no shape) goes to
+    # ``_sort_out``.
+    trees = states if p is None else (p, *states)
+    try:
+        if len(trees) == 1:
+            for t, x in zip(trees[0], g):
+                if t.shape != x.shape or t.dtype is not x.dtype:
+                    return _sort_out(g, spec, name, p, states, keys)
+            return None
+        if trees:  # (the gradients' shapes and dtypes read once, compared in C)
+            shapes, dtypes = list(map(_shape, g)), list(map(_dtype, g))
+            for leaves in trees:
+                if list(map(_shape, leaves)) != shapes or list(map(_dtype, leaves)) != dtypes:
+                    return _sort_out(g, spec, name, p, states, keys)
+            return None
+        if all(map(isinstance, g, repeat(torch.Tensor))):
+            return None
+    except AttributeError:
+        pass
+    return _sort_out(g, spec, name, p, states, keys)
+
+
+_shape = operator.attrgetter("shape")
+_dtype = operator.attrgetter("dtype")
+
+
+def _sort_out(g: list, spec: Any, name: str, p: list | None, states: Sequence[list],
+              keys: Sequence[str]) -> list[int]:
+    """``_checked``'s answer where its quick check failed: the positions of the gradients
+    that are tensors, or the error about the first leaf that is wrong."""
+    trees = ([] if p is None else [("params", p)]) + [
+        (f"state[{k!r}]", leaves) for k, leaves in zip(keys, states)]
+    keep = []
+    for i, x in enumerate(g):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            path = _leaf_path(spec, i)
+            raise TypeError(
+                f"funcdp.optim.{name}: grads{path} is {a_type(x)}, not a tensor. Gradients "
+                f"are tensors of their parameters' shapes and dtypes (or None, for a "
+                f"parameter without a gradient, which is then left as it is); convert it, "
+                f"e.g. torch.as_tensor(value, dtype=params{path}.dtype).")
+        for what, leaves in trees:
+            _same_leaf(leaves[i], x, spec, i, name, what)
+        keep.append(i)
+    return keep
+
+
+def _same_leaf(t: Any, x: torch.Tensor, spec: Any, i: int, name: str, what: str) -> None:
+    """Raises unless the leaf ``t`` of the tree ``what`` (the parameters, a state tree) has
+    the shape and dtype of its gradient ``x``, leaf ``i`` of structure ``spec``."""
+    shape = getattr(t, "shape", None)
+    if shape is not None and shape != x.shape:
+        path = _leaf_path(spec, i)
+        raise ValueError(
+            f"funcdp.optim.{name}: {what}{path} has shape {tuple(shape)}, but its gradient "
+            f"grads{path} has shape {tuple(x.shape)}. The gradients, the parameters and the "
+            f"optimizer state (opt.init(params)) must be of the same parameters.")
+    dtype = getattr(t, "dtype", None)
+    if shape is None or not isinstance(dtype, torch.dtype):
+        path = _leaf_path(spec, i)
+        raise TypeError(
+            f"funcdp.optim.{name}: {what}{path} is {_a(t)}, not a tensor, but its "
+            f"gradient grads{path} is a tensor of shape {tuple(x.shape)}. The parameters "
+            f"and the optimizer state (opt.init(params)) are trees of tensors.")
+    if dtype is not x.dtype:
+        path = _leaf_path(spec, i)
+        if what == "params":
+            # (torch refuses such a gradient: assigning it to `.grad` is an error; a
+            # kernel would instead promote the parameter to the gradient's dtype.)
             raise ValueError(
-                f"funcdp.optim.{name}: {what}{path} has shape {shape}, but its gradient "
-                f"grads{path} has shape {tuple(x.shape)}. The gradients, the parameters and "
-                f"the optimizer state (opt.init(params)) must be of the same parameters.")
+                f"funcdp.optim.{name}: grads{path} has dtype {x.dtype}, but its parameter "
+                f"params{path} has dtype {dtype}; a gradient has its parameter's dtype (as "
+                f"torch requires of a .grad). Cast the gradients to the parameters' dtypes: "
+                f"grads = torch.utils._pytree.tree_map(lambda g, p: g.to(p.dtype), grads, "
+                f"params).")
+        raise ValueError(
+            f"funcdp.optim.{name}: {what}{path} has dtype {dtype}, but its gradient "
+            f"grads{path} has dtype {x.dtype}. The optimizer state has the dtypes of the "
+            f"parameters it was made for: make it with opt.init(params) for the parameters "
+            f"as they are (or cast it with them).")
+
+
+def _a(x: Any) -> str:
+    """``x``'s type with its article, ``None`` as itself, for messages."""
+    return "None" if x is None else a_type(x)
+
+
+def _leaf_path(spec: Any, i: int) -> str:
+    """The key path of leaf ``i`` of the structure ``spec``, as indexing: ``['w']``."""
+    return tree_util.keystr(tree_util.leaf_paths(spec)[i])
+
+
+def _put(xs: list, keep: list[int] | None, part: Sequence) -> list:
+    """``xs`` with its leaves at the positions ``keep`` replaced by those of ``part``
+    (all of them where ``keep`` is None)."""
+    if keep is None:
+        return list(part)
+    out = list(xs)
+    for i, v in zip(keep, part):
+        out[i] = v
+    return out
+
+
+def _check_params(params: Any, name: str) -> tuple[list, Any]:
+    """The leaves and structure of ``params`` for ``init``, each checked to be a tensor
+    (a ``funcdp.ShardedValue`` passes too: torch's functions take it)."""
+    p, spec = _flat(params)
+    for i, x in enumerate(p):
+        if not isinstance(x, torch.Tensor) and not hasattr(type(x), "__torch_function__"):
+            path = _leaf_path(spec, i)
+            raise TypeError(
+                f"funcdp.optim.{name}: init(params): params{path} is {_a(x)}, not a "
+                f"tensor. The parameters are a tree of tensors (a parameter without a "
+                f"gradient at some step has a tensor value: pass None as its gradient "
+                f"then); convert it with torch.as_tensor, or leave it out of `params`.")
+    return p, spec
 
 
 def _check_state(state: Any, keys: tuple[str, ...], name: str) -> None:
@@ -477,23 +685,19 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
     keys = ("mu", "nu", "nu_max") if amsgrad else ("mu", "nu")
 
     def init(params: Any) -> dict:
-        p, spec = _flat(params)
+        p, spec = _check_params(params, name)
         state: dict = {"step": torch.zeros((), dtype=torch.int64)}
         for k in keys:
             state[k] = tree_util.tree_unflatten(_zeros_like(p), spec)
         return state
 
-    def scalars(grads: Any, state: dict, params: Any, stepping: bool = False):
-        _check_state(state, ("step", *keys), name)
-        g, spec = _flat(grads)
-        p, pspec = _params_of(params, g, spec, weight_decay, name, stepping)
+    def scalars(state: dict):
         step = state["step"] + 1
-        lr_t = _scalar(_lr_at(lr, step))
+        lr_t = _lr_value(lr, step, name)
         t = float(step) if not _traced(step) else step.to(torch.float64)
         bc1 = 1 - b1 ** t
         bc2_sqrt = (1 - b2 ** t) ** 0.5
-        moments = [_state_leaves(state, k, spec, name, g) for k in keys]
-        return g, spec, p, pspec, moments, step, lr_t, bc1, bc2_sqrt
+        return step, lr_t, bc1, bc2_sqrt
 
     def moments_of(g: list, p: list, mu: list, nu: list, *nu_max: list, bc2_sqrt: Any):
         """The new moments and the denominator (elementwise per leaf)."""
@@ -515,26 +719,21 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
             else list(_foreach.div(sqrt_v, bc2_sqrt)), eps)
         return new, denom
 
-    def state_of(step: torch.Tensor, new: Sequence[list], spec: Any) -> dict:
-        out: dict = {"step": step}
-        for k, v in zip(keys, new):
-            out[k] = tree_util.tree_unflatten(list(v), spec)
-        return out
-
     def update(grads: Any, state: dict, params: Any = None) -> tuple[Any, dict]:
-        g, spec, p, _, moments, step, lr_t, bc1, bc2_sqrt = scalars(grads, state, params)
-        new, denom = moments_of(g, p, *moments, bc2_sqrt=bc2_sqrt)
+        x = _inputs(grads, state, params, keys, weight_decay, name, False)
+        step, lr_t, bc1, bc2_sqrt = scalars(state)
+        new, denom = moments_of(x.g, x.p, *x.states, bc2_sqrt=bc2_sqrt)
         updates = _scale(list(_foreach.div(new[0], denom)), -lr_t / bc1)
         if weight_decay and decoupled:
             # AdamW: p <- p - lr * wd * p, folded into the update.
-            updates = list(_foreach.add(updates, _scale(p, -lr_t * weight_decay)))
-        return tree_util.tree_unflatten(updates, spec), state_of(step, new, spec)
+            updates = list(_foreach.add(updates, _scale(x.p, -lr_t * weight_decay)))
+        return x.updates(updates), x.state(step, keys, new)
 
     @_takes_mean
     def fused(grads: Any, state: dict, params: Any, axis_name: Any = None,
               mean: shared_update.Mean | None = None):
-        g, spec, p, pspec, moments, step, lr_t, bc1, bc2_sqrt = scalars(grads, state, params,
-                                                                        True)
+        x = _inputs(grads, state, params, keys, weight_decay, name, True)
+        step, lr_t, bc1, bc2_sqrt = scalars(state)
         size = -lr_t / bc1
 
         def kernel(g: list, p: list, *moments: list, scratch: bool = False):
@@ -554,9 +753,9 @@ def _adam(name: str, lr, betas, eps, weight_decay, amsgrad, maximize, decoupled)
                 out = _foreach_into("addcdiv", into, p, mu, denom, value=size)
             return (out, *new)
 
-        out, *new = _shared_step(kernel, g, p, moments, axis_name, f"funcdp.optim.{name} step",
-                                 mean, (step, lr_t, bc1, bc2_sqrt))
-        return tree_util.tree_unflatten(out, pspec), state_of(step, new, spec)
+        out, *new = _shared_step(kernel, x.g, x.p, x.states, axis_name,
+                                 f"funcdp.optim.{name} step", mean, (step, lr_t, bc1, bc2_sqrt))
+        return x.params(out), x.state(step, keys, new)
 
     return GradientTransformation(init, update, fused)
 
@@ -614,20 +813,36 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         g, spec = _flat(grads)
         if not g:
             return grads, state
-        norm = global_norm(grads)
+        norm = _global_norm(g, spec, "clip_by_global_norm", "grads")
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        return tree_util.tree_unflatten([x * factor.to(x.dtype) for x in g], spec), state
+        return tree_util.tree_unflatten(
+            [None if x is None else x * factor.to(x.dtype) for x in g], spec), state
 
     return GradientTransformation(init, update)
 
 
 @_public
 def global_norm(tree: Any) -> torch.Tensor:
-    """The L2 norm of all leaves of ``tree`` together."""
-    leaves, _ = _flat(tree)
+    """The L2 norm of all leaves of ``tree`` together; None leaves (the gradients of
+    parameters without one) are left out.
+
+    Examples:
+        >>> import torch, funcdp
+        >>> funcdp.optim.global_norm({"w": torch.tensor([3.0, 4.0]), "b": None})
+        tensor(5.)
+    """
+    leaves, spec = _flat(tree)
+    return _global_norm(leaves, spec, "global_norm", "tree")
+
+
+def _global_norm(leaves: list, spec: Any, call: str, what: str) -> torch.Tensor:
+    try:
+        norms = _foreach.norm(leaves)
+    except TypeError:  # (a leaf that is not a tensor: None, say)
+        leaves = [leaves[i] for i in _tensor_leaves(leaves, spec, call, what)]
+        norms = _foreach.norm(leaves)
     if not leaves:
         return torch.zeros(())
-    norms = _foreach.norm(leaves)
     # In the leaves' promoted dtype, as torch.nn.utils.clip_grad_norm_ gives it (not the
     # first leaf's: a bfloat16 leaf first would round the norm of float64 ones).
     dtype = functools.reduce(torch.promote_types, [x.dtype for x in leaves])
@@ -695,9 +910,41 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 # -- schedules --------------------------------------------------------------------------
+def _check_rates(schedule: str, **values: Any) -> None:
+    """Each of ``values`` (a learning rate the schedule takes) a non-negative number."""
+    for arg, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float(v) >= 0:
+            raise ValueError(
+                f"funcdp.optim.{schedule}: `{arg}` must be a non-negative number (a learning "
+                f"rate, such as 0.1), got {v!r}.")
+
+
+# What each number of steps the schedules take is, for messages.
+_STEPS_ARE = {"warmup_steps": "the updates of the warmup, 0 for none",
+              "decay_steps": "the updates over which it decays, such as 1000",
+              "steps_per_decay": "the updates per factor of `rate`, such as 1",
+              "boundaries": "the update at which the value changes"}
+
+
+def _check_steps(schedule: str, minimum: int, **values: Any) -> None:
+    """Each of ``values`` (a number of steps) a number of at least ``minimum`` (0 or 1)."""
+    for arg, v in values.items():
+        if (isinstance(v, bool) or not isinstance(v, numbers.Real)
+                or not minimum <= float(v) < math.inf):
+            least = "positive" if minimum else "non-negative"
+            raise ValueError(
+                f"funcdp.optim.{schedule}: `{arg}` must be a {least} number of steps "
+                f"({_STEPS_ARE[arg.split('[')[0]]}), got {v!r}.")
+
+
 @_public
 def constant(value: float) -> Schedule:
-    """A constant learning rate."""
+    """A constant learning rate.
+
+    Raises:
+        ValueError: ``value`` is not a non-negative number.
+    """
+    _check_rates("constant", value=value)
     return lambda step: value
 
 
@@ -705,14 +952,25 @@ def constant(value: float) -> Schedule:
 def linear_warmup(peak: float, warmup_steps: int, start: float = 0.0) -> Schedule:
     """Linear from ``start`` to ``peak`` over ``warmup_steps`` steps, then ``peak``.
 
+    ``warmup_steps=0`` is no warmup: ``peak`` from the first update on.
+
+    Raises:
+        ValueError: ``peak`` or ``start`` is not a non-negative number, or
+            ``warmup_steps`` is negative.
+
     Examples:
         >>> import torch, funcdp
         >>> s = funcdp.optim.linear_warmup(1.0, 4)
         >>> [float(s(torch.tensor(t))) for t in (1, 2, 4, 10)]
         [0.25, 0.5, 1.0, 1.0]
     """
+    _check_rates("linear_warmup", peak=peak, start=start)
+    _check_steps("linear_warmup", 0, warmup_steps=warmup_steps)
+    # (Updates count from 1: with no warmup, the first is at the peak.)
+    span = max(warmup_steps, 1)
+
     def schedule(step: Any) -> Any:
-        frac = torch.clamp(torch.as_tensor(step, dtype=torch.float64) / warmup_steps, max=1.0)
+        frac = torch.clamp(torch.as_tensor(step, dtype=torch.float64) / span, max=1.0)
         return start + (peak - start) * frac
 
     return schedule
@@ -720,7 +978,19 @@ def linear_warmup(peak: float, warmup_steps: int, start: float = 0.0) -> Schedul
 
 @_public
 def cosine_decay(init: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
-    """Cosine decay from ``init`` to ``alpha * init`` over ``decay_steps`` steps."""
+    """Cosine decay from ``init`` to ``alpha * init`` over ``decay_steps`` steps.
+
+    Raises:
+        ValueError: ``init`` is not a non-negative number, ``decay_steps`` is not
+            positive, or ``alpha`` is not in [0, 1].
+    """
+    _check_rates("cosine_decay", init=init)
+    _check_steps("cosine_decay", 1, decay_steps=decay_steps)
+    if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+            or not 0 <= float(alpha) <= 1):
+        raise ValueError(f"funcdp.optim.cosine_decay: `alpha` must be a number in [0, 1] (the "
+                         f"final learning rate as a fraction of `init`), got {alpha!r}.")
+
     def schedule(step: Any) -> Any:
         frac = torch.clamp(torch.as_tensor(step, dtype=torch.float64) / decay_steps, max=1.0)
         cos = 0.5 * (1 + torch.cos(math.pi * frac))
@@ -731,7 +1001,20 @@ def cosine_decay(init: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
 
 @_public
 def exponential_decay(init: float, rate: float, steps_per_decay: int = 1) -> Schedule:
-    """``init * rate ** (step / steps_per_decay)``."""
+    """``init * rate ** (step / steps_per_decay)``.
+
+    Raises:
+        ValueError: ``init`` is not a non-negative number, or ``rate`` or
+            ``steps_per_decay`` is not positive.
+    """
+    _check_rates("exponential_decay", init=init)
+    _check_steps("exponential_decay", 1, steps_per_decay=steps_per_decay)
+    if (isinstance(rate, bool) or not isinstance(rate, numbers.Real)
+            or not 0 < float(rate) < math.inf):
+        raise ValueError(f"funcdp.optim.exponential_decay: `rate` must be a positive number "
+                         f"(the factor per `steps_per_decay` steps, such as 0.5), got "
+                         f"{rate!r}.")
+
     def schedule(step: Any) -> Any:
         return init * rate ** (torch.as_tensor(step, dtype=torch.float64) / steps_per_decay)
 
@@ -741,11 +1024,31 @@ def exponential_decay(init: float, rate: float, steps_per_decay: int = 1) -> Sch
 @_public
 def warmup_cosine_decay(peak: float, warmup_steps: int, decay_steps: int,
                         end: float = 0.0) -> Schedule:
-    """Linear warmup to ``peak``, then cosine decay to ``end`` at ``decay_steps``."""
+    """Linear warmup to ``peak``, then cosine decay to ``end`` at ``decay_steps``.
+
+    ``decay_steps`` counts from the first step, the warmup included (as optax's
+    ``warmup_cosine_decay_schedule``): the decay takes ``decay_steps - warmup_steps``
+    steps.
+
+    Raises:
+        ValueError: ``peak`` or ``end`` is not a non-negative number, ``warmup_steps`` is
+            negative, or ``decay_steps`` is not greater than ``warmup_steps``.
+    """
+    _check_rates("warmup_cosine_decay", peak=peak, end=end)
+    _check_steps("warmup_cosine_decay", 0, warmup_steps=warmup_steps)
+    _check_steps("warmup_cosine_decay", 1, decay_steps=decay_steps)
+    if not decay_steps > warmup_steps:
+        raise ValueError(
+            f"funcdp.optim.warmup_cosine_decay: `decay_steps` (the step at which the decay "
+            f"ends, counted from the first, the warmup included) must be greater than "
+            f"`warmup_steps`, got decay_steps={decay_steps!r} and "
+            f"warmup_steps={warmup_steps!r}. For n steps of decay after the warmup, pass "
+            f"decay_steps=warmup_steps + n.")
+
     def schedule(step: Any) -> Any:
         s = torch.as_tensor(step, dtype=torch.float64)
         warm = peak * torch.clamp(s / max(warmup_steps, 1), max=1.0)
-        frac = torch.clamp((s - warmup_steps) / max(decay_steps - warmup_steps, 1), 0.0, 1.0)
+        frac = torch.clamp((s - warmup_steps) / (decay_steps - warmup_steps), 0.0, 1.0)
         cos = end + (peak - end) * 0.5 * (1 + torch.cos(math.pi * frac))
         return torch.where(s < warmup_steps, warm, cos)
 
@@ -753,11 +1056,34 @@ def warmup_cosine_decay(peak: float, warmup_steps: int, decay_steps: int,
 
 
 @_public
-def piecewise_constant(boundaries: list[int], values: list[float]) -> Schedule:
-    """``values[i]`` for steps in ``[boundaries[i-1], boundaries[i])``."""
+def piecewise_constant(boundaries: Sequence[int], values: Sequence[float]) -> Schedule:
+    """``values[i]`` for steps in ``[boundaries[i-1], boundaries[i])``.
+
+    Raises:
+        ValueError: ``boundaries`` is not increasing, ``values`` is not one longer, or a
+            value is not a non-negative number.
+
+    Examples:
+        >>> import torch, funcdp
+        >>> s = funcdp.optim.piecewise_constant([3, 5], [1.0, 0.1, 0.01])
+        >>> [float(s(torch.tensor(t))) for t in (1, 3, 4, 5, 9)]
+        [1.0, 0.1, 0.1, 0.01, 0.01]
+    """
+    name = "funcdp.optim.piecewise_constant"
+    for arg, seq in (("boundaries", boundaries), ("values", values)):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+            raise ValueError(f"{name}: `{arg}` must be a list of numbers, got {a_type(seq)}.")
     if len(values) != len(boundaries) + 1:
-        raise ValueError("funcdp.optim.piecewise_constant: need len(values) == "
-                         "len(boundaries) + 1.")
+        raise ValueError(f"{name}: `values` must have one entry more than `boundaries` (a "
+                         f"value before the first boundary, then one from each), got "
+                         f"{len(values)} values for {len(boundaries)} boundaries.")
+    _check_steps("piecewise_constant", 0, **{f"boundaries[{i}]": b
+                                             for i, b in enumerate(boundaries)})
+    _check_rates("piecewise_constant", **{f"values[{i}]": v for i, v in enumerate(values)})
+    if any(not a < b for a, b in zip(boundaries, boundaries[1:])):
+        raise ValueError(f"{name}: `boundaries` must be strictly increasing (the steps at "
+                         f"which the value changes, in order), got {list(boundaries)!r}; list "
+                         f"them in increasing order, with `values` in the same order.")
 
     def schedule(step: Any) -> Any:
         s = torch.as_tensor(step)
