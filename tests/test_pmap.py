@@ -465,6 +465,11 @@ def test_error_empty_or_invalid_devices():
     d = funcdp.local_devices()[0]
     with pytest.raises(ValueError, match="more than once"):
         funcdp.pmap(lambda a: a, devices=[d, d])
+    # One device, or a count ('Device' object is not iterable, 'int' object is not ...).
+    with pytest.raises(TypeError, match=r"got a Device: .*pass it in a list: devices=\[device\]"):
+        funcdp.pmap(lambda a: a, devices=d)
+    with pytest.raises(TypeError, match=r"devices=funcdp.local_devices\(\)\[:2\]\.$"):
+        funcdp.pmap(lambda a: a, devices=2)
 
 
 def test_error_axis_size_mismatch():

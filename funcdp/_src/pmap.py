@@ -37,7 +37,7 @@ from funcdp._src import random as random_mod
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import fun_name, public
 from funcdp._src.config import config
-from funcdp._src.devices import Device, local_devices
+from funcdp._src.devices import Device, check_devices, local_devices
 from funcdp._src.executor import Inline, autocast_as, autocast_now, executor
 from funcdp._src.rendezvous import CollectiveError, Mesh, same_copies
 from funcdp._src.sharded import ShardedValue, to_devices
@@ -171,17 +171,7 @@ class Pmapped:
                                    "static_broadcasted_argnums")
         self._donate = _int_tuple(donate_argnums, name, "donate_argnums")
         if devices is not None:
-            devices = list(devices)
-            if not devices:
-                raise ValueError(f"{name}: `devices` is empty; pass at least one device, "
-                                 f"e.g. devices=funcdp.local_devices()[:2], or None for all.")
-            for d in devices:
-                if not isinstance(d, Device):
-                    raise TypeError(f"{name}: `devices` must hold funcdp devices (from "
-                                    f"funcdp.local_devices()), got {type(d).__name__}: {d!r}.")
-            if len(set(devices)) != len(devices):
-                raise ValueError(f"{name}: `devices` lists a device more than once: "
-                                 f"{devices!r}.")
+            devices = check_devices(devices, name, none_means="all")
         if axis_size is not None and (isinstance(axis_size, bool) or
                                       not isinstance(axis_size, int) or axis_size < 1):
             raise ValueError(f"{name}: `axis_size` must be a positive int, got {axis_size!r}.")
