@@ -965,3 +965,26 @@ def test_a_reentrant_checkpoint_in_a_pmap_says_why_grad_is_involved():
     with pytest.raises(RuntimeError, match=r"(?s)use_reentrant=True.*torch\.autograd\.grad, "
                                            r"which a reentrant checkpoint refuses"):
         f(x).sum().backward()
+
+
+def test_a_nested_call_waiting_for_an_outer_device_that_finished_fails_at_once():
+    # The inner devices waited out the collective timeout, and the message did not name
+    # the outer device that had finished.
+    def only_first(a):
+        if int(funcdp.axis_index("i")) == 0:
+            inner = funcdp.pmap(lambda b: funcdp.psum(b, "i"), axis_name="j")
+            return inner(a).to_tensor().sum()
+        return a.sum()
+
+    n = funcdp.local_device_count()  # (each outer device's inner pmap gets one of them)
+    f = funcdp.pmap(only_first, axis_name="i")
+    start = time.monotonic()
+    with funcdp.config.override(collective_timeout=30), pytest.raises(
+            funcdp.CollectiveError, match=r"(?s)device \(\d, 0\) never made this nested pmap "
+                                          r"call: its outer device finished the function"):
+        f(torch.ones(n, 1))
+    assert time.monotonic() - start < 10
+    # Nested calls that only the inner axis joins are unaffected.
+    g = funcdp.pmap(lambda a: funcdp.pmap(lambda b: funcdp.psum(b, "j"), axis_name="j")(a)
+                    if int(funcdp.axis_index("i")) == 0 else a + 1, axis_name="i")
+    assert g(torch.ones(n, 1)).to_tensor().tolist() == [[1.0]] + [[2.0]] * (n - 1)

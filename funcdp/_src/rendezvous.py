@@ -144,6 +144,11 @@ class Mesh:
     def leave(self, coord: tuple, error: BaseException | None = None) -> None:
         """Marks a participant as finished (or raised) and fails rounds that need it."""
         state = _FINISHED if error is None else ("raised", error)
+        if self.children:  # (its nested calls' participants will never join them now)
+            with self.cond:
+                children = list(self.children.values())
+            for m in children:
+                m.outer_left(coord, state)
         if error is not None and self.call is not None:
             self._raise_across_processes(coord, state, error)
             return
@@ -179,6 +184,9 @@ class Mesh:
         where = f"device {_fmt_coord(coord)}" + (f" ({dev!r})" if dev is not None else "")
         if state == _RUNNING:
             what = "is still running the function (not in a collective)"
+        elif dev is None and _done(state):  # (see outer_left)
+            what = (f"never made this nested pmap call: its outer device "
+                    f"{'finished the function' if state == _FINISHED else 'raised'}")
         elif state == _FINISHED:
             what = "finished the function"
         elif state[0] == "raised":
@@ -194,7 +202,8 @@ class Mesh:
 
     def _report(self, headline: str, hint: str) -> CollectiveError:
         lines = [f"{self.label}: {headline}"]
-        lines += [self._describe(c) for c in sorted(self.devices)]
+        # (With the participants of outer devices that left before joining: see outer_left.)
+        lines += [self._describe(c) for c in sorted(set(self.devices) | set(self.states))]
         lines.append(hint)
         return CollectiveError("\n".join(lines))
 
@@ -398,7 +407,32 @@ class Mesh:
             if m is None:
                 m = self.children[key] = make()
                 m.call = self.call
-            return m
+                left = [(c, s) for c, s in self.states.items() if _done(s)]
+            else:
+                left = []
+        for c, s in left:  # (outer participants that finished before this call was made)
+            m.outer_left(c, s)
+        return m
+
+    def outer_left(self, prefix: tuple, state: Any) -> None:
+        """The outer participant ``prefix`` of this nested mesh finished (or raised) its
+        function: its inner participants that have not joined never will, and rounds that
+        need them fail now instead of waiting out the timeout."""
+        inner = itertools.product(*(range(n) for n in self.sizes[len(prefix):]))
+        with self.cond:
+            for rest in inner:
+                c = prefix + rest
+                if not _done(self.states.get(c, _RUNNING)):
+                    self.states[c] = state
+            if self.rounds:
+                self._check_stuck()
+        for m in list(self.children.values()):
+            m.outer_left(prefix, state)
+
+
+def _done(state: Any) -> bool:
+    """Whether a participant's state is final (finished, or raised)."""
+    return state == _FINISHED or (isinstance(state, tuple) and state[0] == "raised")
 
 
 def _copy_max() -> int:
