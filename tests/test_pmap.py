@@ -438,8 +438,14 @@ def test_plans_and_layouts_kept_are_bounded(monkeypatch):
 
 
 def test_error_no_mapped_argument():
-    with pytest.raises(ValueError, match="no argument is mapped"):
+    with pytest.raises(ValueError, match=r"no argument is mapped \(every in_axes entry is"):
         funcdp.pmap(lambda a: a, in_axes=None)(torch.ones(2))
+    # (Not "every in_axes entry is None" where there is no argument at all.)
+    with pytest.raises(ValueError, match=r"no argument is mapped \(it was called with no "
+                                         r"arguments to map\)"):
+        funcdp.pmap(lambda: 1)()
+    with pytest.raises(ValueError, match=r"with no arguments to map besides its static ones"):
+        funcdp.pmap(lambda k: k, static_broadcasted_argnums=0)(3)
 
 
 def test_error_mapping_a_non_tensor():
@@ -451,6 +457,8 @@ def test_error_static_argument_not_hashable_or_missing():
     pf = funcdp.pmap(lambda x, k: x, static_broadcasted_argnums=1)
     with pytest.raises(ValueError, match=r"static argument 1 .* must be hashable, got list"):
         pf(torch.ones(2), [1, 2])
+    with pytest.raises(ValueError, match=r"got ndarray: .*; make it a regular"):  # (no "list")
+        pf(torch.ones(2), np.ones(2))
     with pytest.raises(ValueError, match=r"names argument 1 but the function was called with 1"):
         pf(torch.ones(2))
     with pytest.raises(TypeError, match="static_broadcasted_argnums"):
@@ -485,6 +493,11 @@ def test_error_out_axes_none_on_a_differing_value():
     with funcdp.config.override(check_replicated=False):
         assert_trees_close(funcdp.pmap(lambda a: a, out_axes=None)(torch.arange(4.0)),
                            torch.tensor(0.0))
+    # Only the dtype differs (it said "shape () vs ()").
+    f = funcdp.pmap(lambda a: a.double() if int(funcdp.axis_index("i")) else a.sum(),
+                    axis_name="i", out_axes=None, devices=funcdp.local_devices()[:2])
+    with pytest.raises(ValueError, match=r"dtype torch.float32 vs torch.float64\)"):
+        f(torch.zeros(2))
 
 
 def test_error_out_axes_none_within_a_block():

@@ -988,3 +988,15 @@ def test_a_nested_call_waiting_for_an_outer_device_that_finished_fails_at_once()
     g = funcdp.pmap(lambda a: funcdp.pmap(lambda b: funcdp.psum(b, "j"), axis_name="j")(a)
                     if int(funcdp.axis_index("i")) == 0 else a + 1, axis_name="i")
     assert g(torch.ones(n, 1)).to_tensor().tolist() == [[1.0]] + [[2.0]] * (n - 1)
+
+
+def test_value_and_grad_and_pad_shard_unpad_check_their_function_when_made():
+    # value_and_grad(3) and pad_shard_unpad(3) failed only when called ("'int' object is
+    # not callable"); value_and_grad(argnums="0") raised torch.func's RuntimeError.
+    with pytest.raises(TypeError, match=r"funcdp.value_and_grad: `fun` must be callable"):
+        funcdp.value_and_grad(3)
+    with pytest.raises(TypeError, match=r"`argnums` must be an int or a non-empty tuple of "
+                                        r"ints .*got a str: '0'"):
+        funcdp.value_and_grad(lambda w: w.sum(), argnums="0")
+    with pytest.raises(TypeError, match=r"pad_shard_unpad: `fn` must be callable"):
+        funcdp.pad_shard_unpad(3)

@@ -80,6 +80,9 @@ def pad_shard_unpad(fn: Callable, static_argnums: int | Sequence[int] = (0,),
         >>> tuple(out.shape), float(out.sum())
         ((10, 3), 60.0)
     """
+    if not callable(fn):
+        raise TypeError(f"{_CALL}: `fn` must be callable (a pmapped function, say), got "
+                        f"{a_type(fn)}: {fn!r}.")
     statics = _static_argnums(static_argnums)
     static_names = _static_argnames(static_argnames)
     if num_devices is not None and (isinstance(num_devices, bool)

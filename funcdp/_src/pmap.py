@@ -283,8 +283,9 @@ class Pmapped:
             except TypeError:
                 raise ValueError(
                     f"{self._name}: static argument {j} (in `static_broadcasted_argnums`) must "
-                    f"be hashable, got {type(v).__name__}: {v!r}; pass a tuple instead of a "
-                    f"list, or make it a regular (broadcast) argument with in_axes=None."
+                    f"be hashable, got {type(v).__name__}: {v!r}; "
+                    + ("pass a tuple instead of a list, or " if isinstance(v, list) else "")
+                    + "make it a regular (broadcast) argument with in_axes=None."
                 ) from None
 
     # -- plans -----------------------------------------------------------------------
@@ -439,9 +440,12 @@ class _Plan:
             norm_axes.append(a)
             sizes[i] = leaf.shape[a]
         if not sizes:
+            why = ("every in_axes entry is None" if any(x is not None for x in leaves) else
+                   "it was called with no arguments to map" + (
+                       " besides its static ones" if owner._statics else ""))
             raise ValueError(
-                f"{name}: no argument is mapped (every in_axes entry is None); pmap needs at "
-                f"least one argument with a mapped axis to know how many devices to use.")
+                f"{name}: no argument is mapped ({why}); pmap needs at least one argument "
+                f"with a mapped axis to know how many devices to use.")
         distinct = sorted(set(sizes.values()))
         if len(distinct) > 1:
             raise ValueError(
@@ -1621,9 +1625,10 @@ def _replicated(plan: _Plan, shards: list, j: int, treedef: Any,
             if not full and copies and same_copies(copies, first, s):
                 continue
             if s.shape != first.shape or s.dtype != first.dtype:
+                what = (f"shape {tuple(first.shape)} vs {tuple(s.shape)}"
+                        if s.shape != first.shape else f"dtype {first.dtype} vs {s.dtype}")
                 raise ValueError(_not_replicated_msg(
-                    plan, _output_leaf(treedef, j), 0, i,
-                    f"shape {tuple(first.shape)} vs {tuple(s.shape)}"))
+                    plan, _output_leaf(treedef, j), 0, i, what))
             other = s if s.device == first.device else s.to(first.device)
             # (Samples of the same elements need both laid out contiguously.)
             a, b = ((first, other) if full or not (first.is_contiguous()

@@ -68,6 +68,7 @@ def value_and_grad(fun: Callable, axis_name: Any = None, *, argnums: int | tuple
         >>> value, g
         (tensor([5., 5.]), tensor([10., 10.]))
     """
+    _check_fun_and_argnums(fun, argnums, "funcdp.value_and_grad")
     gv = torch.func.grad_and_value(fun, argnums=argnums, has_aux=has_aux)
     # (Compiled, the torch.func function is the fast one.)
     fast = (functools.partial(_by_autograd, fun, argnums, has_aux) if compile is False
@@ -95,6 +96,17 @@ def value_and_grad(fun: Callable, axis_name: Any = None, *, argnums: int | tuple
         return ((value, aux) if has_aux else value), grads
 
     return wrapped
+
+
+def _check_fun_and_argnums(fun: Any, argnums: Any, call: str) -> None:
+    if not callable(fun):
+        raise TypeError(f"{call}: `fun` must be callable (the loss function), got "
+                        f"{a_type(fun)}: {fun!r}.")
+    nums = argnums if isinstance(argnums, tuple) else (argnums,)
+    if not nums or any(isinstance(a, bool) or not isinstance(a, int) for a in nums):
+        raise TypeError(f"{call}: `argnums` must be an int or a non-empty tuple of ints (the "
+                        f"positions of the arguments to differentiate), got "
+                        f"{a_type(argnums)}: {argnums!r}.")
 
 
 @public
