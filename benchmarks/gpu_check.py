@@ -9,7 +9,7 @@ GPU in every configuration of ``CONFIGS`` (plain torch, ``nn.DataParallel``, DDP
 NCCL, ``funcdp.DataParallel``, funcdp ``pmap`` over 1 device, over 4 logical devices of
 one GPU and over 4 shards of one device, and ``torch.func.vmap`` over 4 shards), checks
 that all compute the same losses, and prints one table (written to ``--out`` as
-markdown and JSON when given). Without a GPU it says so and exits 0. Meant to finish
+markdown, JSON and a PNG chart when given). Without a GPU it says so and exits 0. Meant to finish
 within 5 minutes.
 
 ``--cpu`` runs the same configurations on the CPU with a small batch (virtual CPU
@@ -151,15 +151,38 @@ def table(rows: list[dict], batch: int, device: str) -> tuple[str, bool]:
     configuration computed the baseline's losses."""
     base = rows[0]
     ok = True
-    lines = [f"| configuration ({device}, batch {batch}) | ms / step | vs plain torch | "
-             f"peak MB | losses agree |", "|---|---:|---:|---:|:---:|"]
+    lines = [f"| configuration ({device}, batch {batch}) | steps / s | ms / step | "
+             f"vs plain torch | peak MB | losses agree |", "|---|---:|---:|---:|---:|:---:|"]
     for r in rows:
         agree = all(abs(a - b) <= 1e-3 * max(1, abs(b))
                     for a, b in zip(r["losses"], base["losses"]))
         ok &= agree
-        lines.append(f"| {r['label']} | {r['ms']:.2f} | {base['ms'] / r['ms']:.2f}x | "
+        lines.append(f"| {r['label']} | {1e3 / r['ms']:.1f} | {r['ms']:.2f} | "
+                     f"{base['ms'] / r['ms']:.2f}x | "
                      f"{r['peak_mb']:.0f} | {'yes' if agree else 'NO'} |")
     return "\n".join(lines), ok
+
+
+def chart(rows: list[dict], batch: int, device: str, path: Path) -> None:
+    """A bar chart of the configurations' steps per second (skipped without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("gpu_check: matplotlib is not installed; no chart.")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = [r["label"] for r in rows]
+    ax.barh(names, [1e3 / r["ms"] for r in rows],
+            color=["tab:blue" if n.startswith("funcdp") else "tab:gray" for n in names])
+    ax.invert_yaxis()
+    ax.set_xlabel("steps / s (higher is better)")
+    ax.set_title(f"MLP training step, batch {batch}, {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true",
                         help="dry run on the CPU: small batch, agreement only")
     parser.add_argument("--out", type=Path, default=None,
-                        help="a folder to write gpu_results.md and gpu_results.json to")
+                        help="a folder to write gpu_results.md, .json and .png to")
     args = parser.parse_args(argv)
     ok = True
     if args.cpu:
@@ -207,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "gpu_results.md").write_text(text + "\n")
             machine = (torch.cuda.get_device_name(0) if device == "cuda" else "cpu")
+            chart(rows, batch, device, args.out / "gpu_results.png")
             (args.out / "gpu_results.json").write_text(json.dumps(
                 {"machine": machine, "torch": torch.__version__, "batch": batch,
                  "median_of": 5, "date": datetime.date.today().isoformat(), "rows": rows},
