@@ -432,6 +432,33 @@ def test_attention_dropout_through_pmap_derivatives_see_the_forward_masks():
     assert torch.equal(*twice) and not torch.equal(*twice[0])
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_dropout_on_devices_is_reproducible(need_weights):
+    # need_weights=True drops the attention weights with F.dropout inside
+    # F.multi_head_attention_forward, which the mode saw as one call.
+    mha = torch.nn.MultiheadAttention(6, 2, dropout=0.5, dtype=torch.float64,
+                                      batch_first=True).requires_grad_(False)
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64)
+
+    def run():
+        return funcdp.pmap(lambda a: mha(a, a, a, need_weights=need_weights)[0],
+                           devices=funcdp.local_devices()[:2])(x).to_tensor()
+
+    from funcdp._src import random as random_mod
+
+    torch.manual_seed(1)
+    first = run()
+    after = torch.get_rng_state()
+    torch.manual_seed(1)
+    random_mod.draw_base()  # (the call's one draw from the default generator: no other)
+    assert torch.equal(after, torch.get_rng_state())
+    torch.manual_seed(1)
+    assert torch.equal(first, run())
+    assert not torch.equal(first[0], mha(x[0], x[0], x[0], need_weights=need_weights)[0])
+    mha.eval()
+    torch.testing.assert_close(run()[1], mha(x[1], x[1], x[1], need_weights=need_weights)[0])
+
+
 def _rnn_by_layers(cls, rnn, x, p, gen, packed):
     """``rnn(x)`` as single-layer copies of its layers, with dropout between them drawn on
     ``gen`` (the reference for a device's recurrent network with dropout)."""

@@ -474,6 +474,18 @@ def _with_mode_in_backward(mode: DeviceRandomness, func: Any, types: Any, args: 
     return _with_mode_inside(mode, func, types, args, kwargs)
 
 
+def _attention_module(mode: DeviceRandomness, func: Any, types: Any, args: tuple,
+                      kwargs: dict) -> Any:
+    """``F.multi_head_attention_forward`` (``nn.MultiheadAttention``): with dropout in
+    training, run with the mode in effect inside, so that its dropout (``F.dropout``, or
+    attention's) draws on the device; otherwise as it is (every call inside it would be a
+    Python call under the mode)."""
+    if (_arg(args, kwargs, 10, "dropout_p", 0.0) > 0
+            and _arg(args, kwargs, 13, "training", True)):
+        return _with_mode_inside(mode, func, types, args, kwargs)
+    return func(*args, **kwargs)
+
+
 # torch's reference attention, which takes a dropout mask (see _attention).
 _SDPA_MATH = getattr(torch, "_scaled_dot_product_attention_math", None)
 _sdpa_lock = threading.Lock()
@@ -588,10 +600,10 @@ _SPECIAL: dict[Any, Callable] = {
     torch.Tensor.backward: _with_mode_in_backward,
     F.scaled_dot_product_attention: _attention,
     **{f: _recurrent for f in (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)},
+    F.multi_head_attention_forward: _attention_module,
     **{f: _with_mode_inside for f in (
-        F.gumbel_softmax, F.multi_head_attention_forward, F.fractional_max_pool2d,
-        F.fractional_max_pool3d, F.fractional_max_pool2d_with_indices,
-        F.fractional_max_pool3d_with_indices)},
+        F.gumbel_softmax, F.fractional_max_pool2d, F.fractional_max_pool3d,
+        F.fractional_max_pool2d_with_indices, F.fractional_max_pool3d_with_indices)},
 }
 
 
