@@ -1000,3 +1000,14 @@ def test_value_and_grad_and_pad_shard_unpad_check_their_function_when_made():
         funcdp.value_and_grad(lambda w: w.sum(), argnums="0")
     with pytest.raises(TypeError, match=r"pad_shard_unpad: `fn` must be callable"):
         funcdp.pad_shard_unpad(3)
+
+
+def test_a_pmap_nested_in_more_shards_than_devices_is_refused_without_the_vmap_note():
+    # funcdp's own refusal mentions "a vmap per device"; the note about torch's vmap
+    # refusals (.item(), hooks) was appended to it, pointing at unrelated causes.
+    inner = funcdp.pmap(lambda b: b * 2)
+    f = funcdp.pmap(lambda a: inner(a[None])[0], axis_name="i",
+                    devices=funcdp.local_devices()[:2])
+    with pytest.raises(NotImplementedError, match="give the outer pmap at most") as info:
+        f(torch.ones(4, 3))
+    assert "Note:" not in str(info.value)

@@ -1717,7 +1717,7 @@ def _raise_device_error(plan: _Plan, errors: list) -> None:
     also = f" (devices {others} raised too)" if others else ""
     where = f"on device {i} ({dev!r}) in {plan.name}{also}"
     hint = ""
-    if plan.block > 1 and isinstance(e, RuntimeError) and "vmap" in str(e):
+    if plan.block > 1 and type(e) is RuntimeError and "vmap" in str(e):
         # torch's vmap refusing something (.item(), control flow on a value, a hook):
         # the user wrote no vmap; say where it comes from.
         n = plan.ndev * plan.block
