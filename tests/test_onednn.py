@@ -294,3 +294,54 @@ def test_dispatch_modes_see_torch_products(products, monkeypatch):
         f(x, w)
     assert fc.get_total_flops() == 2 * 2 * 64 * 128 * 256
     assert not products and onednn._choice is None
+
+
+def test_torch_function_modes_around_the_pmap_see_torch_products(products):
+    # A mode of the caller's (a fake-quantization, a counter) never saw the devices'
+    # F.linear: oneDNN answered it first.
+    from torch.overrides import TorchFunctionMode
+
+    class Count(TorchFunctionMode):
+        seen = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is nn.functional.linear:
+                Count.seen += 1
+            return func(*args, **(kwargs or {}))
+
+    f = funcdp.pmap(lambda x, w: nn.functional.linear(x, w), in_axes=(0, None),
+                    devices=funcdp.local_devices()[:2])
+    x, w = torch.randn(2, 4, 8), torch.randn(5, 8)
+    with funcdp.config.override(onednn_linear=True), Count():
+        f(x, w)
+    assert Count.seen == 2 and not products
+    with funcdp.config.override(onednn_linear=True):
+        f(x, w)
+    assert len(products) == 2  # (without the mode: oneDNN)
+
+
+def test_forward_ad_tangents_through_the_devices_products(products):
+    # Under a caller's forward_ad.dual_level, oneDNN's products dropped the tangents (or
+    # raised "You must implement the jvp function").
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, t = torch.randn(2, 4, 8), torch.randn(5, 8), torch.randn(2, 4, 8)
+    f = funcdp.pmap(lambda x, w: nn.functional.linear(x, w), in_axes=(0, None),
+                    devices=funcdp.local_devices()[:2])
+    with funcdp.config.override(onednn_linear=True), fwAD.dual_level():
+        out = f(fwAD.make_dual(x, t), w)
+        out = out if isinstance(out, torch.Tensor) else out.to_tensor()
+        tangent = fwAD.unpack_dual(out).tangent
+    assert tangent is not None and not products
+    torch.testing.assert_close(tangent, t @ w.t())
+
+
+def test_the_measurement_is_float32_whatever_the_default_dtype():
+    # With float64 as the default dtype, the measurement failed (a ratio of 0), and "auto"
+    # kept torch's products for the whole process.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert onednn._measure() > 0.05
+    finally:
+        torch.set_default_dtype(old)

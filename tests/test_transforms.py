@@ -546,8 +546,12 @@ def test_dropout_in_low_precision_keeps_with_probability_one_minus_p(dtype):
     kept = (funcdp.pmap(lambda a: F.dropout(a, 0.1), devices=funcdp.local_devices()[:2])(
         x).to_tensor() != 0).double().mean().item()
     assert abs(kept - 0.9) < 5 * (0.9 * 0.1 / x.numel()) ** 0.5
-    with pytest.raises(RuntimeError, match="result type Float can't be cast"):
-        _on_device(lambda a: F.dropout(a, 0.5), torch.ones(4, 3, dtype=torch.int64))
+    for drop in (F.dropout, F.alpha_dropout, F.feature_alpha_dropout):  # (as torch raises)
+        with pytest.raises(RuntimeError, match="result type Float can't be cast to the "
+                                               "desired output type Long"):
+            _on_device(lambda a: drop(a, 0.5, True), torch.ones(4, 3, dtype=torch.int64))
+    with pytest.raises(NotImplementedError, match="not implemented for 'ComplexFloat'"):
+        _on_device(lambda a: F.dropout(a, 0.5), torch.ones(4, 3, dtype=torch.complex64))
 
 
 def test_collectives_and_optimizer_steps_keep_random_draws_per_device():

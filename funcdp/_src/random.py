@@ -46,6 +46,7 @@ from torch._functorch import pyfunctorch
 from torch.overrides import TorchFunctionMode
 from torch.utils import checkpoint as _torch_checkpoint
 
+from funcdp._src import executor as executor_mod
 from funcdp._src import onednn
 from funcdp._src.api_util import public
 from funcdp._src.config import config
@@ -102,7 +103,10 @@ class CallSeeds:
         # ``config.onednn_linear`` when the call was made: a recomputation of its forward
         # pass in its backward pass (a checkpoint) makes the same products, whatever the
         # setting is then (or in another thread meanwhile).
-        self.onednn_linear = config.onednn_linear
+        # (Not under a forward-AD level the caller opened: oneDNN's products carry no
+        # tangents.)
+        self.onednn_linear = (config.onednn_linear
+                              if executor_mod.caller_forward_level() < 0 else False)
         # (``outer``: the caller's mode, where the caller looked for it before its modes
         # were set aside: inside an autograd.Function, say.)
         if outer is ACTIVE:
@@ -226,6 +230,11 @@ def _feature_noise_shape(x: torch.Tensor) -> tuple:
     return tuple(x.shape[:2]) + (1,) * (x.ndim - 2)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+_SCALAR_NAMES = {torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+                 torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool"}
+
+
 def _dropout(gen: Callable[[], torch.Generator], x: torch.Tensor, p: float, training: bool,
              inplace: bool, feature: bool = False, alpha: bool = False,
              unbatched: bool = False) -> torch.Tensor:
@@ -243,17 +252,23 @@ def _dropout(gen: Callable[[], torch.Generator], x: torch.Tensor, p: float, trai
     else:
         shape = _feature_noise_shape(x)
     # Out of place, so that under vmap(randomness="different") every entry draws its own.
-    # The keep probability in float32 at least: torch's is exact (a double), and 1 - p
-    # in bfloat16 is off by up to 0.4 % (0.9 is 0.8984), which biases the output.
+    # The keep probability of a half-precision input in float32: torch's is exact (a
+    # double), and 1 - p in bfloat16 is off by up to 0.4 % (0.9 is 0.8984), which biases
+    # the output. (Other dtypes keep their own, so that torch's errors for integer and
+    # complex inputs come as they did.)
+    if not (x.is_floating_point() or x.is_complex()):
+        # (torch's message: its mask is a float that cannot be written back.)
+        name = _SCALAR_NAMES.get(x.dtype, str(x.dtype))
+        raise RuntimeError(f"result type Float can't be cast to the desired output type {name}")
     probs = torch.full(shape, 1 - p, device=x.device,
-                       dtype=x.dtype if x.dtype == torch.float64 else torch.float32)
+                       dtype=torch.float32 if x.dtype in _HALF else x.dtype)
     noise = torch.bernoulli(probs, generator=gen()).to(x.dtype)
     if alpha:
         a = 1.0 / math.sqrt((_SELU_ALPHA**2 * p + 1) * (1 - p))
         b = (noise - 1) * (_SELU_ALPHA * a) + _SELU_ALPHA * a * p
         out = x * (noise * a) + b
     else:
-        out = x * noise.div_(1 - p)  # (as torch: an integer input fails here)
+        out = x * noise.div_(1 - p)
     return x.copy_(out) if inplace else out
 
 
@@ -580,11 +595,19 @@ def _recurrent(mode: DeviceRandomness, func: Any, types: Any, args: tuple,
     return (x, *(torch.cat(states, 0) for states in zip(*outs)))
 
 
+def _other_modes() -> bool:
+    """Whether torch-function modes other than funcdp's own are in effect (a mode of the
+    caller's around the pmap, which must see the devices' ``F.linear`` as torch's)."""
+    return any(not getattr(m, "funcdp_per_device", False)
+               for m in torch.overrides._get_current_function_mode_stack())
+
+
 def _linear(mode: DeviceRandomness, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
     """``F.linear`` on oneDNN where ``funcdp.config.onednn_linear`` asked for it when the
     call was made (see ``onednn``); torch's own elsewhere, and in compiled code."""
     if (mode.seeds.onednn_linear and not kwargs and 2 <= len(args) <= 3
             and not torch.compiler.is_compiling()  # (inductor lowers F.linear itself)
+            and not (torch._C._len_torch_function_stack() and _other_modes())
             and onednn.applies(args[0], args[1], args[2] if len(args) == 3 else None)
             and onednn.wanted(mode.seeds.onednn_linear)):
         return onednn.linear(*args)
