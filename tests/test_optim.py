@@ -736,7 +736,8 @@ def test_error_init_of_a_parameter_that_is_not_a_tensor(make, leaf, what):
      r"piecewise_constant: `boundaries\[1\]` must be a non-negative number of steps "
      r"\(the update at which the value changes\), got 'x'"),
     (lambda: optim.piecewise_constant("10", [1.0, 0.1]),
-     r"piecewise_constant: `boundaries` must be a list of numbers, got a str"),
+     r"piecewise_constant: `boundaries` must be a list of numbers \(or a 1-D array or "
+     r"tensor\), got a str"),
 ])
 def test_error_schedule_arguments(make, match):
     # Each made a schedule of nonsense (a negative or NaN learning rate, 0/0, a value that
@@ -754,6 +755,130 @@ def test_schedules_at_the_edges_of_their_arguments():
     assert at(optim.exponential_decay(1.0, 2.0, steps_per_decay=2.5), (5,)) == [4.0]
     assert at(optim.piecewise_constant([], [0.3]), (1, 100)) == [0.3, 0.3]
     assert optim.constant(0)(torch.tensor(1)) == 0
+
+
+# Each schedule made of plain Python numbers, and a maker of the same schedule from other
+# kinds of numbers: NumPy numbers, 0-d arrays and tensors of any device-free dtype, 1-D
+# arrays and tensors for piecewise_constant's lists.
+_SAME_SCHEDULES = [
+    (optim.constant(0.1), lambda n: optim.constant(n(0.1))),
+    (optim.linear_warmup(0.8, 4, start=0.2),
+     lambda n: optim.linear_warmup(n(0.8), n(4), start=n(0.2))),
+    (optim.cosine_decay(0.5, 10, alpha=0.25),
+     lambda n: optim.cosine_decay(n(0.5), n(10), alpha=n(0.25))),
+    (optim.exponential_decay(0.5, 0.5, steps_per_decay=2),
+     lambda n: optim.exponential_decay(n(0.5), n(0.5), steps_per_decay=n(2))),
+    (optim.warmup_cosine_decay(0.5, 2, 10, end=0.125),
+     lambda n: optim.warmup_cosine_decay(n(0.5), n(2), n(10), end=n(0.125))),
+    (optim.piecewise_constant([3, 5], [1.0, 0.5, 0.25]),
+     lambda n: optim.piecewise_constant([n(3), n(5)], [n(1.0), n(0.5), n(0.25)])),
+]
+_NUMBERS = {
+    "numpy scalar": np.float64, "numpy 0-d": np.array, "float32 numpy 0-d":
+    lambda x: np.array(x, dtype=np.float32 if isinstance(x, float) else np.int32),
+    "tensor": torch.tensor, "float64 tensor": lambda x: torch.tensor(x, dtype=torch.float64),
+    "one-element tensor": lambda x: torch.tensor([x]),
+}
+
+
+@pytest.mark.parametrize("kind", list(_NUMBERS))
+@pytest.mark.parametrize("plain, make", _SAME_SCHEDULES, ids=[
+    "constant", "linear_warmup", "cosine_decay", "exponential_decay", "warmup_cosine_decay",
+    "piecewise_constant"])
+def test_schedules_take_numpy_numbers_and_tensors(plain, make, kind):
+    # The argument checks of the schedules (made to refuse negative, NaN, ...) refused every
+    # tensor and NumPy array, which the schedules had taken: constant(torch.tensor(0.1)),
+    # piecewise_constant(np.array([3, 5]), ...) raised ValueError.
+    s = make(_NUMBERS[kind])
+    for t in (1, 2, 3, 4, 5, 9, 12):
+        assert float(s(torch.tensor(t))) == pytest.approx(float(plain(torch.tensor(t))),
+                                                          rel=1e-6)
+    opt = optim.sgd(s)
+    params = {"b": torch.ones(()), "w": torch.ones(2)}  # (a 0-d parameter keeps its shape)
+    updates, _ = opt.update(params, opt.init(params), params)
+    lr = float(plain(torch.tensor(1)))
+    assert_trees_close(updates, {"b": torch.tensor(-lr), "w": torch.full((2,), -lr)},
+                       rtol=1e-6)
+
+
+@pytest.mark.parametrize("boundaries, values", [
+    (np.array([3, 5]), [1.0, 0.1, 0.01]),
+    (np.array([3.0, 5.0]), np.array([1.0, 0.1, 0.01], dtype=np.float32)),
+    (torch.tensor([3, 5]), torch.tensor([1.0, 0.1, 0.01])),
+    (torch.tensor([3, 5]), (1.0, 0.1, 0.01)),
+    (range(3, 6, 2), np.array([1.0, 0.1, 0.01])),
+    (np.array([], dtype=np.int64), torch.tensor([1.0, 0.1, 0.01])[:1]),
+])
+def test_piecewise_constant_takes_arrays_and_tensors(boundaries, values):
+    # (the reproducer of the regression: both raised "`boundaries` must be a list of numbers")
+    s = optim.piecewise_constant(boundaries, values)
+    got = [float(s(torch.tensor(t))) for t in (1, 3, 4, 5, 9)]
+    want = [1.0, 0.1, 0.1, 0.01, 0.01] if len(boundaries) else [1.0] * 5
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_schedule_of_a_learning_rate_under_torch_func():
+    # A learning rate vmapped over (a sweep) cannot be read to be checked; it was taken.
+    lrs = torch.tensor([1.0, 2.0])
+    got = torch.func.vmap(lambda lr: optim.linear_warmup(lr, 4)(torch.tensor(2)))(lrs)
+    assert got.tolist() == [0.5, 1.0]
+    got = torch.func.vmap(lambda n: optim.linear_warmup(1.0, n)(torch.tensor(2)))(lrs * 2)
+    assert got.tolist() == [1.0, 0.5]
+    got = torch.func.grad(lambda lr: optim.cosine_decay(lr, 10)(torch.tensor(5)))(
+        torch.tensor(2.0, dtype=torch.float64))
+    assert float(got) == pytest.approx(0.5)
+
+
+def test_schedule_of_ones_own_returning_a_numpy_number():
+    # A 0-d NumPy array from one's own schedule was taken as the learning rate.
+    params = {"w": torch.ones(2)}
+    for lr in (np.array(0.5), np.float32(0.5)):
+        opt = optim.sgd(lambda step, lr=lr: lr)
+        updates, _ = opt.update({"w": torch.ones(2)}, opt.init(params), params)
+        assert_trees_close(updates, {"w": torch.full((2,), -0.5)})
+    opt = optim.sgd(lambda step: np.array(-0.5))
+    with pytest.raises(ValueError, match=r"returned array\(-0\.5\) for step 1; a learning "
+                                         r"rate must be a non-negative number"):
+        opt.update({"w": torch.ones(2)}, opt.init(params), params)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: optim.constant(torch.tensor(-0.1)),
+     r"constant: `value` must be a non-negative number .*, got tensor\(-0\.1000\)\."),
+    (lambda: optim.constant(np.array(float("nan"))), r"constant: `value` must be a non-neg"),
+    (lambda: optim.constant(torch.tensor([0.1, 0.2])), r"constant: `value` must be a non-neg"),
+    (lambda: optim.constant(torch.tensor(True)), r"constant: `value` must be a non-neg"),
+    (lambda: optim.constant(np.bool_(True)), r"constant: `value` must be a non-neg"),
+    (lambda: optim.constant(torch.tensor(0.1j)), r"constant: `value` must be a non-neg"),
+    (lambda: optim.linear_warmup(torch.tensor(1.0), np.int64(-2)),
+     r"linear_warmup: `warmup_steps` must be a non-negative number of steps .*, got "
+     r"np.int64\(-2\)\."),
+    (lambda: optim.cosine_decay(1.0, torch.tensor(0)),
+     r"cosine_decay: `decay_steps` must be a positive number of steps"),
+    (lambda: optim.cosine_decay(1.0, 10, alpha=torch.tensor(1.5)),
+     r"cosine_decay: `alpha` must be a number in \[0, 1\]"),
+    (lambda: optim.exponential_decay(1.0, np.float64(0.0)),
+     r"exponential_decay: `rate` must be a positive number"),
+    (lambda: optim.warmup_cosine_decay(1.0, torch.tensor(10), np.array(5)),
+     r"warmup_cosine_decay: `decay_steps` .* must be greater than `warmup_steps`, got "
+     r"decay_steps=5 and warmup_steps=10\."),
+    (lambda: optim.piecewise_constant(np.array([5, 3]), [1.0, 0.1, 0.01]),
+     r"piecewise_constant: `boundaries` must be strictly increasing .*, got \[5, 3\];"),
+    (lambda: optim.piecewise_constant(torch.tensor([3.0, float("nan")]), [1.0, 0.1, 0.01]),
+     r"piecewise_constant: `boundaries\[1\]` must be a non-negative number of steps"),
+    (lambda: optim.piecewise_constant(torch.tensor([3, 5]), torch.tensor([1.0, -0.1, 0.0])),
+     r"piecewise_constant: `values\[1\]` must be a non-negative number"),
+    (lambda: optim.piecewise_constant(torch.tensor([[3, 5]]), [1.0, 0.1, 0.01]),
+     r"piecewise_constant: `boundaries` must be a list of numbers \(or a 1-D array or "
+     r"tensor\), got a Tensor of shape \(1, 2\)\."),
+    (lambda: optim.piecewise_constant([3], np.array(0.1)),
+     r"piecewise_constant: `values` must be a list of numbers .*, got a ndarray of shape "
+     r"\(\)\."),
+])
+def test_error_schedule_arguments_of_numpy_and_torch(make, match):
+    # The nonsense that test_error_schedule_arguments refuses, in arrays and tensors.
+    with pytest.raises(ValueError, match=r"^funcdp.optim." + match):
+        make()
 
 
 @pytest.mark.parametrize("make", [optim.sgd, optim.adam])

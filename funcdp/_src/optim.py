@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch._C import _functorch
 
@@ -163,8 +164,9 @@ def _lr_value(lr: float | Schedule, step: torch.Tensor, name: str) -> Any:
     v = _scalar(lr(step))
     if (type(v) is float and v >= 0) or isinstance(v, torch.Tensor):
         return v
-    if isinstance(v, numbers.Real) and not isinstance(v, bool) and float(v) >= 0:
-        return v
+    x = _real(v)  # (a NumPy array of one number is read as that number)
+    if x is not None and x >= 0:
+        return x
     raise ValueError(
         f"funcdp.optim.{name}: the learning-rate schedule `lr` returned {v!r} for step "
         f"{int(step)}; a learning rate must be a non-negative number. Check the schedule's "
@@ -910,13 +912,49 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 # -- schedules --------------------------------------------------------------------------
-def _check_rates(schedule: str, **values: Any) -> None:
-    """Each of ``values`` (a learning rate the schedule takes) a non-negative number."""
+def _real(v: Any) -> Any:
+    """``v`` as a number the schedules compute with, or None where it is not a real number.
+
+    A Python number is returned as it is; a NumPy number, or a NumPy array of one integer
+    or float element, as that Python number (NumPy arrays do not mix with tensors); a
+    tensor of one integer or float element as a 0-d tensor (kept a tensor: on its device,
+    with its autograd history; 0-d, not to broadcast the updates to its shape). Booleans are
+    not numbers here."""
+    if isinstance(v, (bool, np.bool_)):
+        return None
+    if isinstance(v, (np.generic, np.ndarray)):
+        return v.item() if v.size == 1 and v.dtype.kind in "iuf" else None
+    if isinstance(v, numbers.Real):
+        return v
+    if (isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool
+            and not v.dtype.is_complex):
+        return v.reshape(())
+    return None
+
+
+def _fails(x: Any, ok: Callable[[float], bool]) -> bool:
+    """Whether ``x`` (an answer of ``_real``) is not a number, or one that ``ok`` refuses.
+    A tensor under a torch.func transform (a learning rate being vmapped over) cannot be
+    read and is not checked."""
+    if x is None:
+        return True
+    if isinstance(x, torch.Tensor) and _traced(x):
+        return False
+    return not ok(float(x))
+
+
+def _check_rates(schedule: str, **values: Any) -> list[Any]:
+    """Each of ``values`` (a learning rate the schedule takes) a non-negative number, as
+    the schedule is to use it (see ``_real``)."""
+    out = []
     for arg, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not float(v) >= 0:
+        x = _real(v)
+        if _fails(x, lambda f: f >= 0):
             raise ValueError(
                 f"funcdp.optim.{schedule}: `{arg}` must be a non-negative number (a learning "
                 f"rate, such as 0.1), got {v!r}.")
+        out.append(x)
+    return out
 
 
 # What each number of steps the schedules take is, for messages.
@@ -926,15 +964,28 @@ _STEPS_ARE = {"warmup_steps": "the updates of the warmup, 0 for none",
               "boundaries": "the update at which the value changes"}
 
 
-def _check_steps(schedule: str, minimum: int, **values: Any) -> None:
-    """Each of ``values`` (a number of steps) a number of at least ``minimum`` (0 or 1)."""
+def _check_steps(schedule: str, minimum: int, **values: Any) -> list[Any]:
+    """Each of ``values`` (a number of steps) a number of at least ``minimum`` (0 or 1), as
+    a Python number (a tensor's is read once, here; one under a transform stays a tensor)."""
+    out = []
     for arg, v in values.items():
-        if (isinstance(v, bool) or not isinstance(v, numbers.Real)
-                or not minimum <= float(v) < math.inf):
+        x = _real(v)
+        if _fails(x, lambda f: minimum <= f < math.inf):
             least = "positive" if minimum else "non-negative"
             raise ValueError(
                 f"funcdp.optim.{schedule}: `{arg}` must be a {least} number of steps "
                 f"({_STEPS_ARE[arg.split('[')[0]]}), got {v!r}.")
+        out.append(x.item() if isinstance(x, torch.Tensor) and not _traced(x) else x)
+    return out
+
+
+def _check_factor(schedule: str, arg: str, v: Any, ok: Callable[[float], bool],
+                  expected: str) -> Any:
+    """``v`` a number that ``ok`` accepts, as the schedule is to use it (see ``_real``)."""
+    x = _real(v)
+    if _fails(x, ok):
+        raise ValueError(f"funcdp.optim.{schedule}: `{arg}` must be {expected}, got {v!r}.")
+    return x
 
 
 @_public
@@ -944,7 +995,7 @@ def constant(value: float) -> Schedule:
     Raises:
         ValueError: ``value`` is not a non-negative number.
     """
-    _check_rates("constant", value=value)
+    (value,) = _check_rates("constant", value=value)
     return lambda step: value
 
 
@@ -964,10 +1015,12 @@ def linear_warmup(peak: float, warmup_steps: int, start: float = 0.0) -> Schedul
         >>> [float(s(torch.tensor(t))) for t in (1, 2, 4, 10)]
         [0.25, 0.5, 1.0, 1.0]
     """
-    _check_rates("linear_warmup", peak=peak, start=start)
-    _check_steps("linear_warmup", 0, warmup_steps=warmup_steps)
-    # (Updates count from 1: with no warmup, the first is at the peak.)
-    span = max(warmup_steps, 1)
+    peak, start = _check_rates("linear_warmup", peak=peak, start=start)
+    (warmup_steps,) = _check_steps("linear_warmup", 0, warmup_steps=warmup_steps)
+    # (Updates count from 1: with no warmup, the first is at the peak. A tensor here is
+    # one under a torch.func transform, which `max` would read.)
+    span = (warmup_steps.clamp(min=1) if isinstance(warmup_steps, torch.Tensor)
+            else max(warmup_steps, 1))
 
     def schedule(step: Any) -> Any:
         frac = torch.clamp(torch.as_tensor(step, dtype=torch.float64) / span, max=1.0)
@@ -984,12 +1037,11 @@ def cosine_decay(init: float, decay_steps: int, alpha: float = 0.0) -> Schedule:
         ValueError: ``init`` is not a non-negative number, ``decay_steps`` is not
             positive, or ``alpha`` is not in [0, 1].
     """
-    _check_rates("cosine_decay", init=init)
-    _check_steps("cosine_decay", 1, decay_steps=decay_steps)
-    if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
-            or not 0 <= float(alpha) <= 1):
-        raise ValueError(f"funcdp.optim.cosine_decay: `alpha` must be a number in [0, 1] (the "
-                         f"final learning rate as a fraction of `init`), got {alpha!r}.")
+    (init,) = _check_rates("cosine_decay", init=init)
+    (decay_steps,) = _check_steps("cosine_decay", 1, decay_steps=decay_steps)
+    alpha = _check_factor("cosine_decay", "alpha", alpha, lambda a: 0 <= a <= 1,
+                          "a number in [0, 1] (the final learning rate as a fraction of "
+                          "`init`)")
 
     def schedule(step: Any) -> Any:
         frac = torch.clamp(torch.as_tensor(step, dtype=torch.float64) / decay_steps, max=1.0)
@@ -1007,13 +1059,11 @@ def exponential_decay(init: float, rate: float, steps_per_decay: int = 1) -> Sch
         ValueError: ``init`` is not a non-negative number, or ``rate`` or
             ``steps_per_decay`` is not positive.
     """
-    _check_rates("exponential_decay", init=init)
-    _check_steps("exponential_decay", 1, steps_per_decay=steps_per_decay)
-    if (isinstance(rate, bool) or not isinstance(rate, numbers.Real)
-            or not 0 < float(rate) < math.inf):
-        raise ValueError(f"funcdp.optim.exponential_decay: `rate` must be a positive number "
-                         f"(the factor per `steps_per_decay` steps, such as 0.5), got "
-                         f"{rate!r}.")
+    (init,) = _check_rates("exponential_decay", init=init)
+    (steps_per_decay,) = _check_steps("exponential_decay", 1, steps_per_decay=steps_per_decay)
+    rate = _check_factor("exponential_decay", "rate", rate, lambda r: 0 < r < math.inf,
+                         "a positive number (the factor per `steps_per_decay` steps, such as "
+                         "0.5)")
 
     def schedule(step: Any) -> Any:
         return init * rate ** (torch.as_tensor(step, dtype=torch.float64) / steps_per_decay)
@@ -1034,10 +1084,12 @@ def warmup_cosine_decay(peak: float, warmup_steps: int, decay_steps: int,
         ValueError: ``peak`` or ``end`` is not a non-negative number, ``warmup_steps`` is
             negative, or ``decay_steps`` is not greater than ``warmup_steps``.
     """
-    _check_rates("warmup_cosine_decay", peak=peak, end=end)
-    _check_steps("warmup_cosine_decay", 0, warmup_steps=warmup_steps)
-    _check_steps("warmup_cosine_decay", 1, decay_steps=decay_steps)
-    if not decay_steps > warmup_steps:
+    peak, end = _check_rates("warmup_cosine_decay", peak=peak, end=end)
+    (warmup_steps,) = _check_steps("warmup_cosine_decay", 0, warmup_steps=warmup_steps)
+    (decay_steps,) = _check_steps("warmup_cosine_decay", 1, decay_steps=decay_steps)
+    # (Numbers of steps under a torch.func transform are tensors that cannot be compared.)
+    if not (isinstance(warmup_steps, torch.Tensor) or isinstance(decay_steps, torch.Tensor)
+            or decay_steps > warmup_steps):
         raise ValueError(
             f"funcdp.optim.warmup_cosine_decay: `decay_steps` (the step at which the decay "
             f"ends, counted from the first, the warmup included) must be greater than "
@@ -1056,12 +1108,17 @@ def warmup_cosine_decay(peak: float, warmup_steps: int, decay_steps: int,
 
 
 @_public
-def piecewise_constant(boundaries: Sequence[int], values: Sequence[float]) -> Schedule:
+def piecewise_constant(boundaries: Sequence[int] | np.ndarray | torch.Tensor,
+                       values: Sequence[float] | np.ndarray | torch.Tensor) -> Schedule:
     """``values[i]`` for steps in ``[boundaries[i-1], boundaries[i])``.
 
+    ``boundaries`` and ``values`` are sequences of numbers (lists, tuples, 1-D NumPy arrays
+    or tensors), read once, when the schedule is made.
+
     Raises:
-        ValueError: ``boundaries`` is not increasing, ``values`` is not one longer, or a
-            value is not a non-negative number.
+        ValueError: ``boundaries`` or ``values`` is not a sequence of numbers,
+            ``boundaries`` is not increasing, ``values`` is not one longer, or a value is
+            not a non-negative number.
 
     Examples:
         >>> import torch, funcdp
@@ -1071,23 +1128,31 @@ def piecewise_constant(boundaries: Sequence[int], values: Sequence[float]) -> Sc
     """
     name = "funcdp.optim.piecewise_constant"
     for arg, seq in (("boundaries", boundaries), ("values", values)):
-        if isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
-            raise ValueError(f"{name}: `{arg}` must be a list of numbers, got {a_type(seq)}.")
+        if isinstance(seq, (np.ndarray, torch.Tensor)):
+            if seq.ndim != 1:
+                raise ValueError(f"{name}: `{arg}` must be a list of numbers (or a 1-D array "
+                                 f"or tensor), got {a_type(seq)} of shape {tuple(seq.shape)}.")
+        elif isinstance(seq, (str, bytes)) or not isinstance(seq, Sequence):
+            raise ValueError(f"{name}: `{arg}` must be a list of numbers (or a 1-D array or "
+                             f"tensor), got {a_type(seq)}.")
     if len(values) != len(boundaries) + 1:
         raise ValueError(f"{name}: `values` must have one entry more than `boundaries` (a "
                          f"value before the first boundary, then one from each), got "
                          f"{len(values)} values for {len(boundaries)} boundaries.")
-    _check_steps("piecewise_constant", 0, **{f"boundaries[{i}]": b
-                                             for i, b in enumerate(boundaries)})
-    _check_rates("piecewise_constant", **{f"values[{i}]": v for i, v in enumerate(values)})
-    if any(not a < b for a, b in zip(boundaries, boundaries[1:])):
+    bounds = _check_steps("piecewise_constant", 0, **{f"boundaries[{i}]": b
+                                                      for i, b in enumerate(boundaries)})
+    rates = [r.item() if isinstance(r, torch.Tensor) else r for r in _check_rates(
+        "piecewise_constant", **{f"values[{i}]": v for i, v in enumerate(values)})]
+    if any(not a < b for a, b in zip(bounds, bounds[1:])):
         raise ValueError(f"{name}: `boundaries` must be strictly increasing (the steps at "
-                         f"which the value changes, in order), got {list(boundaries)!r}; list "
-                         f"them in increasing order, with `values` in the same order.")
+                         f"which the value changes, in order), got {bounds!r}; list them in "
+                         f"increasing order, with `values` in the same order.")
+    bounds_t = torch.tensor(bounds)
+    rates_t = torch.tensor(rates, dtype=torch.float64)
 
     def schedule(step: Any) -> Any:
         s = torch.as_tensor(step)
-        idx = torch.bucketize(s, torch.tensor(boundaries, device=s.device), right=True)
-        return torch.tensor(values, dtype=torch.float64, device=s.device)[idx]
+        idx = torch.bucketize(s, bounds_t.to(s.device), right=True)
+        return rates_t.to(s.device)[idx]
 
     return schedule
