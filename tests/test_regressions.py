@@ -152,24 +152,56 @@ def test_nested_pmaps_from_two_threads_at_once():
     assert not errors and results == [8.0] * 10
 
 
-def test_a_pmap_from_a_thread_a_device_function_waits_for_fails_in_bounded_time():
-    # It waited for the outer call's turn forever, and so did every later top-level call.
+def test_a_pmap_from_a_thread_a_device_function_waits_for_warns_after_the_timeout():
+    # It waited for the outer call's turn forever, silently, and so did every later
+    # top-level call. It cannot be told from a wait for a long call (which must not fail),
+    # so after collective_timeout it warns, saying what to do, and waits on.
     import concurrent.futures
+    import warnings
 
     inner = funcdp.pmap(lambda a: a * 2)
 
-    def step(a):
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(lambda: inner(torch.ones(2)).to_tensor().sum()).result() + a
+    pool = concurrent.futures.ThreadPoolExecutor(1)
 
-    start = time.monotonic()
-    with funcdp.config.override(collective_timeout=1), pytest.raises(
-            funcdp.CollectiveError, match=r"(?s)<lambda>\) waited 1 s for its turn.*"
-                                          r"step\), called from thread .MainThread.*"
-                                          r"device function's own thread"):
-        funcdp.pmap(step, devices=funcdp.local_devices()[:2])(torch.ones(2))
-    assert time.monotonic() - start < 10
+    def step(a):
+        job = pool.submit(lambda: inner(torch.ones(2)).to_tensor().sum())
+        return job.result(timeout=3) + a  # (the user's own way out of the deadlock)
+
+    with funcdp.config.override(collective_timeout=1), warnings.catch_warnings(
+            record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(concurrent.futures.TimeoutError):
+            funcdp.pmap(step, devices=funcdp.local_devices()[:2])(torch.ones(2))
+        pool.shutdown(wait=True)  # (its call has its turn now, and finishes)
+    messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    assert any("waited 1 s for its turn" in m and "step), called from thread 'MainThread'"
+               in m and "device function's own thread" in m for m in messages), messages
     assert inner(torch.ones(2)).to_tensor().tolist() == [2.0, 2.0]  # (usable afterwards)
+
+
+def test_a_call_waiting_for_a_long_call_in_another_thread_waits_on():
+    # With the bounded wait, a call waiting more than collective_timeout for another
+    # thread's long call failed.
+    import warnings
+
+    slow = funcdp.pmap(lambda a: (time.sleep(1.5), a + 1)[1], devices=funcdp.local_devices()[:2])
+    quick = funcdp.pmap(lambda a: a * 3, devices=funcdp.local_devices()[:2])
+    got = {}
+    started = threading.Event()
+
+    def run_slow():
+        started.set()
+        got["slow"] = slow(torch.ones(2)).to_tensor().tolist()
+
+    with funcdp.config.override(collective_timeout=0.5), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t = threading.Thread(target=run_slow)
+        t.start()
+        started.wait()
+        time.sleep(0.2)
+        got["quick"] = quick(torch.ones(2)).to_tensor().tolist()
+        t.join(30)
+    assert got == {"slow": [2.0, 2.0], "quick": [3.0, 3.0]}
 
 
 def test_grad_mode_does_not_leak_between_calls_on_workers():
@@ -1011,3 +1043,12 @@ def test_a_pmap_nested_in_more_shards_than_devices_is_refused_without_the_vmap_n
     with pytest.raises(NotImplementedError, match="give the outer pmap at most") as info:
         f(torch.ones(4, 3))
     assert "Note:" not in str(info.value)
+
+
+def test_ops_without_a_batching_rule_get_the_vmap_note_with_more_shards_than_devices():
+    # "Batching rule not implemented for aten::lstm.input" does not say "vmap".
+    lstm = nn.LSTM(3, 4).requires_grad_(False)
+    f = funcdp.pmap(lambda a: lstm(a)[0], devices=funcdp.local_devices()[:2])
+    with pytest.raises(RuntimeError, match=r"(?s)Batching rule not implemented.*runs 4 "
+                                           r"shards on 2 devices"):
+        f(torch.ones(4, 5, 2, 3))

@@ -23,6 +23,7 @@ import functools
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -54,29 +55,36 @@ from funcdp._src.transform_util import (
 
 
 class _Turns:
-    """Top-level calls from different threads take turns (see ``_on_devices``), waiting
-    at most ``funcdp.config.collective_timeout``: a call made from a thread that a device
-    function started and waits for (a thread pool inside the step) could never have its
-    turn, and waits forever otherwise."""
+    """Top-level calls from different threads take turns (see ``_on_devices``). A call
+    made from a thread that a device function started and waits for (a thread pool
+    inside the step) can never have its turn; nothing tells it from a call waiting for a
+    long one, so a call that waited ``funcdp.config.collective_timeout`` warns, saying
+    so, and waits on."""
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        self.holder = ("", "")  # the call that has the turn and its thread, for messages
+        self.holders: list[tuple[str, str]] = []  # the calls holding the turn, innermost last
 
     def take(self, name: str) -> None:
         if not self.lock.acquire(blocking=False):
             timeout = config.collective_timeout
             if not self.lock.acquire(timeout=timeout):
-                raise CollectiveError(
-                    f"{name} waited {timeout:g} s for its turn: top-level pmap calls from "
-                    f"different threads run one at a time, and {self.holder[0]}, called "
-                    f"from thread {self.holder[1]!r}, has not finished. If this call comes "
-                    f"from a thread that a device function of {self.holder[0]} started and "
-                    f"waits for (a thread pool inside the step, say), it can never run: "
+                held, thread = self.holders[0] if self.holders else ("another call", "?")
+                warnings.warn(
+                    f"{name} has waited {timeout:g} s for its turn: top-level pmap calls "
+                    f"from different threads run one at a time, and {held}, called from "
+                    f"thread {thread!r}, has not finished. If this call comes from a thread "
+                    f"that a device function of {held} started and waits for (a thread "
+                    f"pool inside the step, say), it can never run and both wait forever: "
                     f"make the call in the device function's own thread, where it runs as "
-                    f"a nested pmap. Otherwise {self.holder[0]} is slow: raise "
-                    f"funcdp.config.collective_timeout.")
-        self.holder = (name, threading.current_thread().name)
+                    f"a nested pmap. Otherwise {held} is just slow, and this call waits "
+                    f"on.", RuntimeWarning, stacklevel=5)
+                self.lock.acquire()
+        self.holders.append((name, threading.current_thread().name))
+
+    def give(self) -> None:
+        self.holders.pop()
+        self.lock.release()
 
 
 _TOP_LEVEL = _Turns()
@@ -821,7 +829,7 @@ class _Call:
                 outcomes = executor().run(plan.devices, per_device, self.inline, prefix)
         finally:
             if top:
-                _TOP_LEVEL.lock.release()
+                _TOP_LEVEL.give()
         for o in outcomes:
             if o.error is not None:
                 _raise_device_error(plan, [(i, o.error) for i, o in enumerate(outcomes)
@@ -1717,7 +1725,8 @@ def _raise_device_error(plan: _Plan, errors: list) -> None:
     also = f" (devices {others} raised too)" if others else ""
     where = f"on device {i} ({dev!r}) in {plan.name}{also}"
     hint = ""
-    if plan.block > 1 and type(e) is RuntimeError and "vmap" in str(e):
+    if plan.block > 1 and type(e) is RuntimeError and (
+            "vmap" in str(e) or "Batching rule not implemented" in str(e)):
         # torch's vmap refusing something (.item(), control flow on a value, a hook):
         # the user wrote no vmap; say where it comes from.
         n = plan.ndev * plan.block
@@ -1747,6 +1756,8 @@ def _raise_device_error(plan: _Plan, errors: list) -> None:
     # attributes work as if the function had run here; the device goes in a note.
     if hasattr(e, "add_note"):
         e.add_note(f"{hint}(raised {where})")
+    elif e.__cause__ is None:  # (Python 3.10: the device named in a cause instead)
+        e.__cause__ = RuntimeError(f"{hint}(raised {where})")
     raise e
 
 
