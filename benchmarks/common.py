@@ -32,6 +32,17 @@ def make_model(workload: str) -> nn.Module:
     return nn.Sequential(*layers[:-1])
 
 
+def mlp_apply(params: dict, x: torch.Tensor) -> torch.Tensor:
+    """``make_model(...)(x)`` as a pure function of its parameters (``"0.weight"``,
+    ``"0.bias"``, ``"2.weight"``...): code torch.compile can trace."""
+    n = len(params) // 2
+    for k in range(n):
+        x = nn.functional.linear(x, params[f"{2 * k}.weight"], params[f"{2 * k}.bias"])
+        if k < n - 1:
+            x = torch.relu(x)
+    return x
+
+
 def make_data(workload: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Synthetic data from a fixed seed (the same batch sequence for every peer)."""
     w = WORKLOADS[workload]

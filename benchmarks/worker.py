@@ -22,6 +22,7 @@ from common import (  # noqa: E402
     emit,
     make_data,
     make_model,
+    mlp_apply,
     settings,
     time_interleaved,
     time_steps,
@@ -179,6 +180,8 @@ def funcdp_step(workload: str, n: int | None = None, compiled: bool = False,
     data = [tuple(funcdp.shard(t, n) for t in make_data(workload, i)) for i in range(8)]
 
     def loss_fn(p, x, y):
+        if compiled:  # (net.apply is not code torch.compile can trace: it compiled nothing)
+            return nn.functional.cross_entropy(mlp_apply(p, x), y)
         return nn.functional.cross_entropy(net.apply(p, {}, x)[0], y)
 
     # With `compiled`, torch.compile compiles the model's gradient; the collective and the

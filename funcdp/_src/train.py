@@ -48,7 +48,9 @@ def value_and_grad(fun: Callable, axis_name: Any = None, *, argnums: int | tuple
         has_aux: ``fun`` returns ``(loss, aux)``; ``aux`` is returned as is (not averaged).
         compile: compile the gradient computation with ``torch.compile`` (True, or a dict
             of ``torch.compile`` keyword arguments); the average stays eager, as a
-            collective must. The first call compiles.
+            collective must. The first call compiles. ``fun`` must be code torch.compile
+            can trace: a ``funcdp.nn.functional`` module's ``apply`` is not (nothing is
+            compiled then, and every call is slower than eager).
 
     Two things make it faster than ``pmean`` of a ``torch.func.grad_and_value`` you call
     yourself. Where nothing encloses it that ``torch.func`` would have to see (a transform,
