@@ -8,10 +8,12 @@ thread runs the first device's share itself, so a call on one device costs no th
 hand-off at all.
 
 Workers run under the caller's thread-local state: grad mode, inference mode, autocast
-(enabled flag *and* dtype, for CPU and CUDA) and torch function and dispatch modes are
-carried in. On CPU devices,
-which share the host's cores, each worker uses ``cores // devices`` intra-op threads
-while a call runs: oversubscribing the cores makes everyone slower.
+(enabled flag *and* dtype, for CPU, and for CUDA in builds with CUDA), the innermost
+saved-tensor hooks (``torch.autograd.graph.saved_tensors_hooks``; or their being
+disabled, as torch.func's grad disables them) and torch function and dispatch modes are
+carried in. On CPU devices, which share the host's cores, each worker uses
+``cores // devices`` intra-op threads while a call runs: oversubscribing the cores makes
+everyone slower.
 """
 
 from __future__ import annotations
@@ -69,16 +71,40 @@ class Inline:
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
-_AUTOCAST_KINDS = ("cpu", "cuda")
+# The device types whose autocast a call carries (CUDA's only in builds with CUDA: every
+# call reads each type's dtype, at 0.1-0.2 us a read), and their defaults, which a new
+# thread (a worker between tasks) has.
+_AUTOCAST_KINDS: tuple[str, ...] = ("cpu", "cuda") if torch.backends.cuda.is_built() else ("cpu",)
+_DEFAULT_DTYPES = tuple({"cpu": torch.bfloat16, "cuda": torch.float16}[k] for k in _AUTOCAST_KINDS)
+_ALL_OFF = (False,) * len(_AUTOCAST_KINDS)
+_get_autocast_dtype = torch.get_autocast_dtype
+
+if len(_AUTOCAST_KINDS) == 1:
+    def _dtypes_now() -> tuple:
+        return (_get_autocast_dtype("cpu"),)
+
+    def _dtypes_changed(dtypes: tuple) -> bool:
+        return _get_autocast_dtype("cpu") is not dtypes[0]
+else:
+    def _dtypes_now() -> tuple:
+        return _get_autocast_dtype("cpu"), _get_autocast_dtype("cuda")
+
+    def _dtypes_changed(dtypes: tuple) -> bool:
+        return (_get_autocast_dtype("cpu") is not dtypes[0]
+                or _get_autocast_dtype("cuda") is not dtypes[1])
+
+
+def _enabled_now() -> tuple:
+    return tuple(torch.is_autocast_enabled(kind) for kind in _AUTOCAST_KINDS)
 
 
 def autocast_now() -> tuple:
     """The thread's autocast settings: each device type's dtype, and whether each is
     enabled (``()`` when none is, found with one call)."""
-    dtypes = (torch.get_autocast_dtype("cpu"), torch.get_autocast_dtype("cuda"))
+    dtypes = _dtypes_now()
     if not _any_autocast():
         return dtypes, ()
-    return dtypes, tuple(torch.is_autocast_enabled(kind) for kind in _AUTOCAST_KINDS)
+    return dtypes, _enabled_now()
 
 
 def _restore_autocast(before: tuple) -> None:
@@ -88,13 +114,29 @@ def _restore_autocast(before: tuple) -> None:
     if autocast_now() == before:
         return
     dtypes, enabled = before
-    for kind, dtype, on in zip(_AUTOCAST_KINDS, dtypes, enabled or (False, False)):
+    for kind, dtype, on in zip(_AUTOCAST_KINDS, dtypes, enabled or _ALL_OFF):
         torch.set_autocast_dtype(kind, dtype)
         torch.set_autocast_enabled(kind, on)
 
 
 # A new thread's settings (a worker's between tasks).
-_DEFAULT_AUTOCAST = ((torch.bfloat16, torch.float16), ())
+_DEFAULT_AUTOCAST = (_DEFAULT_DTYPES, ())
+
+# This thread's innermost saved-tensor hooks, (pack, unpack) or None, and whether hooks
+# are enabled (torch.func's grad and vjp disable them, with a message).
+_top_saved_tensors_hooks = torch._C._autograd._top_saved_tensors_default_hooks
+_saved_tensors_hooks_enabled = torch._C._autograd._saved_tensors_hooks_is_enabled  # type: ignore[attr-defined]
+# Where torch.utils.checkpoint's hooks come from: those stay in the caller's thread.
+_CHECKPOINT_MODULE = "torch.utils.checkpoint"
+
+
+def _clear_saved_tensors_hooks() -> None:
+    """Gives a worker a new thread's saved-tensor hooks again (none, enabled) after a
+    task: without those it came with, and any its function pushed, or disabled, for good."""
+    if not _saved_tensors_hooks_enabled():
+        torch._C._autograd._saved_tensors_hooks_enable()
+    while _top_saved_tensors_hooks(True) is not None:
+        torch._C._autograd._pop_saved_tensors_default_hooks()
 
 
 class autocast_as:  # noqa: N801 - a context manager, named like torch.autocast
@@ -123,21 +165,27 @@ class autocast_as:  # noqa: N801 - a context manager, named like torch.autocast
 
 class ThreadState:
     """The caller's thread-local torch state, to be re-created on workers: grad and
-    inference mode, autocast, and the torch function and dispatch modes in effect (a
-    ``torch.device`` context, a FLOP counter), so that every device runs under what the
-    calling thread's own device does. Modes marked ``funcdp_per_device`` (each device's
-    random routing) belong to one device and stay behind."""
+    inference mode, autocast (enabled or not, its dtypes), the innermost saved-tensor
+    hooks, and the torch function and dispatch modes in effect (a ``torch.device``
+    context, a FLOP counter), so that every device runs under what the calling thread's
+    own device does. Modes marked ``funcdp_per_device`` (each device's random routing)
+    belong to one device and stay behind, and so do torch.utils.checkpoint's hooks: its
+    recomputation matches saved tensors to its hooks' calls by their order, which threads
+    packing at once would shuffle (so a checkpoint around a pmap call covers the
+    activations of the devices that run in the calling thread only)."""
 
-    __slots__ = ("grad", "inference", "autocast", "fmodes", "dmodes", "default")
+    __slots__ = ("grad", "inference", "autocast", "hooks", "fmodes", "dmodes")
 
     def __init__(self) -> None:
+        # (Every call's path: what can wait is left to ``enter``, on the workers.)
         self.grad = torch.is_grad_enabled()
         self.inference = torch.is_inference_mode_enabled()
-        self.autocast: tuple = ()
-        if _any_autocast() and (torch.is_autocast_enabled("cpu")
-                                or torch.is_autocast_enabled("cuda")):
-            self.autocast = tuple((kind, torch.get_autocast_dtype(kind))
-                                  for kind in ("cpu", "cuda") if torch.is_autocast_enabled(kind))
+        dtypes = _dtypes_now()
+        self.autocast = (dtypes, _enabled_now()) if _any_autocast() else (dtypes, ())
+        # The innermost hooks, (pack, unpack) or None; or the message of hooks disabled
+        # (under which torch applies none, and refuses new ones).
+        self.hooks = (_top_saved_tensors_hooks(False) if _saved_tensors_hooks_enabled()
+                      else torch._C._autograd._saved_tensors_hooks_get_disabled_error_message())
         self.fmodes: tuple = ()
         if torch._C._len_torch_function_stack():
             self.fmodes = tuple(m for m in _function_mode_stack()
@@ -145,14 +193,16 @@ class ThreadState:
         self.dmodes: tuple = ()
         if torch._C._len_torch_dispatch_stack():
             self.dmodes = tuple(_dispatch_mode_stack())
-        self.default = (self.grad and not self.inference and not self.autocast
-                        and not self.fmodes and not self.dmodes)
 
-    def enter(self) -> list:
-        """Applies the state in the current thread; returns what to undo."""
-        undo: list = []
-        if self.default:
-            return undo
+    def enter(self, undo: list) -> None:
+        """Applies the state in the current thread (a worker's, at a new thread's
+        settings), adding what to undo to ``undo`` as it goes. Autocast dtypes and
+        saved-tensor hooks are left to ``_run_task``, which gives the worker a new
+        thread's after every task (whatever the function did to them)."""
+        hooks = self.hooks
+        if (self.grad and not self.inference and self.autocast == _DEFAULT_AUTOCAST
+                and hooks is None and not self.fmodes and not self.dmodes):
+            return
         if self.inference:
             cm: Any = torch.inference_mode(True)
             cm.__enter__()
@@ -161,15 +211,24 @@ class ThreadState:
             cm = torch.no_grad()
             cm.__enter__()
             undo.append(cm)
-        for kind, dtype in self.autocast:
-            cm = torch.autocast(kind, dtype=dtype)
-            cm.__enter__()
-            undo.append(cm)
+        dtypes, enabled = self.autocast
+        for kind, dtype, on, default in zip(_AUTOCAST_KINDS, dtypes, enabled or _ALL_OFF,
+                                            _DEFAULT_DTYPES):
+            if on:
+                cm = torch.autocast(kind, dtype=dtype)
+                cm.__enter__()
+                undo.append(cm)
+            elif dtype is not default:
+                # (For a ``torch.autocast(kind)`` in the function, which takes this dtype.)
+                torch.set_autocast_dtype(kind, dtype)
+        if type(hooks) is str:
+            torch._C._autograd._saved_tensors_hooks_disable(hooks)
+        elif hooks is not None and getattr(hooks[0], "__module__", None) != _CHECKPOINT_MODULE:
+            torch._C._autograd._push_saved_tensors_default_hooks(*hooks)
         if self.fmodes or self.dmodes:
             modes = _Modes(self.fmodes, self.dmodes)
             modes.__enter__()
             undo.append(modes)
-        return undo
 
     @staticmethod
     def exit(undo: list) -> None:
@@ -261,19 +320,23 @@ def _run_task(task: _Task, worker: _Worker | None) -> _Outcome:
     if worker is not None and task.threads and worker.threads != task.threads:
         torch.set_num_threads(task.threads)
         worker.threads = task.threads
-    undo = task.state.enter()
+    undo: list = []
     try:
+        task.state.enter(undo)
         return _Outcome(task.fn(task.index))
     except BaseException as e:  # noqa: BLE001 - re-raised in the caller
         return _Outcome(error=e)
     finally:
         ThreadState.exit(undo)
-        # A function may have switched grad mode, autocast or its thread count for good
-        # (torch.set_grad_enabled, set_autocast_enabled, set_num_threads): the next task
-        # starts from the defaults and the worker's thread count again.
+        # The hooks and dtypes the task came with, and whatever a function switched for
+        # good (torch.set_grad_enabled, set_autocast_enabled, set_num_threads, hooks
+        # pushed and never popped): the next task starts from a new thread's settings and
+        # the worker's thread count again.
         if not torch.is_grad_enabled():
             torch.set_grad_enabled(True)
         _restore_autocast(_DEFAULT_AUTOCAST)
+        if _top_saved_tensors_hooks(True) is not None or not _saved_tensors_hooks_enabled():
+            _clear_saved_tensors_hooks()
         if worker is not None and worker.threads and torch.get_num_threads() != worker.threads:
             torch.set_num_threads(worker.threads)
 
@@ -399,7 +462,7 @@ class Executor:
         outcomes: list[_Outcome] = [None] * n  # type: ignore[list-item]
         if n > 1:
             self._submit(devices, fn, range(1, n), state, threads, depth, done, lane)
-        outcomes[0] = self._run_inline(devices, 0, fn, threads, depth)
+        outcomes[0] = self._run_inline(devices, 0, fn, threads, depth, state)
         return _collect(done, outcomes, n - 1)
 
     def _submit(self, devices: Sequence[Device], fn: Callable[[int], Any], which: range,
@@ -420,7 +483,8 @@ class Executor:
         # by the time one happens).
         state = ThreadState()
         depth = current_depth()
-        grad = state.grad
+        grad, autocast = state.grad, state.autocast
+        dtypes = autocast[0]
         started = [0]  # devices started so far (here or on workers)
         done: list = []  # the workers' queue, made by a hand-off
 
@@ -436,9 +500,6 @@ class Executor:
         hooks = _blocking_hooks()
         hooks.append(hand_off)
         budget = torch.get_num_threads()  # the caller's thread budget, held for the call
-        # (Every small call's path: the autocast dtypes are read only where autocast is
-        # on; a function that only sets a dtype, leaving autocast off, is not undone here.)
-        autocast = autocast_now() if _any_autocast() else _DEFAULT_AUTOCAST
         _tls.depth = depth + 1
         i = 0
         try:
@@ -452,27 +513,35 @@ class Executor:
                     outcomes[i] = _Outcome(error=e)
                 # A device's function that switched grad mode, autocast or the thread
                 # budget for good changes them neither for the next device nor for the
-                # caller.
-                _restore(grad, autocast, budget, False)
+                # caller (checked here, not in a call to _restore).
+                if (torch.is_grad_enabled() is not grad or autocast[1] or _any_autocast()
+                        or torch.get_num_threads() != budget):
+                    _restore(grad, autocast, budget)
                 i += 1
         finally:
             _tls.depth = depth
             hooks.remove(hand_off)
+            # Nor for the caller one that set an autocast dtype only, autocast off. (Not
+            # checked between devices: each read costs 0.1-0.2 us, on every small call's
+            # path; the next device's function finds the dtype as it left it, as in a
+            # loop over the shards.)
+            if _dtypes_changed(dtypes):
+                _restore_autocast(autocast)
         if i < n:
             return _collect(done[0], outcomes, n - i)
         return outcomes
 
     def _run_inline(self, devices: Sequence[Device], i: int, fn: Callable[[int], Any],
-                    threads: int, depth: int) -> _Outcome:
-        """Device ``i``'s share, in the calling thread."""
+                    threads: int, depth: int, state: ThreadState) -> _Outcome:
+        """Device ``i``'s share, in the calling thread (whose state is ``state``)."""
         device = devices[i]
         if threads and torch.get_num_threads() != threads:
             with self.thread_budget(threads):
-                return self._run_inline(devices, i, fn, 0, depth)
+                return self._run_inline(devices, i, fn, 0, depth, state)
         if device.platform == "cuda":
             with torch.cuda.device(device.torch_device):
-                return _run_inline_fn(fn, i, depth)
-        return _run_inline_fn(fn, i, depth)
+                return _run_inline_fn(fn, i, depth, state)
+        return _run_inline_fn(fn, i, depth, state)
 
     def thread_budget(self, threads: int) -> _Budget:
         """Limits the calling thread's intra-op threads while devices share the cores.
@@ -560,8 +629,9 @@ def _collect(done: queue.SimpleQueue, outcomes: list, count: int) -> list[_Outco
     return outcomes
 
 
-def _run_inline_fn(fn: Callable[[int], Any], i: int, depth: int) -> _Outcome:
-    grad, autocast, threads = torch.is_grad_enabled(), autocast_now(), torch.get_num_threads()
+def _run_inline_fn(fn: Callable[[int], Any], i: int, depth: int,
+                   state: ThreadState) -> _Outcome:
+    threads = torch.get_num_threads()
     _tls.depth = depth + 1
     try:
         return _Outcome(fn(i))
@@ -571,15 +641,15 @@ def _run_inline_fn(fn: Callable[[int], Any], i: int, depth: int) -> _Outcome:
         _tls.depth = depth
         # Device 0's share runs in the caller's thread: a function that switched grad
         # mode, autocast or the thread count for good must not change them for the caller.
-        _restore(grad, autocast, threads)
+        _restore(state.grad, state.autocast, threads)
 
 
-def _restore(grad: bool, autocast: tuple, threads: int, dtypes: bool = True) -> None:
-    """Puts back the calling thread's grad mode, autocast (its dtypes too, unless
-    ``dtypes`` is false and autocast is off) and thread count."""
+def _restore(grad: bool, autocast: tuple, threads: int) -> None:
+    """Puts back the calling thread's grad mode, autocast (``autocast_now()``: enabled
+    flags and dtypes) and thread count."""
     if torch.is_grad_enabled() != grad:
         torch.set_grad_enabled(grad)
-    if dtypes or autocast[1] or _any_autocast():
+    if autocast[1] or _any_autocast() or _dtypes_changed(autocast[0]):
         _restore_autocast(autocast)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
