@@ -6,7 +6,7 @@ import collections
 import enum
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -132,6 +132,21 @@ def _like(d: dict, items: Iterable[tuple[Any, Any]]) -> dict:
     return type(d)(items)
 
 
+def _walk(state: Any, node: Callable[[Any], bool],
+          prefix: str) -> tuple[list, Any, Callable[[int], str]]:
+    """``state``'s leaves (``node``s are leaves too, not walked into), its structure, and
+    the path of leaf ``i`` (after ``prefix``), worked out only when first asked for."""
+    leaves, spec = pt.tree_flatten(state, is_leaf=node)
+    paths: list = []
+
+    def where_of(i: int) -> str:
+        if not paths:
+            paths.extend(tree_util.leaf_paths(spec))
+        return prefix + tree_util.keystr(paths[i])
+
+    return leaves, spec, where_of
+
+
 def _encode_keys(state: Any, prefix: str = "") -> tuple[Any, int]:
     """``state`` with every dict that has a tuple key replaced by ``{_KEYS: [its keys],
     "values": the dict keyed 0, 1, ...}``, and their number. A key that no checkpoint
@@ -140,15 +155,12 @@ def _encode_keys(state: Any, prefix: str = "") -> tuple[Any, int]:
     def node(x: Any) -> bool:  # (stops at the dicts to look at; others are walked into)
         return type(x) in _DICTS and any(type(k) not in _PLAIN_KEYS or k == _KEYS for k in x)
 
-    leaves, spec = pt.tree_flatten(state, is_leaf=node)
-    paths = None
+    leaves, spec, where_of = _walk(state, node, prefix)
     count = 0
     out = []
     for i, x in enumerate(leaves):
         if node(x):
-            if paths is None:
-                paths = tree_util.leaf_paths(spec)
-            where = prefix + tree_util.keystr(paths[i])
+            where = where_of(i)
             tupled = False
             for k in x:
                 if type(k) is str and k == _KEYS:
@@ -223,15 +235,11 @@ def _encode_namedtuples(state: Any, prefix: str = "") -> tuple[Any, int]:
         return (pt.is_namedtuple_instance(x) or _keyed(x)
                 or (isinstance(x, dict) and _NAMEDTUPLE in x))
 
-    leaves, spec = pt.tree_flatten(state, is_leaf=node)
-    paths = None
+    leaves, spec, where_of = _walk(state, node, prefix)
     count = 0
     out = []
     for i, x in enumerate(leaves):
-        if node(x):
-            if paths is None:
-                paths = tree_util.leaf_paths(spec)
-            where = prefix + tree_util.keystr(paths[i])
+        where = where_of(i) if node(x) else ""
         if _keyed(x):
             d, values = x["values"], []
             for k, v in zip(x[_KEYS], d.values()):
