@@ -14,7 +14,7 @@ from torch._C import _functorch
 from funcdp._src import tree as tree_util
 from funcdp._src.api_util import public
 from funcdp._src.devices import Device, local_devices
-from funcdp._src.pmap import Pmapped, _available_devices
+from funcdp._src.pmap import Pmapped, _available_devices, _choose_devices
 from funcdp._src.sharded import ShardedValue, _devices_or_local, to_devices
 from funcdp._src.transform_util import a_type, describe_sizes, is_axis_leaf
 
@@ -137,10 +137,13 @@ def pad_shard_unpad(fn: Callable, static_argnums: int | Sequence[int] = (0,),
 def _check_fits(fn: Pmapped, n: int, num_devices: int | None) -> None:
     """An error naming ``num_devices`` when ``fn`` cannot run ``n`` shards (pmap's own
     error would tell the user to pad the batch, which they are doing)."""
+    try:
+        _choose_devices(fn, n)  # (pmap's own rule of which sizes its devices run)
+        return
+    except ValueError:
+        pass
     explicit = fn._devices
     d = len(explicit) if explicit is not None else len(_available_devices())
-    if n % d == 0 or (explicit is None and n <= d):
-        return
     over = (f"the {d} devices in its `devices`" if explicit is not None
             else f"the {d} available devices")
     fits = f"{d} or a multiple of {d}" if explicit is not None else (
