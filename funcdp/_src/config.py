@@ -16,6 +16,11 @@ _AT_MOST = f"at most {MAX_TIMEOUT:.0f} " + (
     "(one year)" if MAX_TIMEOUT == 31_536_000.0 else "(the longest wait of this platform)")
 
 
+def _timeout_ok(seconds: float) -> bool:
+    """Whether ``seconds`` is a collective_timeout (NaN is not)."""
+    return 0 < seconds <= MAX_TIMEOUT
+
+
 def _env_timeout(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -24,7 +29,7 @@ def _env_timeout(name: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = None
-    if value is None or not 0 < value <= MAX_TIMEOUT:
+    if value is None or not _timeout_ok(value):
         raise ValueError(
             f"environment variable `{name}` must be a positive number of seconds, "
             f"{_AT_MOST}, got {raw!r}; unset it to use the default ({default})."
@@ -67,8 +72,8 @@ def _checked(name: str, value: Any) -> Any:
         raise AttributeError(
             f"funcdp.config has no setting `{name}`; settings are {', '.join(Config._names)}.")
     if name == "collective_timeout":
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not 0 < value <= MAX_TIMEOUT):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _timeout_ok(
+                value):
             raise ValueError(
                 f"funcdp.config.collective_timeout must be a positive number of seconds, "
                 f"{_AT_MOST}, got {value!r}.")
